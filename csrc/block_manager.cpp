@@ -1,0 +1,205 @@
+#include "block_manager.h"
+
+#include <algorithm>
+#include <unordered_set>
+
+namespace selfeval {
+
+namespace {
+std::string seq_name(int64_t seq_id) { return "sequence " + std::to_string(seq_id); }
+}  // namespace
+
+BlockManager::BlockManager(int64_t num_blocks, int64_t block_size)
+    : num_blocks_(num_blocks), block_size_(block_size) {
+  if (num_blocks <= 0 || num_blocks > INT32_MAX) {
+    throw std::invalid_argument("num_blocks must be in [1, 2^31), got " + std::to_string(num_blocks));
+  }
+  if (block_size <= 0) {
+    throw std::invalid_argument("block_size must be positive, got " + std::to_string(block_size));
+  }
+  ref_.assign(num_blocks, 0);
+  free_.reserve(num_blocks);
+  // Lowest ids on top of the stack so a fresh pool hands out 0, 1, 2, ...
+  for (int64_t b = num_blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
+}
+
+BlockManager::Seq& BlockManager::get(int64_t seq_id) {
+  auto it = seqs_.find(seq_id);
+  if (it == seqs_.end()) throw SequenceIdError("unknown " + seq_name(seq_id));
+  return it->second;
+}
+
+const BlockManager::Seq& BlockManager::get(int64_t seq_id) const {
+  auto it = seqs_.find(seq_id);
+  if (it == seqs_.end()) throw SequenceIdError("unknown " + seq_name(seq_id));
+  return it->second;
+}
+
+int32_t BlockManager::take_block() {
+  int32_t b = free_.back();
+  free_.pop_back();
+  ref_[b] = 1;
+  return b;
+}
+
+void BlockManager::release_block(int32_t block) {
+  if (--ref_[block] == 0) free_.push_back(block);
+}
+
+int64_t BlockManager::blocks_needed(int64_t seq_id, int64_t num_tokens) const {
+  const Seq& s = get(seq_id);
+  if (num_tokens <= 0) return 0;
+  int64_t need = blocks_for(s.length + num_tokens) - static_cast<int64_t>(s.blocks.size());
+  if (s.length % block_size_ != 0 && ref_[s.blocks.back()] > 1) need += 1;
+  return need;
+}
+
+void BlockManager::append_into(Seq& s, int64_t num_tokens, AppendResult& out) {
+  if (num_tokens <= 0) return;
+  // Only a partially filled last block can be shared with a sibling; copy it before writing.
+  if (s.length % block_size_ != 0) {
+    int32_t& last = s.blocks.back();
+    if (ref_[last] > 1) {
+      int32_t fresh = take_block();
+      out.cow.emplace_back(last, fresh);
+      release_block(last);
+      last = fresh;
+    }
+  }
+  int64_t new_length = s.length + num_tokens;
+  while (static_cast<int64_t>(s.blocks.size()) < blocks_for(new_length)) {
+    s.blocks.push_back(take_block());
+  }
+  out.slots.reserve(out.slots.size() + num_tokens);
+  for (int64_t p = s.length; p < new_length; ++p) {
+    out.slots.push_back(static_cast<int64_t>(s.blocks[p / block_size_]) * block_size_ +
+                        p % block_size_);
+  }
+  s.length = new_length;
+}
+
+std::vector<int64_t> BlockManager::allocate(int64_t seq_id, int64_t num_tokens) {
+  if (seqs_.count(seq_id)) throw SequenceIdError(seq_name(seq_id) + " already exists");
+  if (num_tokens < 0) throw std::invalid_argument("num_tokens must be >= 0");
+  int64_t need = blocks_for(num_tokens);
+  if (need > num_free_blocks()) {
+    throw OutOfBlocksError("out of KV blocks: " + seq_name(seq_id) + " needs " +
+                           std::to_string(need) + ", " + std::to_string(num_free_blocks()) +
+                           " free");
+  }
+  Seq& s = seqs_[seq_id];
+  AppendResult out;
+  append_into(s, num_tokens, out);
+  return std::move(out.slots);
+}
+
+AppendResult BlockManager::append(int64_t seq_id, int64_t num_tokens) {
+  return append_many({seq_id}, {num_tokens});
+}
+
+AppendResult BlockManager::append_many(const std::vector<int64_t>& seq_ids,
+                                       const std::vector<int64_t>& counts) {
+  if (seq_ids.size() != counts.size()) {
+    throw std::invalid_argument("seq_ids and counts differ in length");
+  }
+  // Validate and count exactly what the whole batch takes before touching any state;
+  // siblings sharing a last block copy it once each until the last holder writes in place.
+  std::unordered_map<int32_t, int32_t> released;
+  std::unordered_set<int64_t> seen;
+  int64_t need = 0;
+  for (size_t i = 0; i < seq_ids.size(); ++i) {
+    if (counts[i] < 0) throw std::invalid_argument("num_tokens must be >= 0");
+    if (!seen.insert(seq_ids[i]).second) {
+      throw SequenceIdError(seq_name(seq_ids[i]) + " appears twice in one append");
+    }
+    const Seq& s = get(seq_ids[i]);
+    if (counts[i] == 0) continue;
+    need += blocks_for(s.length + counts[i]) - static_cast<int64_t>(s.blocks.size());
+    if (s.length % block_size_ != 0) {
+      int32_t last = s.blocks.back();
+      if (ref_[last] - released[last] > 1) {
+        need += 1;
+        released[last] += 1;
+      }
+    }
+  }
+  if (need > num_free_blocks()) {
+    throw OutOfBlocksError("out of KV blocks: append needs " + std::to_string(need) + ", " +
+                           std::to_string(num_free_blocks()) + " free");
+  }
+  AppendResult out;
+  for (size_t i = 0; i < seq_ids.size(); ++i) append_into(seqs_[seq_ids[i]], counts[i], out);
+  return out;
+}
+
+void BlockManager::fork(int64_t parent_id, int64_t child_id) {
+  const Seq& parent = get(parent_id);
+  if (seqs_.count(child_id)) throw SequenceIdError(seq_name(child_id) + " already exists");
+  Seq child = parent;  // copies the block ids only
+  for (int32_t b : child.blocks) ++ref_[b];
+  seqs_.emplace(child_id, std::move(child));
+}
+
+void BlockManager::truncate(int64_t seq_id, int64_t length) {
+  Seq& s = get(seq_id);
+  if (length < 0 || length > s.length) {
+    throw std::invalid_argument("cannot truncate " + seq_name(seq_id) + " of length " +
+                            std::to_string(s.length) + " to " + std::to_string(length));
+  }
+  int64_t keep = blocks_for(length);
+  while (static_cast<int64_t>(s.blocks.size()) > keep) {
+    release_block(s.blocks.back());
+    s.blocks.pop_back();
+  }
+  s.length = length;
+}
+
+void BlockManager::free(int64_t seq_id) {
+  Seq& s = get(seq_id);
+  for (int32_t b : s.blocks) release_block(b);
+  seqs_.erase(seq_id);
+}
+
+int64_t BlockManager::length(int64_t seq_id) const { return get(seq_id).length; }
+
+const std::vector<int32_t>& BlockManager::block_ids(int64_t seq_id) const {
+  return get(seq_id).blocks;
+}
+
+int32_t BlockManager::ref_count(int64_t block) const {
+  if (block < 0 || block >= num_blocks_) {
+    throw std::out_of_range("block " + std::to_string(block) + " out of range");
+  }
+  return ref_[block];
+}
+
+std::vector<int64_t> BlockManager::sequence_ids() const {
+  std::vector<int64_t> ids;
+  ids.reserve(seqs_.size());
+  for (const auto& kv : seqs_) ids.push_back(kv.first);
+  std::sort(ids.begin(), ids.end());
+  return ids;
+}
+
+int64_t BlockManager::max_blocks(const std::vector<int64_t>& seq_ids) const {
+  int64_t m = 0;
+  for (int64_t id : seq_ids) m = std::max<int64_t>(m, get(id).blocks.size());
+  return m;
+}
+
+void BlockManager::fill_block_tables(const std::vector<int64_t>& seq_ids, int64_t width,
+                                     int32_t* out) const {
+  for (size_t i = 0; i < seq_ids.size(); ++i) {
+    const auto& blocks = get(seq_ids[i]).blocks;
+    if (static_cast<int64_t>(blocks.size()) > width) {
+      throw std::invalid_argument("block table width " + std::to_string(width) + " < " +
+                                  std::to_string(blocks.size()) + " blocks of " +
+                                  seq_name(seq_ids[i]));
+    }
+    int32_t* row = out + i * width;
+    std::copy(blocks.begin(), blocks.end(), row);
+    std::fill(row + blocks.size(), row + width, 0);
+  }
+}
+
+}  // namespace selfeval

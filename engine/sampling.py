@@ -1,0 +1,92 @@
+"""Request parameters and outputs: the names users of vLLM expect, plus self-evaluation scores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.errors import InvalidRequestError
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request. temperature=0 is greedy; top_k=0 and top_p=1 disable those."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 64
+    n: int = 1
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    # Score each finished sample with the self-evaluation suffix; None: only when n > 1.
+    score: bool | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        checks = [
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}"),
+            (self.max_tokens >= 0, f"max_tokens must be >= 0, got {self.max_tokens}"),
+            (self.n >= 1, f"n must be >= 1, got {self.n}"),
+            (all(s for s in self.stop), "stop strings must be non-empty"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidRequestError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def wants_score(self) -> bool:
+        return self.n > 1 if self.score is None else self.score
+
+
+@dataclass
+class Sample:
+    """One generated response. score = p_no / (p_yes + p_no), None when not scored."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None  # "stop", "length", "abort"
+    score: float | None = None
+    p_yes: float | None = None
+    p_no: float | None = None
+
+
+@dataclass
+class RequestStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    score_calls: int = 0
+    suffix_tokens: int = 0
+    preemptions: int = 0
+    latency_s: float = 0.0
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt_token_ids: list[int]
+    samples: list[Sample]
+    stats: RequestStats = field(default_factory=RequestStats)
+
+    @property
+    def best(self) -> Sample:
+        """The highest-scored sample; the first one when none is scored."""
+        scored = [s for s in self.samples if s.score is not None]
+        if not scored:
+            return self.samples[0]
+        return max(scored, key=lambda s: s.score)
+
+    @property
+    def text(self) -> str:
+        return self.best.text
