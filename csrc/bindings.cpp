@@ -67,6 +67,14 @@ PYBIND11_MODULE(_core, m) {
       .def("free", &BlockManager::free, py::arg("seq_id"))
       .def("blocks_needed", &BlockManager::blocks_needed, py::arg("seq_id"), py::arg("num_tokens"))
       .def("length", &BlockManager::length, py::arg("seq_id"))
+      .def("lengths",
+           [](const BlockManager& bm, const std::vector<int64_t>& ids) {
+             py::array_t<int64_t> out(static_cast<py::ssize_t>(ids.size()));
+             auto o = out.mutable_unchecked<1>();
+             for (size_t i = 0; i < ids.size(); ++i) o(i) = bm.length(ids[i]);
+             return out;
+           },
+           py::arg("seq_ids"))
       .def("ref_count", &BlockManager::ref_count, py::arg("block"))
       .def("block_ids",
            [](const BlockManager& bm, int64_t seq_id) {

@@ -22,12 +22,15 @@ class SamplingParams:
     ignore_eos: bool = False
     # Score each finished sample with the self-evaluation suffix; None: only when n > 1.
     score: bool | None = None
+    # Also score every sample in place after this many generated tokens (mid-generation).
+    score_at: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.score_at = tuple(sorted(set(self.score_at)))
         checks = [
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
@@ -35,6 +38,7 @@ class SamplingParams:
             (self.max_tokens >= 0, f"max_tokens must be >= 0, got {self.max_tokens}"),
             (self.n >= 1, f"n must be >= 1, got {self.n}"),
             (all(s for s in self.stop), "stop strings must be non-empty"),
+            (all(c > 0 for c in self.score_at), "score_at checkpoints must be positive"),
         ]
         for ok, message in checks:
             if not ok:
@@ -60,6 +64,8 @@ class Sample:
     score: float | None = None
     p_yes: float | None = None
     p_no: float | None = None
+    checkpoint_scores: list[tuple[int, float]] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
 
 
 @dataclass

@@ -1,0 +1,325 @@
+"""Engine: the public face. Engine(model=DIR).generate(prompts, SamplingParams(...))."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from collections.abc import Iterable, Sequence as Seq
+
+import numpy as np
+import torch
+
+import kernels
+from engine._core import BlockManager
+from engine.errors import InvalidRequestError
+from engine.model.loader import load_model, load_tokenizer
+from engine.runner import ModelRunner, kv_bytes_per_block
+from engine.sampling import RequestOutput, Sample, SamplingParams
+from engine.scheduler import ScheduledBatch, Scheduler
+from engine.selfeval import SelfEvalSpec, build_spec, score_from_logits
+from engine.sequence import Request, Sequence, SeqStatus, sample_seed
+
+Prompt = str | list[int]
+
+
+def _default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+class Engine:
+    """A paged-KV decoding engine with cheap fork and rollback and self-evaluation scoring.
+
+    model: a local Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer).
+    num_blocks: KV blocks of block_size tokens; by default what kv_cache_memory bytes hold
+    (CPU: 1 GiB; CUDA: 85% of the free memory after the weights).
+    max_batch_tokens: tokens one step computes at most (decodes + prefill chunks + suffixes).
+    """
+
+    def __init__(self, model: str, device: str = "cpu", dtype: torch.dtype | None = None,
+                 block_size: int = 16, num_blocks: int | None = None, max_batch_tokens: int = 2048,
+                 max_num_seqs: int = 256, max_model_len: int | None = None,
+                 kv_cache_memory: int | None = None, seed: int | None = None):
+        self.device = torch.device(device)
+        self.dtype = dtype or _default_dtype(self.device)
+        self.model, self.hf_config = load_model(model, self.device, self.dtype)
+        self.tokenizer = load_tokenizer(model)
+        self.spec: SelfEvalSpec = build_spec(self.tokenizer)
+        cfg = self.model.config
+        self.max_model_len = min(max_model_len or cfg.max_position_embeddings,
+                                 cfg.max_position_embeddings)
+        if max_batch_tokens < len(self.spec.suffix_ids) + 1:
+            raise InvalidRequestError(
+                f"max_batch_tokens={max_batch_tokens} is below the self-evaluation suffix "
+                f"({len(self.spec.suffix_ids)} tokens) plus one")
+        if num_blocks is None:
+            num_blocks = self._blocks_that_fit(block_size, kv_cache_memory)
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self.runner = ModelRunner(self.model, self.block_manager, self.device, self.dtype)
+        self.scheduler = Scheduler(self.block_manager, self.spec, max_batch_tokens, max_num_seqs)
+        self.eos_token_ids = set(cfg.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self._requests: dict[int, Request] = {}
+        self._request_ids = itertools.count()
+        self._seq_ids = itertools.count()
+        self._rng = random.Random(seed)
+        self._ready: list[Request] = []  # finished without a step (max_tokens=0, no score)
+
+    # ---- sizing -------------------------------------------------------------------------
+    def _blocks_that_fit(self, block_size: int, kv_cache_memory: int | None) -> int:
+        per_block = kv_bytes_per_block(self.model, block_size, self.dtype)
+        if kv_cache_memory is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                kv_cache_memory = int(free * 0.85)
+            else:
+                kv_cache_memory = 1 << 30
+        # Never more than the slots needed for max_num_seqs full-length sequences of a small model.
+        return max(1, min(kv_cache_memory // per_block, 1 << 20))
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_manager.num_free_blocks
+
+    # ---- requests -----------------------------------------------------------------------
+    def _tokenize(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        return ids
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        suffix = len(self.spec.suffix_ids) if params.wants_score or params.score_at else 0
+        total = len(ids) + params.max_tokens + suffix
+        if total > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} + suffix {suffix} "
+                f"= {total} exceeds max_model_len {self.max_model_len}; shorten the prompt or "
+                f"lower max_tokens")
+        blocks = -(-total // self.block_manager.block_size)
+        if blocks > self.block_manager.num_blocks:
+            raise InvalidRequestError(
+                f"one sample needs {blocks} KV blocks but the cache has "
+                f"{self.block_manager.num_blocks}; raise num_blocks or lower max_tokens")
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> int:
+        """Queue one request; returns its id. Invalid input raises and queues nothing."""
+        params = params or SamplingParams()
+        ids = self._tokenize(prompt)
+        self._validate(ids, params)
+        request_id = next(self._request_ids)
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        request = Request(request_id, ids, params, seed)
+        seq = Sequence(next(self._seq_ids), request, ids, 0, sample_seed(seed, 0))
+        request.seqs.append(seq)
+        self._requests[request_id] = request
+        if params.max_tokens == 0:
+            self._finish(seq, "length")
+        if seq.status is SeqStatus.FINISHED:  # nothing to compute
+            self._ready.append(request)
+        else:
+            self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: int) -> None:
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if seq.status is not SeqStatus.FINISHED:
+                seq.finish_reason = seq.finish_reason or "abort"
+                self.scheduler.release(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    # ---- one step -----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; returns the requests that finished in it."""
+        ready, self._ready = self._ready, []
+        done = [self._output(r) for r in ready if self._requests.pop(r.request_id, None)]
+        batch = self.scheduler.schedule()
+        if not len(batch):
+            if self.scheduler.has_work():
+                raise RuntimeError("the scheduler could not place any sequence: KV cache too small")
+            return done
+        sample_rows, score_rows, scored = batch.rows()
+        logits = self.runner.run([s.seq_id for s in batch.seqs], batch.chunks(),
+                                 np.concatenate([sample_rows, score_rows]))
+        self.scheduler.finish_chunk(batch)
+        if len(score_rows):
+            self._record_scores(batch, scored, logits[len(sample_rows):])
+        if len(sample_rows):
+            self._sample(batch, logits[:len(sample_rows)])
+        return done + self._collect_finished(batch)
+
+    def _record_scores(self, batch: ScheduledBatch, scored: np.ndarray, logits: torch.Tensor) -> None:
+        values = score_from_logits(logits, self.spec).tolist()
+        for seq, suffix, (score, p_yes, p_no) in zip(
+                itertools.compress(batch.seqs, scored), itertools.compress(batch.suffixes, scored), values):
+            stats = seq.request.stats
+            stats.score_calls += 1
+            stats.suffix_tokens += len(suffix)
+            if seq.num_generated in seq.request.params.score_at:
+                seq.checkpoint_scores.append((seq.num_generated, score))
+            if not seq.generating:
+                seq.score = (score, p_yes, p_no)
+                self.scheduler.release(seq)
+
+    def _sample(self, batch: ScheduledBatch, logits: torch.Tensor) -> None:
+        seqs = [s for s, n in zip(batch.seqs, batch.num_real)
+                if s.generating and n > 0 and s.num_computed == len(s.token_ids)]
+        # A request with n > 1 forks its samples off the prompt's last row, sharing its blocks.
+        rows = list(range(len(seqs)))
+        for i, parent in enumerate(list(seqs)):
+            request = parent.request
+            if request.forked:
+                continue
+            request.forked = True
+            for index in range(1, request.params.n):
+                child = Sequence(next(self._seq_ids), request, parent.token_ids, index,
+                                 sample_seed(request.seed, index))
+                request.seqs.append(child)
+                self.scheduler.fork(parent, child)
+                seqs.append(child)
+                rows.append(i)
+        if len(rows) != logits.shape[0]:
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        params = [s.request.params for s in seqs]
+        dev = logits.device
+        tokens, logprobs = kernels.sample(
+            logits,
+            torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev),
+            torch.tensor([p.top_k for p in params], dtype=torch.int64, device=dev),
+            torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
+            torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev),
+            torch.tensor([s.num_generated for s in seqs], dtype=torch.int64, device=dev),
+        )
+        for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist()):
+            seq.token_ids.append(token)
+            seq.logprobs.append(logprob)
+            seq.request.stats.generated_tokens += 1
+            self._check_stop(seq, token)
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        params = seq.request.params
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+            reason = "stop"
+        elif params.stop and self._stop_string(seq) is not None:
+            reason = "stop"
+        elif seq.num_generated >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            reason = "length"
+        else:
+            if seq.num_generated in params.score_at:
+                seq.pending_score = True
+            return
+        self._finish(seq, reason)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        """Generation ended: score the sample if asked (one more extend), else release it."""
+        seq.finish_reason = reason
+        params = seq.request.params
+        if params.wants_score or seq.num_generated in params.score_at:
+            seq.pending_score = True
+        elif seq.status is not SeqStatus.WAITING:
+            self.scheduler.release(seq)
+        else:
+            seq.status = SeqStatus.FINISHED  # never queued: nothing to release
+
+    def _stop_string(self, seq: Sequence) -> int | None:
+        """Index in the generated text where a stop string starts, or None."""
+        params = seq.request.params
+        window = max(len(s) for s in params.stop) + 8  # tokens are at least one character
+        text = self.tokenizer.decode(seq.token_ids[-window:][-seq.num_generated:],
+                                     skip_special_tokens=True)
+        return 0 if any(s in text for s in params.stop) else None
+
+    def _collect_finished(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        done = []
+        for request in {s.request.request_id: s.request for s in batch.seqs}.values():
+            if request.finished and request.request_id in self._requests:
+                del self._requests[request.request_id]
+                done.append(self._output(request))
+        return done
+
+    def _output(self, request: Request) -> RequestOutput:
+        samples = []
+        for seq in request.seqs:
+            gen = seq.token_ids[request.num_prompt:]
+            text = self.tokenizer.decode(gen, skip_special_tokens=True)
+            for stop in request.params.stop:
+                cut = text.find(stop)
+                if cut >= 0:
+                    text = text[:cut]
+            score = seq.score or (None, None, None)
+            samples.append(Sample(seq.index, gen, text, seq.finish_reason, *score,
+                                  checkpoint_scores=list(seq.checkpoint_scores),
+                                  logprobs=list(seq.logprobs)))
+        request.stats.latency_s = time.perf_counter() - request.arrival
+        return RequestOutput(request.request_id, request.prompt_ids, samples, request.stats)
+
+    # ---- batch entry points -------------------------------------------------------------
+    def generate(self, prompts: Prompt | Iterable[Prompt], params: SamplingParams | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for every prompt (str tokenized as is, or token ids) in one continuous batch.
+        A bad prompt raises before anything is queued."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = params or SamplingParams()
+        for p in prompts:  # validate all first: one bad prompt queues nothing
+            self._validate(self._tokenize(p), params)
+        ids = [self.add_request(p, params) for p in prompts]
+        return self._run_until_done(ids, use_tqdm)
+
+    def chat(self, conversations: list[dict] | list[list[dict]], params: SamplingParams | None = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """Like generate, with each conversation rendered by the model's chat template."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        prompts = [self.tokenizer.apply_chat_template(c, tokenize=True, add_generation_prompt=True)
+                   for c in conversations]
+        prompts = [list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p)
+                   for p in prompts]
+        return self.generate(prompts, params, use_tqdm)
+
+    def score(self, prompts: Seq[Prompt], responses: Seq[Prompt]) -> list[float]:
+        """Self-evaluation score in [0, 1] of each (prompt, response): one forward over the
+        suffix after the cached prompt and response."""
+        if len(prompts) != len(responses):
+            raise InvalidRequestError(f"{len(prompts)} prompts but {len(responses)} responses")
+        params = SamplingParams(max_tokens=0, score=True)
+        joined = []
+        for prompt, response in zip(prompts, responses):
+            resp = (self.tokenizer.encode(response, add_special_tokens=False)
+                    if isinstance(response, str) else [int(t) for t in response])
+            joined.append(self._tokenize(prompt) + resp)
+        outs = self.generate(joined, params)
+        return [o.samples[0].score for o in outs]
+
+    def _run_until_done(self, request_ids: list[int], use_tqdm: bool) -> list[RequestOutput]:
+        pending = set(request_ids)
+        results: dict[int, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(request_ids), desc="requests", unit="req")
+        while pending:
+            for out in self.step():
+                if out.request_id in pending:
+                    pending.discard(out.request_id)
+                    results[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [results[i] for i in request_ids]

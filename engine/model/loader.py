@@ -1,0 +1,126 @@
+"""Load a local Hugging Face checkpoint directory (config.json + *.safetensors, sharded or not)
+and its tokenizer. Never reaches a hub: a missing file is a CheckpointError naming it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from engine.errors import CheckpointError
+from engine.model.config import ModelConfig
+from engine.model.llama import LlamaForCausalLM
+
+# checkpoint projection -> (our fused parameter, index of the part it fills)
+_FUSED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+def _check_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise CheckpointError(f"model directory {str(path)!r} does not exist")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"model directory {str(path)!r} has no config.json")
+    try:
+        json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / 'config.json'} is not valid JSON: {e}") from e
+    if not list(path.glob("*.safetensors")):
+        raise CheckpointError(f"model directory {str(path)!r} has no *.safetensors weights")
+
+
+def load_hf_config(path: str | Path):
+    from transformers import AutoConfig
+
+    path = Path(path)
+    _check_dir(path)
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise CheckpointError(f"cannot read {path / 'config.json'}: {e}") from e
+
+
+def _part_sizes(cfg: ModelConfig, fused: str) -> list[int]:
+    if fused == "qkv_proj":
+        kv = cfg.num_kv_heads * cfg.head_dim
+        return [cfg.num_heads * cfg.head_dim, kv, kv]
+    return [cfg.intermediate_size, cfg.intermediate_size]
+
+
+def _target(name: str) -> tuple[str, int | None]:
+    """Checkpoint tensor name -> (our parameter name, fused part index or None)."""
+    name = name.removeprefix("model.")
+    for proj, (fused, part) in _FUSED.items():
+        if f".{proj}." in name:
+            return name.replace(f".{proj}.", f".{fused}."), part
+    return name, None
+
+
+def load_model(
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[LlamaForCausalLM, object]:
+    """Returns (model in eval mode on device, transformers config)."""
+    path = Path(path)
+    hf_config = load_hf_config(path)
+    cfg = ModelConfig.from_hf(hf_config)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    model.init_rotary()
+    params = dict(model.named_parameters())
+    filled: dict[str, int] = {}  # parameter -> parts loaded
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                name, part = _target(key)
+                if name not in params:
+                    if "rotary_emb" in key or (key == "lm_head.weight" and model.lm_head is None):
+                        continue
+                    raise CheckpointError(f"{file.name}: unexpected tensor {key!r}")
+                tensor = f.get_tensor(key)
+                param = params[name]
+                if part is None:
+                    dest = param.data
+                else:
+                    sizes = _part_sizes(cfg, name.rsplit(".", 2)[-2])
+                    dest = param.data.narrow(0, sum(sizes[:part]), sizes[part])
+                if dest.shape != tensor.shape:
+                    raise CheckpointError(
+                        f"{file.name}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                        f"expected {tuple(dest.shape)}"
+                    )
+                dest.copy_(tensor)
+                filled[name] = filled.get(name, 0) + 1
+    missing = [
+        n for n, p in params.items()
+        if filled.get(n, 0) < (len(_part_sizes(cfg, n.rsplit(".", 2)[-2])) if _is_fused(n) else 1)
+    ]
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise CheckpointError(f"{path}: {len(missing)} weights missing from the checkpoint: {shown}")
+    return model.eval(), hf_config
+
+
+def _is_fused(name: str) -> bool:
+    return ".qkv_proj." in name or ".gate_up_proj." in name
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
+        raise CheckpointError(
+            f"model directory {str(path)!r} has no tokenizer (tokenizer.json or tokenizer_config.json)"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (ValueError, OSError, KeyError) as e:
+        raise CheckpointError(f"cannot load the tokenizer in {path}: {e}") from e

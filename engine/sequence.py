@@ -1,0 +1,72 @@
+"""A request and its samples (sequences) as the scheduler sees them."""
+
+from __future__ import annotations
+
+import enum
+import time
+
+from engine.sampling import RequestStats, SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"  # no KV cache (new, or preempted and to be recomputed)
+    RUNNING = "running"
+    FINISHED = "finished"  # blocks released
+
+
+class Sequence:
+    """One sample: prompt plus generated tokens, and how many of them are in the KV cache."""
+
+    def __init__(self, seq_id: int, request: Request, token_ids: list[int], index: int, seed: int):
+        self.seq_id = seq_id
+        self.request = request
+        self.index = index
+        self.seed = seed
+        self.token_ids = list(token_ids)
+        self.num_computed = 0
+        self.status = SeqStatus.WAITING
+        self.finish_reason: str | None = None  # set when generation ends; then only a score may follow
+        self.pending_score = False
+        self.score: tuple[float, float, float] | None = None  # (score, p_yes, p_no) of the end
+        self.checkpoint_scores: list[tuple[int, float]] = []  # (generated tokens, score)
+        self.logprobs: list[float] = []
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.request.num_prompt
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def generating(self) -> bool:
+        return self.finish_reason is None
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, len={len(self.token_ids)}, "
+                f"computed={self.num_computed}, {self.status.value})")
+
+
+class Request:
+    def __init__(self, request_id: int, prompt_ids: list[int], params: SamplingParams, seed: int):
+        self.request_id = request_id
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.seed = seed
+        self.num_prompt = len(prompt_ids)
+        self.seqs: list[Sequence] = []
+        self.forked = params.n == 1  # n > 1: the first sequence forks the rest after prefill
+        self.stats = RequestStats(prompt_tokens=len(prompt_ids))
+        self.arrival = time.perf_counter()
+
+    @property
+    def finished(self) -> bool:
+        return self.forked and all(s.status is SeqStatus.FINISHED for s in self.seqs)
+
+
+def sample_seed(base: int, index: int) -> int:
+    """Seed of sample `index` of a request: sample 0 keeps the request's seed."""
+    if index == 0:
+        return base
+    return (base * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9) & ((1 << 63) - 1)

@@ -1,0 +1,17 @@
+import torch
+
+
+def copy_blocks_ref(kv_cache: torch.Tensor, pairs: torch.Tensor) -> None:
+    """Copy-on-write: kv_cache [..., num_blocks, block_size, ...] viewed per block.
+
+    kv_cache: [C, num_blocks, block_numel] (every layer's K and V as C caches);
+    pairs: int [k, 2] of (src, dst) blocks. One gather and one scatter for all pairs.
+    """
+    if pairs.numel() == 0:
+        return
+    src, dst = pairs[:, 0].long(), pairs[:, 1].long()
+    kv_cache[:, dst] = kv_cache[:, src]
+
+
+def copy_blocks(kv_cache: torch.Tensor, pairs: torch.Tensor) -> None:
+    copy_blocks_ref(kv_cache, pairs)
