@@ -1,0 +1,27 @@
+import pytest
+import torch
+
+from engine.testing.make_model import make_model
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    """One small random checkpoint per architecture (llama with llama3 rope scaling)."""
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "llama": make_model(root / "llama", "llama", seed=1, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+        "qwen2": make_model(root / "qwen2", "qwen2", seed=2, max_shard_size="200KB"),
+        "qwen3": make_model(root / "qwen3", "qwen3", seed=3, tie_word_embeddings=True),
+    }
+
+
+@pytest.fixture(scope="session")
+def llama_dir(model_dirs):
+    return model_dirs["llama"]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
