@@ -5,7 +5,8 @@ from __future__ import annotations
 import itertools
 import random
 import time
-from collections.abc import Iterable, Sequence as Seq
+from collections.abc import Iterable
+from collections.abc import Sequence as Seq
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from engine.runner import ModelRunner, kv_bytes_per_block
 from engine.sampling import RequestOutput, Sample, SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.selfeval import SelfEvalSpec, build_spec, score_from_logits
-from engine.sequence import Request, Sequence, SeqStatus, sample_seed
+from engine.sequence import Request, SeqStatus, Sequence, sample_seed
 
 Prompt = str | list[int]
 
@@ -271,7 +272,8 @@ class Engine:
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """Generate for every prompt (str tokenized as is, or token ids) in one continuous batch.
         A bad prompt raises before anything is queued."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        single_ids = isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        if isinstance(prompts, str) or single_ids:
             prompts = [prompts]
         prompts = list(prompts)
         params = params or SamplingParams()

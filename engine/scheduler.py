@@ -11,7 +11,7 @@ import numpy as np
 
 from engine._core import BlockManager
 from engine.selfeval import SelfEvalSpec
-from engine.sequence import Request, Sequence, SeqStatus
+from engine.sequence import SeqStatus, Sequence
 
 
 @dataclass

@@ -93,7 +93,8 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        tied = cfg.tie_word_embeddings
+        self.lm_head = None if tied else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)  # see init_rotary
 
     def init_rotary(self) -> None:
@@ -102,7 +103,8 @@ class LlamaForCausalLM(nn.Module):
         table = rotary_cache(cfg.inv_freq, cfg.max_position_embeddings, cfg.rope_scaling)
         self.cos_sin = table.to(self.embed_tokens.weight.device)
 
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: torch.Tensor) -> torch.Tensor:
         """input_ids [T]; kv_cache [2, L, slots, Hkv, D]. Returns final hidden states [T, hidden]."""
         x, residual = self.embed_tokens(input_ids), None
         for i, layer in enumerate(self.layers):

@@ -4,11 +4,11 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from engine._core import BlockManager
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from engine._core import BlockManager
 from engine.errors import OutOfBlocksError, SequenceIdError
 
 
