@@ -139,6 +139,19 @@ class Engine:
                 seq.finish_reason = seq.finish_reason or "abort"
                 self.scheduler.release(seq)
 
+    def score_in_flight(self, request_id: int) -> int:
+        """Score every still-generating sample of a request in place at its current length
+        during the next step (the form policies use). The result lands in the sample's
+        checkpoint_scores as (generated tokens, score); decoding goes on unchanged.
+        Returns how many samples will be scored."""
+        request = self._requests.get(request_id)
+        if request is None:
+            raise InvalidRequestError(f"request {request_id} is not running")
+        live = [s for s in request.seqs if s.generating and s.status is not SeqStatus.FINISHED]
+        for seq in live:
+            seq.pending_score = True
+        return len(live)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 
@@ -169,7 +182,7 @@ class Engine:
             stats = seq.request.stats
             stats.score_calls += 1
             stats.suffix_tokens += len(suffix)
-            if seq.num_generated in seq.request.params.score_at:
+            if seq.generating or seq.num_generated in seq.request.params.score_at:
                 seq.checkpoint_scores.append((seq.num_generated, score))
             if not seq.generating:
                 seq.score = (score, p_yes, p_no)
@@ -214,7 +227,7 @@ class Engine:
         params = seq.request.params
         if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
             reason = "stop"
-        elif params.stop and self._stop_string(seq) is not None:
+        elif params.stop and self._hit_stop_string(seq):
             reason = "stop"
         elif seq.num_generated >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
             reason = "length"
@@ -235,13 +248,12 @@ class Engine:
         else:
             seq.status = SeqStatus.FINISHED  # never queued: nothing to release
 
-    def _stop_string(self, seq: Sequence) -> int | None:
-        """Index in the generated text where a stop string starts, or None."""
+    def _hit_stop_string(self, seq: Sequence) -> bool:
+        """Whether the tail of the generated text holds a stop string."""
         params = seq.request.params
-        window = max(len(s) for s in params.stop) + 8  # tokens are at least one character
-        text = self.tokenizer.decode(seq.token_ids[-window:][-seq.num_generated:],
-                                     skip_special_tokens=True)
-        return 0 if any(s in text for s in params.stop) else None
+        window = min(max(len(s) for s in params.stop) + 8, seq.num_generated)  # tokens >= 1 char
+        text = self.tokenizer.decode(seq.token_ids[-window:], skip_special_tokens=True)
+        return any(s in text for s in params.stop)
 
     def _collect_finished(self, batch: ScheduledBatch) -> list[RequestOutput]:
         done = []

@@ -156,3 +156,23 @@ def test_chat_applies_the_template(eng):
     rendered = eng.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
     assert out.prompt_token_ids == eng.tokenizer.encode(rendered, add_special_tokens=False)
     assert len(out.samples[0].token_ids) == 16
+
+
+def test_in_flight_score_of_running_samples(eng):
+    prompt = _prompts(eng, [14], seed=5)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, n=2, score=False)
+    plain = eng.generate([prompt], params)[0]
+    rid = eng.add_request(prompt, params)
+    for _ in range(4):  # prefill + 3 decodes: each sample has 4 tokens
+        eng.step()
+    assert eng.score_in_flight(rid) == 2
+    outs = []
+    while eng.has_unfinished_requests():
+        outs += eng.step()
+    for a, b in zip(plain.samples, outs[0].samples):
+        assert a.token_ids == b.token_ids
+        assert [c for c, _ in b.checkpoint_scores] == [4]
+    direct = eng.score([prompt], [plain.samples[0].token_ids[:4]])[0]
+    assert outs[0].samples[0].checkpoint_scores[0][1] == pytest.approx(direct, abs=1e-5)
+    with pytest.raises(InvalidRequestError, match="not running"):
+        eng.score_in_flight(rid)
