@@ -1,5 +1,7 @@
 import torch
 
+from kernels.dispatch import HAS_TRITON, use_triton
+
 
 def rotary_cache(inv_freq: torch.Tensor, max_positions: int, scaling: float = 1.0) -> torch.Tensor:
     """[max_positions, head_dim] table of cos (first half) and sin (second half), float32."""
@@ -23,7 +25,55 @@ def apply_rotary_ref(
     return rotate(q), rotate(k)
 
 
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _rotary_kernel(x_ptr, out_ptr, pos_ptr, cs_ptr, stride_t, stride_h, num_heads, half,
+                       BLOCK: tl.constexpr):
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        i = tl.arange(0, BLOCK)
+        mask = i < half
+        pos = tl.load(pos_ptr + t)
+        # The table is float32; the reference rounds cos/sin to the activations' dtype first.
+        cos = tl.load(cs_ptr + pos * 2 * half + i, mask=mask, other=0.0)
+        sin = tl.load(cs_ptr + pos * 2 * half + half + i, mask=mask, other=0.0)
+        src = x_ptr + t * stride_t + h * stride_h
+        x1 = tl.load(src + i, mask=mask, other=0.0)
+        x2 = tl.load(src + half + i, mask=mask, other=0.0)
+        cos = cos.to(x1.dtype).to(tl.float32)
+        sin = sin.to(x1.dtype).to(tl.float32)
+        a, b = x1.to(tl.float32), x2.to(tl.float32)
+        dst = out_ptr + (t * num_heads + h) * 2 * half
+        tl.store(dst + i, (a * cos - b * sin).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst + half + i, (b * cos + a * sin).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rotate_triton(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    tokens, heads, dim = x.shape
+    out = torch.empty((tokens, heads, dim), dtype=x.dtype, device=x.device)
+    if tokens:
+        _rotary_kernel[(tokens, heads)](x, out, positions, cos_sin, x.stride(0), x.stride(1), heads,
+                                        dim // 2, BLOCK=triton.next_power_of_2(dim // 2))
+    return out
+
+
+def apply_rotary_triton(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    cos_sin = cos_sin.contiguous()
+    return _rotate_triton(q, positions, cos_sin), _rotate_triton(k, positions, cos_sin)
+
+
 def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(q):
+        return apply_rotary_triton(q, k, positions, cos_sin)
     return apply_rotary_ref(q, k, positions, cos_sin)

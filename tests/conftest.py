@@ -1,7 +1,14 @@
-import pytest
+import os
+
 import torch
 
-from engine.testing.make_model import make_model
+# Triton reads this when first imported: without a GPU its kernels run in the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from engine.testing.make_model import make_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

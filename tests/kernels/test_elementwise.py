@@ -1,0 +1,75 @@
+"""Triton kernels against their torch references (interpreter on CPU, native on GPU):
+fresh random inputs, odd sizes, non-contiguous views, poisoned outputs."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernels.activation import silu_and_mul_ref, silu_and_mul_triton  # noqa: E402
+from kernels.kv_store import store_kv_ref, store_kv_triton  # noqa: E402
+from kernels.rmsnorm import rms_norm_ref, rms_norm_triton  # noqa: E402
+from kernels.rotary import apply_rotary_ref, apply_rotary_triton, rotary_cache  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def _close(a, b, dtype):
+    torch.testing.assert_close(a.float(), b.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,hidden", [(1, 64), (7, 96), (13, 200)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(dtype, tokens, hidden, with_residual):
+    x = torch.randn(tokens, hidden, dtype=dtype, device=DEVICE)
+    w = (1 + 0.1 * torch.randn(hidden, device=DEVICE)).to(dtype)
+    res = torch.randn_like(x) if with_residual else None
+    out, new_res = rms_norm_triton(x, w, 1e-6, res)
+    ref, ref_res = rms_norm_ref(x, w, 1e-6, res)
+    _close(out, ref, dtype)
+    _close(new_res, ref_res, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,inter", [(1, 64), (5, 200), (9, 1100)])
+def test_silu_and_mul(dtype, tokens, inter):
+    x = torch.randn(tokens, 2 * inter, dtype=dtype, device=DEVICE)
+    _close(silu_and_mul_triton(x), silu_and_mul_ref(x), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (8, 1)])
+def test_rotary_on_views_of_a_fused_projection(dtype, head_dim, heads, kv_heads):
+    tokens = 11
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device=DEVICE)
+    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim)
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    table = rotary_cache(inv_freq, 4096).to(DEVICE)
+    positions = torch.randint(0, 4096, (tokens,), device=DEVICE)
+    got_q, got_k = apply_rotary_triton(q, k, positions, table)
+    ref_q, ref_k = apply_rotary_ref(q, k, positions, table)
+    _close(got_q, ref_q, dtype)
+    _close(got_k, ref_k, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_heads,head_dim", [(1, 64), (2, 128), (8, 64)])
+def test_store_kv_writes_only_its_slots(dtype, kv_heads, head_dim):
+    tokens, slots = 9, 64
+    k = torch.randn(tokens, kv_heads, head_dim, dtype=dtype, device=DEVICE)
+    v = torch.randn(tokens, kv_heads, head_dim, dtype=dtype, device=DEVICE)
+    slot_mapping = torch.randperm(slots, device=DEVICE)[:tokens]
+    caches = [torch.full((slots, kv_heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+              for _ in range(4)]
+    store_kv_triton(k, v, caches[0], caches[1], slot_mapping)
+    store_kv_ref(k, v, caches[2], caches[3], slot_mapping)
+    for got, ref in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert torch.equal(got[slot_mapping], ref[slot_mapping])
+        untouched = torch.ones(slots, dtype=torch.bool, device=DEVICE)
+        untouched[slot_mapping] = False
+        assert got[untouched].isnan().all()
