@@ -289,10 +289,11 @@ class Engine:
             prompts = [prompts]
         prompts = list(prompts)
         params = params or SamplingParams()
-        for p in prompts:  # validate all first: one bad prompt queues nothing
-            self._validate(self._tokenize(p), params)
-        ids = [self.add_request(p, params) for p in prompts]
-        return self._run_until_done(ids, use_tqdm)
+        token_ids = [self._tokenize(p) for p in prompts]
+        for ids in token_ids:  # validate all first: one bad prompt queues nothing
+            self._validate(ids, params)
+        request_ids = [self.add_request(ids, params) for ids in token_ids]
+        return self._run_until_done(request_ids, use_tqdm)
 
     def chat(self, conversations: list[dict] | list[list[dict]], params: SamplingParams | None = None,
              use_tqdm: bool = False) -> list[RequestOutput]:
