@@ -76,7 +76,7 @@ class Engine:
                 kv_cache_memory = int(free * 0.85)
             else:
                 kv_cache_memory = 1 << 30
-        # Never more than the slots needed for max_num_seqs full-length sequences of a small model.
+        # 2^20 blocks bound the pool (int32 block ids, and a sane host-side free list).
         return max(1, min(kv_cache_memory // per_block, 1 << 20))
 
     @property
