@@ -57,6 +57,8 @@ class ModelRunner:
             context_lens=to(starts + counts, torch.int32),
             query_start_loc=to(query_start, torch.int32),
             block_size=self.block_size,
+            max_query_len=int(counts.max()),
+            max_context_len=int((starts + counts).max()),
         )
         hidden = self.model(to(ids, torch.int64), meta, self.kv_cache)
         if logit_rows is not None:

@@ -8,6 +8,7 @@ from kernels.activation import silu_and_mul
 from kernels.attention import paged_attention
 from kernels.block_copy import copy_blocks
 from kernels.kv_store import store_kv
+from kernels.lora import lora
 from kernels.rmsnorm import rms_norm
 from kernels.rotary import apply_rotary
 from kernels.sampling import sample
@@ -15,6 +16,7 @@ from kernels.sampling import sample
 __all__ = [
     "apply_rotary",
     "copy_blocks",
+    "lora",
     "paged_attention",
     "rms_norm",
     "sample",

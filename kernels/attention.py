@@ -4,6 +4,8 @@ new queries attending causally to the cached prefix plus themselves) in one op."
 import torch
 import torch.nn.functional as F
 
+from kernels.dispatch import HAS_TRITON, use_triton
+
 
 def _attend_padded(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -62,9 +64,215 @@ def paged_attention_ref(
     return out
 
 
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _decode_partial_kernel(
+        q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, part_o_ptr, part_lse_ptr,
+        stride_qt, stride_qh, stride_cs, stride_ch, stride_bt, scale, split_len, num_splits,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+        BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """One (sequence, KV head, split): every query head of the group against the split's keys.
+        Writes the split's normalised output and log-sum-exp for the reduce kernel."""
+        b, kvh, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        num_heads = tl.num_programs(1) * GROUP
+        ctx = tl.load(ctx_ptr + b)
+        start = s * split_len
+        end = tl.minimum(ctx, start + split_len)
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, D_PAD)
+        g_mask = g < GROUP
+        d_mask = d < HEAD_DIM
+        heads = kvh * GROUP + g
+        q = tl.load(q_ptr + b * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                    mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        den = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            p_mask = pos < end
+            page = tl.load(bt_ptr + b * stride_bt + pos // PAGE, mask=p_mask, other=0)
+            slot = page.to(tl.int64) * PAGE + pos % PAGE
+            kv_off = slot[:, None] * stride_cs + kvh * stride_ch + d[None, :]
+            kv_mask = p_mask[:, None] & d_mask[None, :]
+            k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0)
+            v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0)
+            qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale
+            qk = tl.where(p_mask[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m, tl.max(qk, 1))
+            p = tl.exp(qk - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            den = den * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+            m = m_new
+        empty = den == 0.0  # a split past this sequence's end
+        out = acc / tl.where(empty, 1.0, den)[:, None]
+        lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, den)))
+        row = (b * num_heads + heads) * num_splits + s
+        tl.store(part_lse_ptr + row, lse, mask=g_mask)
+        tl.store(part_o_ptr + row[:, None] * HEAD_DIM + d[None, :], out,
+                 mask=g_mask[:, None] & d_mask[None, :])
+
+    @triton.jit
+    def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, o_ptr, stride_ot, stride_oh, num_splits,
+                              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr):
+        b, h = tl.program_id(0), tl.program_id(1)
+        row = b * tl.num_programs(1) + h
+        s = tl.arange(0, S_PAD)
+        d = tl.arange(0, D_PAD)
+        s_mask = s < num_splits
+        d_mask = d < HEAD_DIM
+        lse = tl.load(part_lse_ptr + row * num_splits + s, mask=s_mask, other=float("-inf"))
+        w = tl.exp(lse - tl.max(lse, 0))
+        parts = tl.load(part_o_ptr + (row * num_splits + s)[:, None] * HEAD_DIM + d[None, :],
+                        mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+        out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
+        tl.store(o_ptr + b * stride_ot + h * stride_oh + d, out.to(o_ptr.dtype.element_ty), mask=d_mask)
+
+    @triton.jit
+    def _extend_kernel(
+        q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, qsl_ptr, o_ptr,
+        stride_qt, stride_qh, stride_ot, stride_oh, stride_cs, stride_ch, stride_bt, scale,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """One (sequence, query head, tile of new queries): causal attention over the cached prefix
+        and the new tokens, all read from the paged cache (store_kv ran first)."""
+        b, h, mt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        kvh = h // GROUP
+        q_start = tl.load(qsl_ptr + b)
+        q_len = tl.load(qsl_ptr + b + 1) - q_start
+        ctx = tl.load(ctx_ptr + b)
+        prefix = ctx - q_len
+        qi = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+        q_mask = qi < q_len
+        qpos = prefix + qi
+        d = tl.arange(0, D_PAD)
+        d_mask = d < HEAD_DIM
+        q = tl.load(q_ptr + (q_start + qi)[:, None] * stride_qt + h * stride_qh + d[None, :],
+                    mask=q_mask[:, None] & d_mask[None, :], other=0.0)
+        # A tile past this sequence's queries loops zero times and stores nothing.
+        kv_end = tl.where(mt * BLOCK_M < q_len, tl.minimum(ctx, prefix + (mt + 1) * BLOCK_M), 0)
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        den = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+        for n0 in range(0, kv_end, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            p_mask = pos < kv_end
+            page = tl.load(bt_ptr + b * stride_bt + pos // PAGE, mask=p_mask, other=0)
+            slot = page.to(tl.int64) * PAGE + pos % PAGE
+            kv_off = slot[:, None] * stride_cs + kvh * stride_ch + d[None, :]
+            kv_mask = p_mask[:, None] & d_mask[None, :]
+            k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0)
+            v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0)
+            qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale
+            # Key 0 is visible to every row, so no row of the first tile is fully masked.
+            qk = tl.where(p_mask[None, :] & (pos[None, :] <= qpos[:, None]), qk, float("-inf"))
+            m_new = tl.maximum(m, tl.max(qk, 1))
+            p = tl.exp(qk - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            den = den * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+            m = m_new
+        out = acc / tl.where(den == 0.0, 1.0, den)[:, None]
+        tl.store(o_ptr + (q_start + qi)[:, None] * stride_ot + h * stride_oh + d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=q_mask[:, None] & d_mask[None, :])
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit operands
+
+
+def decode_num_splits(batch: int, num_kv_heads: int, max_context_len: int, block_n: int = 64,
+                      target_programs: int = 264) -> int:
+    """Flash-decoding: split long contexts so batch x kv heads x splits fills the GPU's SMs."""
+    work = batch * num_kv_heads
+    if work >= target_programs:
+        return 1
+    return max(1, min(triton.cdiv(max_context_len, 4 * block_n), triton.cdiv(target_programs, work)))
+
+
+def paged_decode_attention_triton(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, block_size: int, scale: float, max_context_len: int,
+    num_splits: int | None = None, block_n: int = 32,
+) -> torch.Tensor:
+    """One query per sequence: q [B, H, D]. Split-K over the context, grouped-query heads packed
+    into one program per KV head, then a log-sum-exp reduce over the splits."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    if num_splits is None:
+        num_splits = decode_num_splits(batch, num_kv_heads, max_context_len, block_n)
+    split_len = triton.cdiv(triton.cdiv(max(max_context_len, 1), num_splits), block_n) * block_n
+    out = torch.empty_like(q)
+    part_o = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    d_pad = triton.next_power_of_2(head_dim)
+    if batch == 0:
+        return out
+    _decode_partial_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, part_o, part_lse,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
+        scale, split_len, num_splits,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        D_PAD=d_pad, BLOCK_N=block_n, PAGE=block_size, PRECISION=_precision(q.dtype))
+    _decode_reduce_kernel[(batch, num_heads)](
+        part_o, part_lse, out, out.stride(0), out.stride(1), num_splits,
+        HEAD_DIM=head_dim, D_PAD=d_pad, S_PAD=max(2, triton.next_power_of_2(num_splits)))
+    return out
+
+
+def paged_extend_attention_triton(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, query_start_loc: torch.Tensor, block_size: int, scale: float,
+    max_query_len: int, block_m: int = 32, block_n: int = 32,
+) -> torch.Tensor:
+    """Any mix of prefills, extends (self-evaluation suffixes) and decodes: q [T, H, D]."""
+    tokens, num_heads, head_dim = q.shape
+    out = torch.empty_like(q)
+    batch = block_tables.shape[0]
+    if tokens == 0 or batch == 0:
+        return out
+    block_m = max(16, min(block_m, triton.next_power_of_2(max_query_len)))
+    grid = (batch, num_heads, triton.cdiv(max_query_len, block_m))
+    _extend_kernel[grid](
+        q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
+        block_tables.stride(0), scale,
+        GROUP=num_heads // k_cache.shape[1], HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim),
+        BLOCK_M=block_m, BLOCK_N=block_n, PAGE=block_size, PRECISION=_precision(q.dtype))
+    return out
+
+
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, query_start_loc: torch.Tensor, block_size: int, scale: float,
+    max_query_len: int | None = None, max_context_len: int | None = None,
 ) -> torch.Tensor:
-    return paged_attention_ref(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
-                               block_size, scale)
+    """The host-side maxima come from the runner's numpy metadata; without them they are read
+    back from the device (a sync)."""
+    if not use_triton(q):
+        return paged_attention_ref(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
+                                   block_size, scale)
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max()) if q.shape[0] else 0
+    if max_query_len == 1 and q.shape[0] == block_tables.shape[0]:
+        if max_context_len is None:
+            max_context_len = int(context_lens.max())
+        return decode_attention(q, k_cache, v_cache, block_tables, context_lens, block_size, scale,
+                                max_context_len)
+    return paged_extend_attention_triton(q, k_cache, v_cache, block_tables, context_lens,
+                                         query_start_loc, block_size, scale, max_query_len)
+
+
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, block_size: int, scale: float, max_context_len: int,
+) -> torch.Tensor:
+    return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, block_size,
+                                         scale, max_context_len)

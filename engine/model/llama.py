@@ -23,6 +23,8 @@ class AttentionMetadata:
     context_lens: torch.Tensor  # int32 [B] cached length including this step's tokens
     query_start_loc: torch.Tensor  # int32 [B + 1]
     block_size: int
+    max_query_len: int  # host-side maxima, so kernels size their grids without a device sync
+    max_context_len: int
 
 
 class RMSNorm(nn.Module):
@@ -57,7 +59,8 @@ class Attention(nn.Module):
         q, k = kernels.apply_rotary(q, k, meta.positions, cos_sin)
         kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         o = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                                    meta.query_start_loc, meta.block_size, self.scale)
+                                    meta.query_start_loc, meta.block_size, self.scale,
+                                    meta.max_query_len, meta.max_context_len)
         return self.o_proj(o.reshape(-1, self.q_size))
 
 
