@@ -35,12 +35,14 @@ class Engine:
     num_blocks: KV blocks of block_size tokens; by default what kv_cache_memory bytes hold
     (CPU: 1 GiB; CUDA: 85% of the free memory after the weights).
     max_batch_tokens: tokens one step computes at most (decodes + prefill chunks + suffixes).
+    cuda_graphs: replay captured CUDA graphs for pure decode steps (default: on for CUDA).
     """
 
     def __init__(self, model: str, device: str = "cpu", dtype: torch.dtype | None = None,
                  block_size: int = 16, num_blocks: int | None = None, max_batch_tokens: int = 2048,
                  max_num_seqs: int = 256, max_model_len: int | None = None,
-                 kv_cache_memory: int | None = None, seed: int | None = None):
+                 kv_cache_memory: int | None = None, seed: int | None = None,
+                 cuda_graphs: bool | None = None):
         self.device = torch.device(device)
         self.dtype = dtype or _default_dtype(self.device)
         self.model, self.hf_config = load_model(model, self.device, self.dtype)
@@ -56,7 +58,11 @@ class Engine:
         if num_blocks is None:
             num_blocks = self._blocks_that_fit(block_size, kv_cache_memory)
         self.block_manager = BlockManager(num_blocks, block_size)
-        self.runner = ModelRunner(self.model, self.block_manager, self.device, self.dtype)
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        self.runner = ModelRunner(self.model, self.block_manager, self.device, self.dtype,
+                                  self.max_model_len, graphs="cuda" if cuda_graphs else None,
+                                  max_graph_batch=max_num_seqs)
         self.scheduler = Scheduler(self.block_manager, self.spec, max_batch_tokens, max_num_seqs)
         self.eos_token_ids = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:

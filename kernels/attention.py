@@ -4,6 +4,7 @@ new queries attending causally to the cached prefix plus themselves) in one op."
 import torch
 import torch.nn.functional as F
 
+from kernels import autotune, cuda_ops
 from kernels.dispatch import HAS_TRITON, use_triton
 
 
@@ -274,5 +275,14 @@ def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, block_size: int, scale: float, max_context_len: int,
 ) -> torch.Tensor:
-    return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, block_size,
-                                         scale, max_context_len)
+    """Triton split-K or the CUDA kernel, whichever measured faster for this shape bucket."""
+    triton_run = lambda: paged_decode_attention_triton(  # noqa: E731
+        q, k_cache, v_cache, block_tables, context_lens, block_size, scale, max_context_len)
+    if not cuda_ops.available(q):
+        return triton_run()
+    cuda_run = lambda: cuda_ops.decode_attention_cuda(  # noqa: E731
+        q, k_cache, v_cache, block_tables, context_lens, block_size, scale)
+    key = ("decode_attention", q.dtype, q.shape[1], k_cache.shape[1], q.shape[2], block_size,
+           autotune.bucket(q.shape[0]), autotune.bucket(max_context_len))
+    winner = autotune.fastest(key, {"triton": triton_run, "cuda": cuda_run}, q.device)
+    return cuda_run() if winner == "cuda" else triton_run()

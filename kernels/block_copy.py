@@ -1,5 +1,7 @@
 import torch
 
+from kernels import cuda_ops
+
 
 def copy_blocks_ref(kv_cache: torch.Tensor, pairs: torch.Tensor) -> None:
     """Copy-on-write: kv_cache [..., num_blocks, block_size, ...] viewed per block.
@@ -14,4 +16,7 @@ def copy_blocks_ref(kv_cache: torch.Tensor, pairs: torch.Tensor) -> None:
 
 
 def copy_blocks(kv_cache: torch.Tensor, pairs: torch.Tensor) -> None:
-    copy_blocks_ref(kv_cache, pairs)
+    if cuda_ops.available(kv_cache) and kv_cache.is_contiguous():
+        cuda_ops.copy_blocks_cuda(kv_cache, pairs)
+    else:
+        copy_blocks_ref(kv_cache, pairs)

@@ -1,5 +1,6 @@
 import torch
 
+from kernels import autotune, cuda_ops
 from kernels.dispatch import HAS_TRITON, use_triton
 
 
@@ -50,7 +51,12 @@ def store_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    if use_triton(k):
+    if cuda_ops.available(k) and k.dtype == k_cache.dtype:
+        key = ("store_kv", k.dtype, k.shape[1] * k.shape[2], autotune.bucket(k.shape[0]))
+        runs = {"triton": lambda: store_kv_triton(k, v, k_cache, v_cache, slot_mapping),
+                "cuda": lambda: cuda_ops.store_kv_cuda(k, v, k_cache, v_cache, slot_mapping)}
+        runs[autotune.fastest(key, runs, k.device)]()
+    elif use_triton(k):
         store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
     else:
         store_kv_ref(k, v, k_cache, v_cache, slot_mapping)

@@ -1,0 +1,73 @@
+"""Python side of engine._cuda: raw device pointers, strides and torch's current stream.
+engine._cuda is built only where a CUDA toolkit was found; without it these report unavailable."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+DECODE_HEAD_DIMS = (64, 128, 256)
+
+
+@functools.cache
+def extension():
+    try:
+        return importlib.import_module("engine._cuda")
+    except ImportError:
+        return None
+
+
+def available(t: torch.Tensor) -> bool:
+    return t.is_cuda and extension() is not None
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def copy_blocks_cuda(kv_cache: torch.Tensor, pairs: torch.Tensor) -> None:
+    """kv_cache [C, num_blocks, block_numel] contiguous; pairs int [k, 2] on the device."""
+    num_caches, num_blocks, block_numel = kv_cache.shape
+    if pairs.numel() == 0:
+        return
+    cache_bytes = num_blocks * block_numel * kv_cache.element_size()
+    bases = kv_cache.data_ptr() + cache_bytes * torch.arange(num_caches, dtype=torch.int64)
+    bases = bases.to(kv_cache.device, non_blocking=True)
+    pairs = pairs.to(torch.int32).contiguous()
+    extension().copy_blocks(bases.data_ptr(), num_caches, block_numel * kv_cache.element_size(),
+                            pairs.data_ptr(), pairs.shape[0], _stream(kv_cache))
+
+
+def store_kv_cuda(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:
+    tokens, heads, dim = k.shape
+    if k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
+        raise ValueError("store_kv_cuda copies raw rows: k/v must have the cache's dtype")
+    for t in (k, v):
+        if t.stride(2) != 1 or t.stride(1) != dim:
+            raise ValueError("store_kv_cuda needs each token's heads x dim contiguous")
+    elem = k.element_size()
+    extension().store_kv(k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                         slot_mapping.to(torch.int64).data_ptr(), tokens, k.stride(0) * elem,
+                         v.stride(0) * elem, heads * dim * elem, _stream(k))
+
+
+def decode_attention_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
+                          scale: float) -> torch.Tensor:
+    """q [B, H, D], caches [slots, Hkv, D] of q's dtype, head_dim 64/128/256; ValueError otherwise."""
+    batch, num_heads, head_dim = q.shape
+    if head_dim not in DECODE_HEAD_DIMS or q.dtype not in _DTYPE_CODE or k_cache.dtype != q.dtype:
+        raise ValueError(f"decode_attention_cuda: unsupported head_dim {head_dim} / dtype {q.dtype}")
+    if q.stride(2) != 1 or k_cache.stride(2) != 1 or k_cache.stride() != v_cache.stride():
+        raise ValueError("decode_attention_cuda needs unit-stride head dims and like caches")
+    out = torch.empty_like(q)
+    extension().decode_attention(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+        context_lens.data_ptr(), out.data_ptr(), batch, num_heads, head_dim, _DTYPE_CODE[q.dtype],
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
+        block_tables.stride(0), num_heads // k_cache.shape[1], block_size, scale, _stream(q))
+    return out
