@@ -32,3 +32,16 @@ def test_engine_logits_match_the_reference_path(llama_dir, monkeypatch):
         logits[mode] = _program(eng, ids)
     assert eng.num_free_blocks == 128
     torch.testing.assert_close(logits["triton"], logits["reference"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_bf16_logits_match_the_cpu_path(llama_dir):
+    # bf16 weights, cache and kernels (with CUDA graphs on the decode steps) against float32 on CPU.
+    ids = torch.randint(0, 300, (31,)).tolist()
+    cpu = _program(Engine(str(llama_dir), block_size=4, num_blocks=128, dtype=torch.float32), ids)
+    gpu_engine = Engine(str(llama_dir), device="cuda", dtype=torch.bfloat16, block_size=4,
+                        num_blocks=128, max_num_seqs=8)
+    gpu = _program(gpu_engine, ids).cpu()
+    err = (gpu - cpu).norm() / cpu.norm()
+    assert err < 2e-2, f"relative error {err:.3g}"
+    assert (gpu.argmax(-1) == cpu.argmax(-1)).float().mean() > 0.9
