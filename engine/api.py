@@ -15,6 +15,8 @@ import kernels
 from engine._core import BlockManager
 from engine.errors import InvalidRequestError
 from engine.model.loader import load_model, load_tokenizer
+from engine.policies.base import Policy, PolicyRun
+from engine.policies.scorers import token_confidence
 from engine.runner import ModelRunner, kv_bytes_per_block
 from engine.sampling import RequestOutput, Sample, SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
@@ -103,8 +105,11 @@ class Engine:
             raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         return ids
 
-    def _validate(self, ids: list[int], params: SamplingParams) -> None:
-        suffix = len(self.spec.suffix_ids) if params.wants_score or params.score_at else 0
+    def _validate(self, ids: list[int], params: SamplingParams, policy: Policy | None = None) -> None:
+        if policy is not None and params.n != 1:
+            raise InvalidRequestError("a policy draws its own samples: leave n at 1")
+        scored = params.wants_score or params.score_at or policy is not None
+        suffix = len(self.spec.suffix_ids) if scored else 0
         total = len(ids) + params.max_tokens + suffix
         if total > self.max_model_len:
             raise InvalidRequestError(
@@ -117,14 +122,20 @@ class Engine:
                 f"one sample needs {blocks} KV blocks but the cache has "
                 f"{self.block_manager.num_blocks}; raise num_blocks or lower max_tokens")
 
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> int:
-        """Queue one request; returns its id. Invalid input raises and queues nothing."""
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                    policy: Policy | None = None) -> int:
+        """Queue one request; returns its id. Invalid input raises and queues nothing.
+        With a policy (engine.policies) the policy draws, scores and prunes the samples."""
         params = params or SamplingParams()
         ids = self._tokenize(prompt)
-        self._validate(ids, params)
+        self._validate(ids, params, policy)
         request_id = next(self._request_ids)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         request = Request(request_id, ids, params, seed)
+        if policy is not None:
+            self._requests[request_id] = request
+            self._start_policy(request, policy)
+            return request_id
         seq = Sequence(next(self._seq_ids), request, ids, 0, sample_seed(seed, 0))
         request.seqs.append(seq)
         self._requests[request_id] = request
@@ -135,6 +146,56 @@ class Engine:
         else:
             self.scheduler.add(seq)
         return request_id
+
+    # ---- policies -------------------------------------------------------------------------
+    def _start_policy(self, request: Request, policy: Policy) -> None:
+        """The root holds the prompt's cache (all but its last token); samples fork off it and
+        each computes the last prompt token itself, which gives its first next-token row."""
+        scorer = policy.scorer
+        request.wants_score = scorer.needs_suffix
+        if scorer.needs_suffix:
+            request.score_at = tuple(sorted(set(request.score_at) | set(policy.checkpoints())))
+        request.track_confidence = scorer.needs_confidence
+        request.forked = True
+        root = Sequence(next(self._seq_ids), request, request.prompt_ids[:-1], -1, request.seed)
+        root.is_root, root.finish_reason = True, "root"
+        request.root = root
+        request.seqs.append(root)
+        if root.token_ids:
+            self.scheduler.add(root)
+        else:  # a one-token prompt: nothing to cache
+            self.block_manager.allocate(root.seq_id, 0)
+            root.status = SeqStatus.RUNNING
+            self.scheduler.running.append(root)
+        request.policy = PolicyRun(policy, self, request)
+        policy.begin(request.policy)
+
+    def _spawn_ready(self, run: PolicyRun) -> None:
+        """Fork the samples a policy asked for once the root's cache is complete."""
+        request, root = run.request, run.request.root
+        if root.status is not SeqStatus.RUNNING or root.num_computed < len(root.token_ids):
+            return
+        for temperature in run._pending:
+            index = len(request.samples)
+            child = Sequence(next(self._seq_ids), request, request.prompt_ids, index,
+                             sample_seed(request.seed, index))
+            child.temperature = temperature
+            request.seqs.append(child)
+            self.scheduler.fork(root, child)
+            request.stats.samples_drawn += 1
+        run._pending.clear()
+
+    def _drive_policies(self) -> list[Request]:
+        """Let every policy act on the step's results; returns the requests it touched."""
+        touched = []
+        for request in list(self._requests.values()):
+            run = request.policy
+            if run is None or run.done:
+                continue
+            self._spawn_ready(run)
+            run.policy.update(run)
+            touched.append(request)
+        return touched
 
     def abort(self, request_id: int) -> None:
         request = self._requests.pop(request_id, None)
@@ -179,7 +240,8 @@ class Engine:
             self._record_scores(batch, scored, logits[len(sample_rows):])
         if len(sample_rows):
             self._sample(batch, logits[:len(sample_rows)])
-        return done + self._collect_finished(batch)
+        touched = self._drive_policies()
+        return done + self._collect_finished([s.request for s in batch.seqs] + touched)
 
     def _record_scores(self, batch: ScheduledBatch, scored: np.ndarray, logits: torch.Tensor) -> None:
         values = score_from_logits(logits, self.spec).tolist()
@@ -188,7 +250,7 @@ class Engine:
             stats = seq.request.stats
             stats.score_calls += 1
             stats.suffix_tokens += len(suffix)
-            if seq.generating or seq.num_generated in seq.request.params.score_at:
+            if seq.generating or seq.num_generated in seq.request.score_at:
                 seq.checkpoint_scores.append((seq.num_generated, score))
             if not seq.generating:
                 seq.score = (score, p_yes, p_no)
@@ -215,9 +277,14 @@ class Engine:
             logits = logits[torch.tensor(rows, device=logits.device)]
         params = [s.request.params for s in seqs]
         dev = logits.device
+        confident = [i for i, s in enumerate(seqs) if s.request.track_confidence]
+        if confident:
+            conf = token_confidence(logits[torch.tensor(confident, device=dev)]).tolist()
+            for i, c in zip(confident, conf):
+                seqs[i].confidences.append(c)
         tokens, logprobs = kernels.sample(
             logits,
-            torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev),
+            torch.tensor([s.temperature for s in seqs], dtype=torch.float32, device=dev),
             torch.tensor([p.top_k for p in params], dtype=torch.int64, device=dev),
             torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
             torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev),
@@ -238,7 +305,7 @@ class Engine:
         elif seq.num_generated >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
             reason = "length"
         else:
-            if seq.num_generated in params.score_at:
+            if seq.num_generated in seq.request.score_at:
                 seq.pending_score = True
             return
         self._finish(seq, reason)
@@ -246,8 +313,7 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         """Generation ended: score the sample if asked (one more extend), else release it."""
         seq.finish_reason = reason
-        params = seq.request.params
-        if params.wants_score or seq.num_generated in params.score_at:
+        if seq.request.wants_score or seq.num_generated in seq.request.score_at:
             seq.pending_score = True
         elif seq.status is not SeqStatus.WAITING:
             self.scheduler.release(seq)
@@ -261,9 +327,9 @@ class Engine:
         text = self.tokenizer.decode(seq.token_ids[-window:], skip_special_tokens=True)
         return any(s in text for s in params.stop)
 
-    def _collect_finished(self, batch: ScheduledBatch) -> list[RequestOutput]:
+    def _collect_finished(self, requests: list[Request]) -> list[RequestOutput]:
         done = []
-        for request in {s.request.request_id: s.request for s in batch.seqs}.values():
+        for request in {r.request_id: r for r in requests}.values():
             if request.finished and request.request_id in self._requests:
                 del self._requests[request.request_id]
                 done.append(self._output(request))
@@ -271,7 +337,8 @@ class Engine:
 
     def _output(self, request: Request) -> RequestOutput:
         samples = []
-        for seq in request.seqs:
+        scorer = request.policy.scorer if request.policy is not None else None
+        for seq in request.samples:
             gen = seq.token_ids[request.num_prompt:]
             text = self.tokenizer.decode(gen, skip_special_tokens=True)
             for stop in request.params.stop:
@@ -281,24 +348,32 @@ class Engine:
             score = seq.score or (None, None, None)
             samples.append(Sample(seq.index, gen, text, seq.finish_reason, *score,
                                   checkpoint_scores=list(seq.checkpoint_scores),
-                                  logprobs=list(seq.logprobs)))
+                                  logprobs=list(seq.logprobs), pruned_at=seq.pruned_at,
+                                  temperature=seq.temperature,
+                                  value=scorer(seq) if scorer is not None else score[0]))
         request.stats.latency_s = time.perf_counter() - request.arrival
-        return RequestOutput(request.request_id, request.prompt_ids, samples, request.stats)
+        return RequestOutput(request.request_id, request.prompt_ids, samples, request.stats,
+                             request.best_index)
 
     # ---- batch entry points -------------------------------------------------------------
     def generate(self, prompts: Prompt | Iterable[Prompt], params: SamplingParams | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = False, policy: Policy | Seq[Policy | None] | None = None,
+                 ) -> list[RequestOutput]:
         """Generate for every prompt (str tokenized as is, or token ids) in one continuous batch.
+        policy: one policy for every prompt, or one per prompt (None: plain sampling).
         A bad prompt raises before anything is queued."""
         single_ids = isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         if isinstance(prompts, str) or single_ids:
             prompts = [prompts]
         prompts = list(prompts)
         params = params or SamplingParams()
+        policies = list(policy) if isinstance(policy, (list, tuple)) else [policy] * len(prompts)
+        if len(policies) != len(prompts):
+            raise InvalidRequestError(f"{len(prompts)} prompts but {len(policies)} policies")
         token_ids = [self._tokenize(p) for p in prompts]
-        for ids in token_ids:  # validate all first: one bad prompt queues nothing
-            self._validate(ids, params)
-        request_ids = [self.add_request(ids, params) for ids in token_ids]
+        for ids, pol in zip(token_ids, policies):  # validate all first: one bad prompt queues nothing
+            self._validate(ids, params, pol)
+        request_ids = [self.add_request(ids, params, pol) for ids, pol in zip(token_ids, policies)]
         return self._run_until_done(request_ids, use_tqdm)
 
     def chat(self, conversations: list[dict] | list[list[dict]], params: SamplingParams | None = None,

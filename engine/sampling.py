@@ -66,6 +66,9 @@ class Sample:
     p_no: float | None = None
     checkpoint_scores: list[tuple[int, float]] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    pruned_at: int | None = None  # generated tokens when a policy pruned it
+    temperature: float | None = None
+    value: float | None = None  # the policy scorer's value (self-evaluation score by default)
 
 
 @dataclass
@@ -76,6 +79,9 @@ class RequestStats:
     suffix_tokens: int = 0
     preemptions: int = 0
     latency_s: float = 0.0
+    samples_drawn: int = 0
+    samples_pruned: int = 0
+    tokens_saved: int = 0  # against full best-of-N (policies): see engine.policies
 
 
 @dataclass
@@ -84,10 +90,13 @@ class RequestOutput:
     prompt_token_ids: list[int]
     samples: list[Sample]
     stats: RequestStats = field(default_factory=RequestStats)
+    best_index: int | None = None  # set by a policy: the sample its scorer picked
 
     @property
     def best(self) -> Sample:
-        """The highest-scored sample; the first one when none is scored."""
+        """The policy's pick, else the highest-scored sample, else the first."""
+        if self.best_index is not None:
+            return next(s for s in self.samples if s.index == self.best_index)
         scored = [s for s in self.samples if s.score is not None]
         if not scored:
             return self.samples[0]

@@ -30,6 +30,10 @@ class Sequence:
         self.score: tuple[float, float, float] | None = None  # (score, p_yes, p_no) of the end
         self.checkpoint_scores: list[tuple[int, float]] = []  # (generated tokens, score)
         self.logprobs: list[float] = []
+        self.confidences: list[float] = []  # DeepConf token confidence, when the scorer wants it
+        self.temperature = request.params.temperature  # a policy may anneal it per sample
+        self.is_root = False  # a policy's prompt holder: never samples, only forked from
+        self.pruned_at: int | None = None  # generated tokens when a policy dropped it
 
     @property
     def num_generated(self) -> int:
@@ -59,10 +63,22 @@ class Request:
         self.forked = params.n == 1  # n > 1: the first sequence forks the rest after prefill
         self.stats = RequestStats(prompt_tokens=len(prompt_ids))
         self.arrival = time.perf_counter()
+        self.wants_score = params.wants_score  # score each sample at its end
+        self.score_at = params.score_at  # generated lengths at which to score in place
+        self.track_confidence = False
+        self.policy = None  # a policy's per-request run (engine.policies), if any
+        self.root: Sequence | None = None
+        self.best_index: int | None = None
 
     @property
     def finished(self) -> bool:
+        if self.policy is not None and not self.policy.done:
+            return False
         return self.forked and all(s.status is SeqStatus.FINISHED for s in self.seqs)
+
+    @property
+    def samples(self) -> list[Sequence]:
+        return [s for s in self.seqs if not s.is_root]
 
 
 def sample_seed(base: int, index: int) -> int:

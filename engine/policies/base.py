@@ -1,0 +1,112 @@
+"""A policy is a program over one request: it spawns samples from the cached prompt, has them
+scored, drops weak ones and says when the request is done. The engine calls `begin` once and
+`update` after every step, so requests with different policies share one continuous batch."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from engine.errors import InvalidRequestError
+from engine.policies.scorers import Scorer, make_scorer
+from engine.sequence import SeqStatus, Sequence
+
+if TYPE_CHECKING:
+    from engine.api import Engine
+    from engine.sequence import Request
+
+
+class Policy:
+    """Subclasses set full_samples (the N of the best-of-N they are measured against) and
+    implement begin / update with the PolicyRun's actions."""
+
+    full_samples: int = 1
+
+    def __init__(self, scorer: str | Scorer = "selfeval"):
+        self.scorer = make_scorer(scorer)
+
+    def begin(self, run: PolicyRun) -> None:
+        raise NotImplementedError
+
+    def update(self, run: PolicyRun) -> None:
+        raise NotImplementedError
+
+    def checkpoints(self) -> tuple[int, ...]:
+        """Generated lengths at which samples are scored in place (when the scorer needs it)."""
+        return ()
+
+
+class PolicyRun:
+    """One request's policy state and the actions a policy may take on it."""
+
+    def __init__(self, policy: Policy, engine: Engine, request: Request):
+        self.policy, self.engine, self.request = policy, engine, request
+        self.scorer = policy.scorer
+        self.state: dict = {}
+        self.done = False
+        self._pending: list[float] = []  # temperatures of samples waiting for the prompt's cache
+
+    # ---- what a policy sees -----------------------------------------------------------
+    @property
+    def samples(self) -> list[Sequence]:
+        return self.request.samples
+
+    def live(self) -> list[Sequence]:
+        return [s for s in self.samples if s.generating and s.status is not SeqStatus.FINISHED]
+
+    def complete(self, seq: Sequence) -> bool:
+        """Generation ended and, where the scorer needs it, the end score is in."""
+        return seq.status is SeqStatus.FINISHED or (not seq.generating and not self.scorer.needs_suffix)
+
+    def value(self, seq: Sequence, upto: int | None = None) -> float | None:
+        return self.scorer(seq, upto)
+
+    @property
+    def drawn(self) -> int:
+        return len(self.samples) + len(self._pending)
+
+    # ---- actions ----------------------------------------------------------------------
+    def spawn(self, k: int, temperature: float | None = None) -> None:
+        """k new samples from the cached prompt (forked, no prefill) at this temperature."""
+        t = self.request.params.temperature if temperature is None else temperature
+        self._pending.extend([t] * k)
+        self.engine._spawn_ready(self)
+
+    def drop(self, seq: Sequence) -> None:
+        """Prune a live sample: its blocks are freed at once."""
+        seq.pruned_at = seq.num_generated
+        seq.finish_reason = "pruned"
+        seq.pending_score = False
+        self.request.stats.samples_pruned += 1
+        self.engine.scheduler.release(seq)
+
+    def finish(self) -> None:
+        """Pick the best complete sample, release what is left and account the saved tokens."""
+        for seq in self.live():
+            self.drop(seq)
+        self._pending.clear()
+        scored = [(self.value(s), s.index) for s in self.samples if s.pruned_at is None]
+        scored = [(v, i) for v, i in scored if v is not None and math.isfinite(v)]
+        self.request.best_index = max(scored)[1] if scored else (
+            self.samples[0].index if self.samples else None)
+        self.request.stats.tokens_saved = self._tokens_saved()
+        self.done = True
+        root = self.request.root
+        if root is not None and root.status is not SeqStatus.FINISHED:
+            self.engine.scheduler.release(root)
+
+    def _tokens_saved(self) -> int:
+        """Against full best-of-N: a pruned sample and a never-drawn one are each assumed to reach
+        the mean length of the completed samples (max_tokens when none completed). Exact when
+        lengths are fixed (ignore_eos), an estimate otherwise."""
+        done = [s.num_generated for s in self.samples if s.pruned_at is None]
+        mean = sum(done) / len(done) if done else self.request.params.max_tokens
+        pruned = sum(max(mean - s.num_generated, 0) for s in self.samples if s.pruned_at is not None)
+        undrawn = max(self.policy.full_samples - len(self.samples), 0) * mean
+        return round(pruned + undrawn)
+
+
+def check_positive(**values: float) -> None:
+    for name, v in values.items():
+        if not v > 0:
+            raise InvalidRequestError(f"{name} must be positive, got {v}")

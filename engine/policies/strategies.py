@@ -1,0 +1,113 @@
+"""Best-of-N, adaptive sampling with temperature annealing, and early pruning."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence as Seq
+
+from engine.errors import InvalidRequestError
+from engine.policies.base import Policy, PolicyRun, check_positive
+from engine.policies.scorers import Scorer
+
+
+class BestOfN(Policy):
+    """n samples forked from one prefill, each complete sample scored, the argmax returned."""
+
+    def __init__(self, n: int, scorer: str | Scorer = "selfeval"):
+        super().__init__(scorer)
+        check_positive(n=n)
+        self.n = self.full_samples = n
+
+    def begin(self, run: PolicyRun) -> None:
+        run.spawn(self.n)
+
+    def update(self, run: PolicyRun) -> None:
+        if all(run.complete(s) for s in run.samples) and run.drawn == self.n:
+            run.finish()
+
+
+class Adaptive(Policy):
+    """Sample in rounds; stop as soon as the best score so far reaches the threshold. The
+    temperature anneals upward round by round, the first round near-greedy."""
+
+    def __init__(self, threshold: float, max_samples: int = 16, rounds: Seq[int] = (1, 1, 2, 4, 8),
+                 temperatures: Seq[float] | None = None, scorer: str | Scorer = "selfeval"):
+        super().__init__(scorer)
+        check_positive(max_samples=max_samples)
+        if not rounds or any(r < 1 for r in rounds):
+            raise InvalidRequestError(f"rounds must be positive sample counts, got {tuple(rounds)}")
+        temperatures = tuple(temperatures) if temperatures is not None else tuple(
+            round(0.1 + 0.9 * i / max(len(rounds) - 1, 1), 3) for i in range(len(rounds)))
+        if len(temperatures) != len(rounds):
+            raise InvalidRequestError(f"{len(rounds)} rounds but {len(temperatures)} temperatures")
+        self.threshold, self.max_samples = threshold, max_samples
+        self.rounds, self.temperatures = tuple(rounds), temperatures
+        self.full_samples = max_samples
+
+    def _next_round(self, run: PolicyRun) -> None:
+        r = run.state["round"]
+        k = min(self.rounds[r], self.max_samples - run.drawn)
+        run.state["round"] = r + 1
+        run.spawn(k, self.temperatures[r])
+
+    def begin(self, run: PolicyRun) -> None:
+        run.state["round"] = 0
+        self._next_round(run)
+
+    def update(self, run: PolicyRun) -> None:
+        if run._pending or not all(run.complete(s) for s in run.samples):
+            return
+        values = [run.value(s) for s in run.samples]
+        best = max((v for v in values if v is not None and math.isfinite(v)), default=-math.inf)
+        if best >= self.threshold or run.drawn >= self.max_samples or run.state["round"] == len(self.rounds):
+            run.state["rounds_used"] = run.state["round"]
+            run.finish()
+        else:
+            self._next_round(run)
+
+
+class Prune(Policy):
+    """n samples; at each checkpoint (generated tokens) score every live sample in place and keep
+    the best `keep` fraction (or those scoring >= threshold, at least one); finish the survivors."""
+
+    def __init__(self, n: int, checkpoints: Seq[int] = (64,), keep: float | None = 0.25,
+                 threshold: float | None = None, scorer: str | Scorer = "selfeval"):
+        super().__init__(scorer)
+        check_positive(n=n)
+        if threshold is None and not (keep is not None and 0 < keep <= 1):
+            raise InvalidRequestError(f"keep must be in (0, 1], got {keep}")
+        if not checkpoints or any(c < 1 for c in checkpoints):
+            raise InvalidRequestError(f"checkpoints must be positive lengths, got {tuple(checkpoints)}")
+        self.n = self.full_samples = n
+        self.keep_frac = None if threshold is not None else keep
+        self.threshold = threshold
+        self._checkpoints = tuple(sorted(set(checkpoints)))
+
+    def checkpoints(self) -> tuple[int, ...]:
+        return self._checkpoints
+
+    def begin(self, run: PolicyRun) -> None:
+        run.state["next"] = 0
+        run.spawn(self.n)
+
+    def update(self, run: PolicyRun) -> None:
+        while run.state["next"] < len(self._checkpoints) and not run._pending:
+            c = self._checkpoints[run.state["next"]]
+            live = run.live()
+            # Decide once every live sample has passed c and has its value there.
+            if any(s.num_generated < c or run.value(s, c) is None for s in live):
+                break
+            run.state["next"] += 1
+            if len(live) > 1:
+                self._prune(run, live, c)
+        if all(run.complete(s) for s in run.samples) and run.drawn == self.n:
+            run.finish()
+
+    def _prune(self, run: PolicyRun, live, c: int) -> None:
+        ranked = sorted(live, key=lambda s: (-run.value(s, c), s.index))
+        if self.threshold is not None:
+            keep = max(1, sum(run.value(s, c) >= self.threshold for s in ranked))
+        else:
+            keep = max(1, round(self.keep_frac * len(ranked)))
+        for seq in ranked[keep:]:
+            run.drop(seq)

@@ -1,0 +1,156 @@
+"""Policies over the engine: with a scorer stub of known values BestOfN returns the argmax,
+Adaptive stops at the round its threshold is met, Prune keeps exactly its fraction and frees the
+blocks; stats add up; mixed policies in one batch give the same results as each alone."""
+
+import pytest
+import torch
+
+from engine import Engine, SamplingParams
+from engine.errors import InvalidRequestError
+from engine.policies import (
+    Adaptive,
+    BestOfN,
+    ConfidenceScorer,
+    MeanLogprobScorer,
+    Prune,
+    RewardModelScorer,
+    Scorer,
+)
+
+MAX_TOKENS = 6
+PARAMS = SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, ignore_eos=True, seed=123)
+
+
+class Stub(Scorer):
+    """Known values by sample index; at a checkpoint, the checkpoint table."""
+
+    def __init__(self, end, at=None):
+        self.end, self.at = end, at or {}
+
+    def __call__(self, seq, upto=None):
+        if upto is None:
+            return None if seq.generating else self.end[seq.index]
+        return self.at[seq.index] if seq.num_generated >= upto else None
+
+
+@pytest.fixture(scope="module")
+def engine(llama_dir):
+    return Engine(str(llama_dir), block_size=4, num_blocks=256, max_batch_tokens=256)
+
+
+def _prompt(engine, seed=0, n=11):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(5, engine.model.config.vocab_size, (n,), generator=g).tolist()
+
+
+def test_best_of_n_returns_the_argmax(engine):
+    free = engine.num_free_blocks
+    [out] = engine.generate([_prompt(engine)], PARAMS, policy=BestOfN(4, scorer=Stub([0.2, 0.9, 0.5, 0.1])))
+    assert out.best_index == 1 and out.best.index == 1
+    assert [s.value for s in out.samples] == [0.2, 0.9, 0.5, 0.1]
+    assert all(len(s.token_ids) == MAX_TOKENS for s in out.samples)
+    assert out.stats.generated_tokens == 4 * MAX_TOKENS and out.stats.tokens_saved == 0
+    assert len({tuple(s.token_ids) for s in out.samples}) > 1  # distinct seeds per sample
+    assert engine.num_free_blocks == free
+
+
+@pytest.mark.parametrize("threshold,drawn,rounds_used", [(0.85, 4, 3), (0.99, 8, 4), (0.05, 1, 1)])
+def test_adaptive_stops_at_the_round_the_threshold_is_met(engine, threshold, drawn, rounds_used):
+    free = engine.num_free_blocks
+    stub = Stub([0.1, 0.5, 0.6, 0.9, 0.2, 0.3, 0.4, 0.7])
+    policy = Adaptive(threshold, max_samples=8, rounds=(1, 1, 2, 4), scorer=stub)
+    [out] = engine.generate([_prompt(engine, 1)], PARAMS, policy=policy)
+    assert len(out.samples) == drawn == out.stats.samples_drawn
+    assert out.best.value == max(stub.end[:drawn])
+    temps = [s.temperature for s in out.samples]
+    assert temps == sorted(temps) and temps[0] < 0.2  # annealed upward from near-greedy
+    assert out.stats.generated_tokens + out.stats.tokens_saved == 8 * MAX_TOKENS
+    assert engine.num_free_blocks == free
+
+
+@pytest.mark.parametrize("keep,survivors", [(0.25, 2), (0.5, 4)])
+def test_prune_keeps_exactly_the_fraction_and_frees_blocks(engine, keep, survivors):
+    free = engine.num_free_blocks
+    at = {i: v for i, v in enumerate([0.3, 0.8, 0.1, 0.7, 0.2, 0.6, 0.9, 0.4])}
+    policy = Prune(8, checkpoints=(3,), keep=keep, scorer=Stub([0.5] * 8, at))
+    [out] = engine.generate([_prompt(engine, 2)], PARAMS, policy=policy)
+    kept = [s.index for s in out.samples if s.pruned_at is None]
+    assert sorted(kept) == sorted(sorted(at, key=at.get, reverse=True)[:survivors])
+    assert all(s.pruned_at == 3 and s.finish_reason == "pruned" for s in out.samples if s.pruned_at)
+    assert out.stats.samples_pruned == 8 - survivors
+    assert out.stats.generated_tokens == survivors * MAX_TOKENS + (8 - survivors) * 3
+    assert out.stats.generated_tokens + out.stats.tokens_saved == 8 * MAX_TOKENS
+    assert engine.num_free_blocks == free
+
+
+def test_prune_with_self_evaluation_scores_in_place(engine):
+    free = engine.num_free_blocks
+    [out] = engine.generate([_prompt(engine, 3)], PARAMS, policy=Prune(4, checkpoints=(2,), keep=0.5))
+    suffix = len(engine.spec.suffix_ids)
+    assert out.stats.score_calls == 4 + 2  # every sample at the checkpoint, survivors at the end
+    assert out.stats.suffix_tokens == out.stats.score_calls * suffix
+    at = {s.index: dict(s.checkpoint_scores)[2] for s in out.samples}
+    kept = [s for s in out.samples if s.pruned_at is None]
+    assert min(at[s.index] for s in kept) >= max(at[s.index] for s in out.samples if s.pruned_at)
+    assert out.best.score == max(s.score for s in kept)
+    assert engine.num_free_blocks == free
+
+
+def test_mixed_policies_in_one_batch_match_each_alone(engine):
+    prompts = [_prompt(engine, 10 + i, n=5 + 4 * i) for i in range(4)]
+    policies = [BestOfN(3), Adaptive(0.6, max_samples=4, rounds=(1, 1, 2)),
+                Prune(4, checkpoints=(2, 4), keep=0.5, scorer="logprob"), None]
+    params = SamplingParams(temperature=0.8, max_tokens=MAX_TOKENS, seed=7)
+    together = engine.generate(prompts, params, policy=policies)
+    alone = [engine.generate([p], params, policy=pol)[0] for p, pol in zip(prompts, policies)]
+    for a, b in zip(together, alone):
+        assert [s.token_ids for s in a.samples] == [s.token_ids for s in b.samples]
+        assert a.best_index == b.best_index
+        for x, y in zip(a.samples, b.samples):
+            assert (x.score is None) == (y.score is None)
+            if x.score is not None:
+                assert x.score == pytest.approx(y.score, abs=1e-5)
+
+
+def test_policy_input_errors(engine):
+    with pytest.raises(InvalidRequestError, match="n at 1"):
+        engine.generate([_prompt(engine)], SamplingParams(n=2), policy=BestOfN(2))
+    with pytest.raises(InvalidRequestError, match="keep"):
+        Prune(4, keep=0)
+    with pytest.raises(InvalidRequestError, match="prompts but"):
+        engine.generate([_prompt(engine)], PARAMS, policy=[BestOfN(2), BestOfN(2)])
+    with pytest.raises(ValueError, match="unknown scorer"):
+        BestOfN(2, scorer="nope")
+
+
+def test_one_token_prompt_and_confidence_scorer(engine):
+    [out] = engine.generate([[7]], PARAMS, policy=BestOfN(2, scorer="confidence"))
+    assert all(len(s.token_ids) == MAX_TOKENS and s.value is not None for s in out.samples)
+
+
+def test_logprob_and_confidence_scorers():
+    class Seq:
+        logprobs = [-1.0, -3.0, -2.0]
+        confidences = [5.0, 1.0, 2.0, 6.0, 7.0]
+
+    assert MeanLogprobScorer()(Seq) == -2.0
+    assert MeanLogprobScorer()(Seq, upto=2) == -2.0
+    assert ConfidenceScorer(window=2)(Seq) == 1.5  # windows: 3, 1.5, 4, 6.5
+    assert ConfidenceScorer(window=10)(Seq) == pytest.approx(4.2)
+
+
+def test_reward_model_scorer_loads_a_local_classifier(tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from engine.model.loader import load_tokenizer
+    from engine.testing.make_model import make_model
+
+    model_dir = make_model(tmp_path / "base", "llama", seed=4)
+    cfg = LlamaConfig(vocab_size=load_tokenizer(str(model_dir)).vocab_size + 8, hidden_size=32,
+                      intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, num_labels=1)
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "rm")
+    load_tokenizer(str(model_dir)).save_pretrained(tmp_path / "rm")
+    rm = RewardModelScorer(str(tmp_path / "rm"))
+    rewards = rm.score_texts(["Q: 1+1", "Q: 2+2"], [" 2", " 5 and a longer answer"])
+    assert len(rewards) == 2 and rewards[0] != rewards[1]
