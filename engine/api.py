@@ -15,6 +15,7 @@ import kernels
 from engine._core import BlockManager
 from engine.errors import InvalidRequestError
 from engine.model.loader import load_model, load_tokenizer
+from engine.model.lora import has_adapter, load_adapter
 from engine.policies.base import Policy, PolicyRun
 from engine.policies.scorers import token_confidence
 from engine.runner import ModelRunner, kv_bytes_per_block
@@ -38,17 +39,20 @@ class Engine:
     (CPU: 1 GiB; CUDA: 85% of the free memory after the weights).
     max_batch_tokens: tokens one step computes at most (decodes + prefill chunks + suffixes).
     cuda_graphs: replay captured CUDA graphs for pure decode steps (default: on for CUDA).
+    adapter: a self-evaluation LoRA adapter directory, applied to the suffix tokens only.
     """
 
     def __init__(self, model: str, device: str = "cpu", dtype: torch.dtype | None = None,
                  block_size: int = 16, num_blocks: int | None = None, max_batch_tokens: int = 2048,
                  max_num_seqs: int = 256, max_model_len: int | None = None,
                  kv_cache_memory: int | None = None, seed: int | None = None,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, adapter: str | None = None):
         self.device = torch.device(device)
         self.dtype = dtype or _default_dtype(self.device)
         self.model, self.hf_config = load_model(model, self.device, self.dtype)
         self.tokenizer = load_tokenizer(model)
+        if adapter is not None:
+            load_adapter(self.model, adapter)
         self.spec: SelfEvalSpec = build_spec(self.tokenizer)
         cfg = self.model.config
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings,
@@ -65,6 +69,7 @@ class Engine:
         self.runner = ModelRunner(self.model, self.block_manager, self.device, self.dtype,
                                   self.max_model_len, graphs="cuda" if cuda_graphs else None,
                                   max_graph_batch=max_num_seqs)
+        self.runner.adapter_loaded = has_adapter(self.model)
         self.scheduler = Scheduler(self.block_manager, self.spec, max_batch_tokens, max_num_seqs)
         self.eos_token_ids = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -234,7 +239,8 @@ class Engine:
             return done
         sample_rows, score_rows, scored = batch.rows()
         logits = self.runner.run([s.seq_id for s in batch.seqs], batch.chunks(),
-                                 np.concatenate([sample_rows, score_rows]))
+                                 np.concatenate([sample_rows, score_rows]),
+                                 [len(x) for x in batch.suffixes])
         self.scheduler.finish_chunk(batch)
         if len(score_rows):
             self._record_scores(batch, scored, logits[len(sample_rows):])

@@ -46,6 +46,7 @@ class ModelRunner:
         if graphs == "cuda" and device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.graphs_mode = graphs
+        self.adapter_loaded = False  # set by the engine when a LoRA adapter is loaded
         self.graph_sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_graph_batch]
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._static: dict[str, torch.Tensor] = {}
@@ -57,8 +58,11 @@ class ModelRunner:
     # ---- eager step -------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, seq_ids: Sequence[int], chunks: Sequence[Sequence[int]],
-            logit_rows: np.ndarray | None = None) -> torch.Tensor:
+            logit_rows: np.ndarray | None = None,
+            adapter_tokens: Sequence[int] | None = None) -> torch.Tensor:
         """Append each chunk of new tokens to its sequence's cache and run the model over them.
+        adapter_tokens: how many trailing tokens of each chunk (the self-evaluation suffix) the
+        LoRA adapter applies to, when one is loaded.
 
         Returns float32 logits [len(logit_rows), V] of the given rows of the flattened batch
         (every row when logit_rows is None)."""
@@ -71,10 +75,19 @@ class ModelRunner:
             kernels.copy_blocks(caches, torch.from_numpy(cow).to(self.device))
         total = int(counts.sum())
         ids = np.fromiter(itertools.chain.from_iterable(chunks), dtype=np.int64, count=total)
-        if self._graph_size(counts) is not None:
+        adapter = adapter_tokens is not None and any(adapter_tokens) and self.adapter_loaded
+        if not adapter and self._graph_size(counts) is not None:
             return self._run_decode_static(seq_ids, ids, starts, slots, logit_rows)
         query_start = np.zeros(len(counts) + 1, dtype=np.int64)
         np.cumsum(counts, out=query_start[1:])
+        mask = None
+        if adapter:
+            ends = query_start[1:]
+            tail = np.asarray(adapter_tokens, dtype=np.int64)
+            marks = np.zeros(total + 1, dtype=np.int64)  # +1 at each suffix start, -1 at its end
+            np.add.at(marks, ends - tail, 1)
+            np.add.at(marks, ends, -1)
+            mask = np.cumsum(marks[:-1]) > 0
         positions = np.arange(total) - np.repeat(query_start[:-1] - starts, counts)
         to = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dt)  # noqa: E731
         meta = AttentionMetadata(
@@ -86,6 +99,7 @@ class ModelRunner:
             block_size=self.block_size,
             max_query_len=int(counts.max()),
             max_context_len=int((starts + counts).max()),
+            adapter_mask=None if mask is None else to(mask, torch.bool),
         )
         hidden = self.model(to(ids, torch.int64), meta, self.kv_cache)
         if logit_rows is not None:

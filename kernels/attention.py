@@ -47,6 +47,23 @@ def _attend_padded(
     out[q_index[q_valid]] = o[q_valid].reshape(-1, num_heads, head_dim).to(out.dtype)
 
 
+def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
+    """Dense causal attention over sequences packed back to back (no cache; used for training,
+    differentiable): q [T, H, D], k/v [T, Hkv, D], query_start_loc [B + 1]."""
+    tokens = q.shape[0]
+    lens = (query_start_loc[1:] - query_start_loc[:-1]).long()
+    seg = torch.repeat_interleave(torch.arange(len(lens), device=q.device), lens)
+    idx = torch.arange(tokens, device=q.device)
+    mask = (seg[:, None] == seg[None, :]) & (idx[:, None] >= idx[None, :])
+    group = q.shape[1] // k.shape[1]
+    qh = q.transpose(0, 1)
+    kh = k.transpose(0, 1).repeat_interleave(group, dim=0)
+    vh = v.transpose(0, 1).repeat_interleave(group, dim=0)
+    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    return o.transpose(0, 1)
+
+
 def paged_attention_ref(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, query_start_loc: torch.Tensor, block_size: int, scale: float,

@@ -2,7 +2,9 @@
 SELFEVAL_KERNELS=triton sends CPU tensors to the Triton kernels too (with TRITON_INTERPRET=1 set
 before triton is imported), so the whole engine can run its kernels under the interpreter."""
 
+import contextlib
 import os
+import threading
 
 import torch
 
@@ -15,7 +17,21 @@ except ImportError:  # the CPU path needs no triton
     HAS_TRITON = False
 
 
+_reference_only = threading.local()
+
+
+@contextlib.contextmanager
+def reference_only():
+    """Run the torch references on every device (differentiable: the trainer uses this)."""
+    previous = getattr(_reference_only, "on", False)
+    _reference_only.on = True
+    try:
+        yield
+    finally:
+        _reference_only.on = previous
+
+
 def use_triton(t: torch.Tensor) -> bool:
-    if not HAS_TRITON:
+    if not HAS_TRITON or getattr(_reference_only, "on", False):
         return False
     return t.is_cuda or os.environ.get("SELFEVAL_KERNELS") == "triton"

@@ -10,6 +10,8 @@ from torch import nn
 
 import kernels
 from engine.model.config import ModelConfig
+from engine.model.lora import LoraSlot
+from kernels.attention import packed_causal_attention
 from kernels.rotary import rotary_cache
 
 
@@ -25,6 +27,7 @@ class AttentionMetadata:
     block_size: int
     max_query_len: int  # host-side maxima, so kernels size their grids without a device sync
     max_context_len: int
+    adapter_mask: torch.Tensor | None = None  # bool [T]: tokens the LoRA adapter applies to
 
 
 class RMSNorm(nn.Module):
@@ -48,20 +51,27 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
+        self.qkv_lora, self.o_lora = LoraSlot(), LoraSlot()
 
     def forward(self, x, meta: AttentionMetadata, k_cache, v_cache, cos_sin) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        """k_cache None: dense causal attention over the packed sequences (training)."""
+        qkv = self.qkv_lora(x, self.qkv_proj(x), meta.adapter_mask)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q)[0], self.k_norm(k)[0]
         q, k = kernels.apply_rotary(q, k, meta.positions, cos_sin)
-        kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        o = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                                    meta.query_start_loc, meta.block_size, self.scale,
-                                    meta.max_query_len, meta.max_context_len)
-        return self.o_proj(o.reshape(-1, self.q_size))
+        if k_cache is None:
+            o = packed_causal_attention(q, k, v, meta.query_start_loc, self.scale)
+        else:
+            kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+            o = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                        meta.query_start_loc, meta.block_size, self.scale,
+                                        meta.max_query_len, meta.max_context_len)
+        o = o.reshape(-1, self.q_size)
+        return self.o_lora(o, self.o_proj(o), meta.adapter_mask)
 
 
 class MLP(nn.Module):
@@ -69,9 +79,11 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up_lora, self.down_lora = LoraSlot(), LoraSlot()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, adapter_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = kernels.silu_and_mul(self.gate_up_lora(x, self.gate_up_proj(x), adapter_mask))
+        return self.down_lora(h, self.down_proj(h), adapter_mask)
 
 
 class DecoderLayer(nn.Module):
@@ -86,7 +98,7 @@ class DecoderLayer(nn.Module):
         h, residual = self.input_layernorm(x, residual)
         h = self.self_attn(h, meta, k_cache, v_cache, cos_sin)
         h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        return self.mlp(h, meta.adapter_mask), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -107,11 +119,13 @@ class LlamaForCausalLM(nn.Module):
         self.cos_sin = table.to(self.embed_tokens.weight.device)
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: torch.Tensor) -> torch.Tensor:
-        """input_ids [T]; kv_cache [2, L, slots, Hkv, D]. Returns final hidden states [T, hidden]."""
+                kv_cache: torch.Tensor | None) -> torch.Tensor:
+        """input_ids [T]; kv_cache [2, L, slots, Hkv, D], or None for dense causal attention over
+        the packed sequences of meta.query_start_loc (training). Returns hidden states [T, hidden]."""
         x, residual = self.embed_tokens(input_ids), None
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, meta, kv_cache[0, i], kv_cache[1, i], self.cos_sin)
+            caches = (None, None) if kv_cache is None else (kv_cache[0, i], kv_cache[1, i])
+            x, residual = layer(x, residual, meta, *caches, self.cos_sin)
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
