@@ -1,4 +1,5 @@
-"""`selfeval` command line: generate and score with a local checkpoint directory."""
+"""`selfeval` command line: generate and score with a local checkpoint directory; build the
+adapter's training data and train it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import time
 def _engine(args):
     from engine import Engine
 
-    return Engine(args.model, device=args.device, block_size=args.block_size)
+    return Engine(args.model, device=args.device, block_size=args.block_size,
+                  adapter=getattr(args, "adapter", None))
 
 
 def cmd_generate(args) -> int:
@@ -52,6 +54,38 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_build_data(args) -> int:
+    from engine import SamplingParams
+    from engine.train.data import build_examples, load_verifier, read_prompts, reward_model_fn, write_jsonl
+
+    if (args.verifier is None) == (args.reward_model is None):
+        print("selfeval: error: give exactly one of --verifier or --reward-model", file=sys.stderr)
+        return 2
+    eng = _engine(args)
+    records = read_prompts(args.prompts)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    examples = build_examples(
+        eng, records, reward=load_verifier(args.verifier) if args.verifier else None,
+        batch_reward=reward_model_fn(args.reward_model, args.device) if args.reward_model else None,
+        n=args.n, checkpoints=[int(c) for c in args.checkpoints.split(",") if c],
+        completions=args.completions, params=params, chat=not args.no_chat)
+    count = write_jsonl(examples, args.out)
+    print(f"wrote {count} examples for {len(records)} prompts to {args.out}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from engine.train.trainer import TrainConfig, train
+
+    cfg = TrainConfig(rank=args.rank, alpha=args.alpha, lr=args.lr, epochs=args.epochs,
+                      batch_size=args.batch_size, grad_accum=args.grad_accum, eval_frac=args.eval_frac,
+                      save_every=args.save_every, seed=args.seed, device=args.device)
+    report = train(args.model, args.data, args.out, cfg)
+    print(json.dumps(report["held_out_calibration"], indent=2))
+    print(f"adapter and calibration.json written to {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="selfeval", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -61,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--device", default="cpu")
         p.add_argument("--block-size", type=int, default=16)
         p.add_argument("--prompt", action="append", required=True, help="repeat for several")
+        p.add_argument("--adapter", default=None, help="self-evaluation adapter directory")
 
     g = sub.add_parser("generate", help="sample responses (n>1 forks samples off one prefill)")
     common(g)
@@ -79,6 +114,39 @@ def main(argv: list[str] | None = None) -> int:
     common(s)
     s.add_argument("--response", action="append", required=True)
     s.set_defaults(func=cmd_score)
+
+    b = sub.add_parser("build-data", help="sample, reward and target examples for the adapter")
+    b.add_argument("--model", required=True)
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--block-size", type=int, default=16)
+    b.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field per line")
+    b.add_argument("--out", required=True, help="output JSONL")
+    b.add_argument("--verifier", help="module:function(record, response_text) -> reward")
+    b.add_argument("--reward-model", help="local sequence-classification checkpoint")
+    b.add_argument("-n", type=int, default=8)
+    b.add_argument("--checkpoints", default="16,32", help="mid-generation lengths, comma-separated")
+    b.add_argument("--completions", type=int, default=4, help="completions per prefix")
+    b.add_argument("--temperature", type=float, default=1.0)
+    b.add_argument("--max-tokens", type=int, default=128)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--no-chat", action="store_true", help="prompts are raw text, no chat template")
+    b.set_defaults(func=cmd_build_data)
+
+    t = sub.add_parser("train", help="train the self-evaluation adapter")
+    t.add_argument("--model", required=True)
+    t.add_argument("--data", required=True, help="JSONL from build-data")
+    t.add_argument("--out", required=True, help="adapter directory")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--rank", type=int, default=16)
+    t.add_argument("--alpha", type=float, default=32.0)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--epochs", type=int, default=3)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--eval-frac", type=float, default=0.1)
+    t.add_argument("--save-every", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_train)
 
     m = sub.add_parser("make-model", help="write a small random checkpoint (tests, examples)")
     m.add_argument("out")

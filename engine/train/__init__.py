@@ -1,0 +1,1 @@
+"""Training data for the self-evaluation adapter, and its trainer."""

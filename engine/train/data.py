@@ -1,0 +1,123 @@
+"""Training data: sample N responses per prompt with the engine, reward each, give each the
+win-tie target, and add mid-generation examples whose target is estimated by completing the
+prefix k times (DESIGN.md, training targets). One JSON line per example."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from engine.api import Engine
+from engine.errors import InvalidRequestError
+from engine.sampling import SamplingParams
+
+# reward(record, response_text) -> float; record is the prompt's JSON object.
+RewardFn = Callable[[dict, str], float]
+
+
+def win_tie_targets(rewards: list[float]) -> list[float]:
+    """t_i = #{j != i : r_j <= r_i} / (N - 1): ties count as not better."""
+    n = len(rewards)
+    if n < 2:
+        return [0.5] * n
+    return [(sum(r <= ri for r in rewards) - 1) / (n - 1) for ri in rewards]
+
+
+def win_tie_against(reward: float, others: list[float]) -> float:
+    return sum(r <= reward for r in others) / len(others) if others else 0.5
+
+
+def load_verifier(spec: str) -> RewardFn:
+    """'package.module:function' -> the function."""
+    module, _, name = spec.partition(":")
+    if not name:
+        raise InvalidRequestError(f"a verifier is given as module:function, not {spec!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def reward_model_fn(path: str, device: str = "cpu") -> Callable[[list[dict], list[str]], list[float]]:
+    from engine.policies.scorers import RewardModelScorer
+
+    rm = RewardModelScorer(path, device)
+    return lambda records, texts: rm.score_texts([r["prompt"] for r in records], texts)
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    records = []
+    for i, line in enumerate(Path(path).read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InvalidRequestError(f"{path} line {i + 1}: not JSON ({e})") from e
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+            raise InvalidRequestError(f"{path} line {i + 1}: needs a string 'prompt' field")
+        records.append(rec)
+    return records
+
+
+def build_examples(
+    engine: Engine, records: list[dict], reward: RewardFn | None = None,
+    batch_reward: Callable[[list[dict], list[str]], list[float]] | None = None, n: int = 8,
+    checkpoints: Iterable[int] = (16, 32), completions: int = 4, params: SamplingParams | None = None,
+    chat: bool = True, use_tqdm: bool = True,
+) -> Iterator[dict]:
+    """Yield end-of-response and mid-generation examples for every prompt record."""
+    if (reward is None) == (batch_reward is None):
+        raise InvalidRequestError("give exactly one of a verifier (reward) or a reward model")
+    score = batch_reward or (lambda recs, texts: [float(reward(r, t)) for r, t in zip(recs, texts)])
+    params = params or SamplingParams(temperature=1.0, max_tokens=128)
+    sample = SamplingParams(**{**params.__dict__, "n": n, "score": False, "score_at": ()})
+    prompts = [_prompt_ids(engine, r["prompt"], chat) for r in records]
+    bar = None
+    if use_tqdm:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(records), desc="build-data", unit="prompt")
+    for rec, ids in zip(records, prompts):
+        out = engine.generate([ids], sample)[0]
+        texts = [s.text for s in out.samples]
+        rewards = score([rec] * len(texts), texts)
+        for s, r, t in zip(out.samples, rewards, win_tie_targets(rewards)):
+            yield {"prompt_ids": ids, "response_ids": s.token_ids, "target": t, "reward": r,
+                   "kind": "end", "prompt": rec["prompt"]}
+        for c in sorted(set(checkpoints)):
+            for i, s in enumerate(out.samples):
+                if len(s.token_ids) <= c:
+                    continue
+                prefix = s.token_ids[:c]
+                cont = SamplingParams(**{**sample.__dict__, "n": completions,
+                                         "max_tokens": max(params.max_tokens - c, 1)})
+                done = engine.generate([ids + prefix], cont)[0]
+                full = [engine.tokenizer.decode(prefix + x.token_ids, skip_special_tokens=True)
+                        for x in done.samples]
+                others = rewards[:i] + rewards[i + 1:]
+                target = sum(win_tie_against(r, others) for r in score([rec] * len(full), full)) / len(full)
+                yield {"prompt_ids": ids, "response_ids": prefix, "target": target,
+                       "reward": rewards[i], "kind": "mid", "checkpoint": c, "prompt": rec["prompt"]}
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+
+def _prompt_ids(engine: Engine, prompt: str, chat: bool) -> list[int]:
+    if not chat:
+        return engine.tokenizer.encode(prompt, add_special_tokens=True)
+    ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                               add_generation_prompt=True)
+    return list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
+
+
+def write_jsonl(examples: Iterable[dict], path: str | Path) -> int:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with path.open("w") as f:
+        for ex in examples:
+            f.write(json.dumps(ex) + "\n")
+            count += 1
+    return count
