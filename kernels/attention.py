@@ -53,10 +53,16 @@ def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     differentiable): q [T, H, D], k/v [T, Hkv, D], query_start_loc [B + 1]."""
     tokens = q.shape[0]
     lens = (query_start_loc[1:] - query_start_loc[:-1]).long()
+    group = q.shape[1] // k.shape[1]
+    if len(lens) and bool((lens == lens[0]).all()):  # equal lengths (padded batches): no T x T mask
+        b, n = len(lens), int(lens[0])
+        qh, kh, vh = (t.view(b, n, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
+        kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+        return o.transpose(1, 2).reshape(tokens, q.shape[1], q.shape[2])
     seg = torch.repeat_interleave(torch.arange(len(lens), device=q.device), lens)
     idx = torch.arange(tokens, device=q.device)
     mask = (seg[:, None] == seg[None, :]) & (idx[:, None] >= idx[None, :])
-    group = q.shape[1] // k.shape[1]
     qh = q.transpose(0, 1)
     kh = k.transpose(0, 1).repeat_interleave(group, dim=0)
     vh = v.transpose(0, 1).repeat_interleave(group, dim=0)

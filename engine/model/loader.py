@@ -124,3 +124,30 @@ def load_tokenizer(path: str | Path):
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (ValueError, OSError, KeyError) as e:
         raise CheckpointError(f"cannot load the tokenizer in {path}: {e}") from e
+
+
+def save_model(model: torch.nn.Module, hf_config, tokenizer, out_dir: str | Path) -> Path:
+    """Write our model as a Hugging Face checkpoint (fused projections split back into q/k/v and
+    gate/up), with its config and tokenizer: loadable here and by transformers alike."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    unfused = {fused: [p for p, (f, _) in sorted(_FUSED.items(), key=lambda kv: kv[1][1]) if f == fused]
+               for fused in ("qkv_proj", "gate_up_proj")}
+    tensors = {}
+    for name, param in model.named_parameters():
+        if ".lora_" in name:
+            continue
+        hf = name if name.startswith("lm_head") else f"model.{name}"
+        fused = name.rsplit(".", 2)[-2]
+        if fused in unfused and name.endswith(("weight", "bias")):
+            for part, t in zip(unfused[fused], param.detach().split(_part_sizes(cfg, fused), dim=0)):
+                tensors[hf.replace(f".{fused}.", f".{part}.")] = t.contiguous().cpu()
+        else:
+            tensors[hf] = param.detach().contiguous().cpu()
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    hf_config.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

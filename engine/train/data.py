@@ -72,36 +72,48 @@ def build_examples(
     params = params or SamplingParams(temperature=1.0, max_tokens=128)
     sample = SamplingParams(**{**params.__dict__, "n": n, "score": False, "score_at": ()})
     prompts = [_prompt_ids(engine, r["prompt"], chat) for r in records]
+    checkpoints = sorted(set(checkpoints))
     bar = None
     if use_tqdm:
         from tqdm import tqdm
 
         bar = tqdm(total=len(records), desc="build-data", unit="prompt")
-    for rec, ids in zip(records, prompts):
-        out = engine.generate([ids], sample)[0]
-        texts = [s.text for s in out.samples]
-        rewards = score([rec] * len(texts), texts)
-        for s, r, t in zip(out.samples, rewards, win_tie_targets(rewards)):
-            yield {"prompt_ids": ids, "response_ids": s.token_ids, "target": t, "reward": r,
-                   "kind": "end", "prompt": rec["prompt"]}
-        for c in sorted(set(checkpoints)):
-            for i, s in enumerate(out.samples):
-                if len(s.token_ids) <= c:
-                    continue
-                prefix = s.token_ids[:c]
-                cont = SamplingParams(**{**sample.__dict__, "n": completions,
-                                         "max_tokens": max(params.max_tokens - c, 1)})
-                done = engine.generate([ids + prefix], cont)[0]
+    step = max(1, 256 // n)  # prompts per engine call: one continuous batch of ~256 samples
+    for lo in range(0, len(records), step):
+        recs, ids = records[lo:lo + step], prompts[lo:lo + step]
+        outs = engine.generate(ids, sample)
+        rewards = [score([rec] * len(o.samples), [s.text for s in o.samples]) for rec, o in zip(recs, outs)]
+        for rec, pid, out, rew in zip(recs, ids, outs, rewards):
+            for s, r, t in zip(out.samples, rew, win_tie_targets(rew)):
+                yield {"prompt_ids": pid, "response_ids": s.token_ids, "target": t, "reward": r,
+                       "kind": "end", "prompt": rec["prompt"]}
+        # Mid-generation: complete every prefix `completions` times, all in one batch.
+        jobs = [(k, i, c) for k, out in enumerate(outs) for c in checkpoints
+                for i, s in enumerate(out.samples) if len(s.token_ids) > c]
+        if jobs:
+            cont = [SamplingParams(**{**sample.__dict__, "n": completions,
+                                      "max_tokens": max(params.max_tokens - c, 1)}) for _, _, c in jobs]
+            starts = [ids[k] + outs[k].samples[i].token_ids[:c] for k, i, c in jobs]
+            done = _generate_mixed(engine, starts, cont)
+            for (k, i, c), d in zip(jobs, done):
+                prefix = outs[k].samples[i].token_ids[:c]
                 full = [engine.tokenizer.decode(prefix + x.token_ids, skip_special_tokens=True)
-                        for x in done.samples]
-                others = rewards[:i] + rewards[i + 1:]
-                target = sum(win_tie_against(r, others) for r in score([rec] * len(full), full)) / len(full)
-                yield {"prompt_ids": ids, "response_ids": prefix, "target": target,
-                       "reward": rewards[i], "kind": "mid", "checkpoint": c, "prompt": rec["prompt"]}
+                        for x in d.samples]
+                others = rewards[k][:i] + rewards[k][i + 1:]
+                ends = score([recs[k]] * len(full), full)
+                target = sum(win_tie_against(r, others) for r in ends) / len(full)
+                yield {"prompt_ids": ids[k], "response_ids": prefix, "target": target,
+                       "reward": rewards[k][i], "kind": "mid", "checkpoint": c, "prompt": recs[k]["prompt"]}
         if bar is not None:
-            bar.update(1)
+            bar.update(len(recs))
     if bar is not None:
         bar.close()
+
+
+def _generate_mixed(engine: Engine, prompts: list[list[int]], params: list[SamplingParams]):
+    """One continuous batch of requests with their own params."""
+    request_ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    return engine._run_until_done(request_ids, use_tqdm=False)
 
 
 def _prompt_ids(engine: Engine, prompt: str, chat: bool) -> list[int]:

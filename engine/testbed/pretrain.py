@@ -1,0 +1,134 @@
+"""Pretrains the testbed's base model with our own model code (Llama architecture, dense causal
+attention, torch references so autograd runs on any device): next-token loss on the assistant's
+solution of freshly generated problems, AdamW with warm-up and cosine decay."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from engine.model.config import ModelConfig
+from engine.model.llama import AttentionMetadata, LlamaForCausalLM
+from engine.model.loader import save_model
+from engine.testbed.task import LEVELS, make_problem
+from engine.testbed.tokenizer import make_tokenizer
+from kernels.dispatch import reference_only
+
+
+@dataclass
+class PretrainConfig:
+    hidden_size: int = 192
+    num_layers: int = 4
+    num_heads: int = 6
+    num_kv_heads: int = 2
+    intermediate_size: int = 512
+    max_positions: int = 256
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.1
+    seed: int = 0
+    threads: int = 0  # torch threads (0: torch's default)
+
+
+def hf_config(cfg: PretrainConfig, tokenizer):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_positions,
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, torch_dtype="float32")
+
+
+def encode(tokenizer, question: str, solution: str) -> tuple[list[int], list[bool]]:
+    """Chat-formatted ids and a mask of the tokens the loss predicts (the assistant's turn)."""
+    def ids(messages, gen):
+        out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen)
+        return list(out["input_ids"]) if hasattr(out, "keys") else list(out)
+
+    user = [{"role": "user", "content": question}]
+    prompt = ids(user, True)
+    full = ids(user + [{"role": "assistant", "content": solution}], False)
+    full = full[: full.index(tokenizer.eos_token_id, len(prompt)) + 1]  # up to the turn's end
+    return full, [False] * len(prompt) + [True] * (len(full) - len(prompt))
+
+
+def _batch(tokenizer, rng, size, device):
+    seqs = [encode(tokenizer, p.question, p.solution)
+            for p in (make_problem(rng, rng.randrange(len(LEVELS))) for _ in range(size))]
+    width = max(len(s) for s, _ in seqs)
+    ids = torch.full((size, width), tokenizer.pad_token_id, dtype=torch.int64)
+    mask = torch.zeros(size, width, dtype=torch.bool)
+    for i, (s, m) in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(m)] = torch.tensor(m)
+    return ids.to(device), mask.to(device)
+
+
+def _forward(model, ids):
+    size, width = ids.shape
+    dev = ids.device
+    empty = torch.empty(0, dtype=torch.int64, device=dev)
+    meta = AttentionMetadata(
+        positions=torch.arange(width, device=dev).repeat(size), slot_mapping=empty,
+        block_tables=empty.int(), context_lens=empty.int(),
+        query_start_loc=(torch.arange(size + 1, device=dev) * width).int(), block_size=1,
+        max_query_len=width, max_context_len=width)
+    hidden = model(ids.flatten(), meta, None)
+    return model.compute_logits(hidden).view(size, width, -1)
+
+
+def pretrain(out_dir: str | Path, cfg: PretrainConfig | None = None, device: str = "cpu",
+             log=print) -> dict:
+    cfg = cfg or PretrainConfig()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    dev = torch.device(device)
+    tokenizer = make_tokenizer()
+    hf = hf_config(cfg, tokenizer)
+    model = LlamaForCausalLM(ModelConfig.from_hf(hf)).to(dev)
+    for name, p in model.named_parameters():
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.02 / (math.sqrt(2 * cfg.num_layers) if name.endswith(
+                ("o_proj.weight", "down_proj.weight")) else 1.0))
+    model.init_rotary()
+    decay = [p for p in model.parameters() if p.dim() == 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * (
+        0.1 + 0.45 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))))
+    start, losses = time.perf_counter(), []
+    model.train()
+    with reference_only():
+        for step in range(cfg.steps):
+            ids, mask = _batch(tokenizer, rng, cfg.batch_size, dev)
+            logits = _forward(model, ids)
+            target = mask[:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1][target], ids[:, 1:][target])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            if (step + 1) % 100 == 0 or step == 0:
+                log(f"step {step + 1}/{cfg.steps} loss {sum(losses[-100:]) / len(losses[-100:]):.4f} "
+                    f"({time.perf_counter() - start:.0f}s)")
+    model.eval()
+    save_model(model, hf, tokenizer, out_dir)
+    return {"config": asdict(cfg), "final_loss": sum(losses[-100:]) / len(losses[-100:]),
+            "train_seconds": round(time.perf_counter() - start, 1),
+            "params": sum(p.numel() for p in model.parameters()),
+            "train_problems": cfg.steps * cfg.batch_size}

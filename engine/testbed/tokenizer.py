@@ -1,0 +1,29 @@
+"""The testbed's tokenizer (tokenizers library): byte-level BPE that never merges digits, ChatML
+special tokens and chat template, and whole-word Yes / No for the self-evaluation answer."""
+
+from __future__ import annotations
+
+from engine.testbed.task import problems
+from engine.testing.make_model import CHAT_TEMPLATE, SPECIAL_TOKENS
+from engine.selfeval import QUESTION
+
+
+def make_tokenizer(vocab_size: int = 320):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),  # arithmetic sees one digit per token
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    corpus = [p.question + "\n" + p.solution for p in problems(2000, seed=12345)]
+    corpus += [QUESTION, "Yes. No.", "user assistant"] * 50
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tok.add_tokens(["Yes", "No"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|im_end|>",
+                                   pad_token="<|pad|>", chat_template=CHAT_TEMPLATE)
