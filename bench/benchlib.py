@@ -117,3 +117,43 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return "" if v is None else str(v)
+
+
+LLAMA_8B = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    tie_word_embeddings=False,
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+)
+
+
+def model_dir(out: Path, toy: bool) -> Path:
+    """A checkpoint directory to benchmark: the 8B shape (config + tokenizer, weights filled at
+    load with load_format="dummy") or, for toy runs, a small random checkpoint."""
+    from engine.testing.make_model import make_model, make_tokenizer
+
+    out = Path(out)
+    if toy:
+        return make_model(out / "toy", "llama", seed=0)
+    from transformers import LlamaConfig
+
+    tok = make_tokenizer()
+    path = out / "llama-3.1-8b-shape"
+    LlamaConfig(**LLAMA_8B, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id).save_pretrained(
+        path
+    )
+    tok.save_pretrained(path)
+    return path

@@ -27,3 +27,21 @@ def test_kernels_bench_times_every_kernel(tmp_path):
                "extend_attention", "sample", "lora_masked (1/8 rows)"):
         assert (op, "torch") in ops and (op, "triton") in ops
     assert all(r["ms"] > 0 and r["floor_ms"] > 0 for r in metrics["kernels"])
+
+
+def test_fork_bench_reports_latency_and_block_ratio(tmp_path):
+    metrics = _load("fork").main(["--toy", "--out", str(tmp_path)])
+    assert set(metrics["fork_us"]) == {"16", "2048"} and all(v > 0 for v in metrics["fork_us"].values())
+    # Forked samples share the prompt: the peak is the prompt once plus the responses.
+    assert 1.0 <= metrics["n16_block_ratio"] <= 1.1
+    assert metrics["n16"]["independent_blocks"] > 5 * metrics["n16"]["peak_blocks"]
+    assert json.loads(next(tmp_path.glob("fork-*.json")).read_text())["metrics"]["n16_block_ratio"]
+
+
+def test_selfeval_cost_bench_reports_the_ratios(tmp_path):
+    metrics = _load("selfeval_cost").main(["--toy", "--out", str(tmp_path)])
+    assert set(metrics["score_over_decode"]) == {"1/64", "4/256"}
+    assert all(v > 0 for v in metrics["score_over_decode"].values())
+    assert set(metrics["naive_over_score"]) == {"1/64", "4/256"}
+    record = json.loads(next(tmp_path.glob("selfeval_cost-*.json")).read_text())
+    assert {"device", "torch", "triton", "date"} <= record.keys()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 import time
@@ -18,6 +19,7 @@ from engine.model.loader import load_model, load_tokenizer
 from engine.model.lora import has_adapter, load_adapter
 from engine.policies.base import Policy, PolicyRun
 from engine.policies.scorers import token_confidence
+from engine.profiler import StepProfiler, StepRecord
 from engine.runner import ModelRunner, kv_bytes_per_block
 from engine.sampling import RequestOutput, Sample, SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
@@ -25,6 +27,18 @@ from engine.selfeval import SelfEvalSpec, build_spec, score_from_logits
 from engine.sequence import Request, SeqStatus, Sequence, sample_seed
 
 Prompt = str | list[int]
+_no_phase = contextlib.nullcontext
+
+
+def _step_record(batch: ScheduledBatch, seconds: float) -> StepRecord:
+    real = batch.num_real
+    suffix = sum(len(x) for x in batch.suffixes)
+    decode = sum(1 for s, n, x in zip(batch.seqs, real, batch.suffixes)
+                 if n == 1 and s.num_computed + 1 == len(s.token_ids))
+    prefill = sum(real) - decode
+    kind = "prefill" if prefill else ("score" if suffix else "decode")
+    context = sum(s.num_computed + n for s, n in zip(batch.seqs, real))
+    return StepRecord(kind, len(batch), prefill, decode, suffix, context, seconds)
 
 
 def _default_dtype(device: torch.device) -> torch.dtype:
@@ -40,16 +54,18 @@ class Engine:
     max_batch_tokens: tokens one step computes at most (decodes + prefill chunks + suffixes).
     cuda_graphs: replay captured CUDA graphs for pure decode steps (default: on for CUDA).
     adapter: a self-evaluation LoRA adapter directory, applied to the suffix tokens only.
+    load_format: "dummy" fills random weights instead of reading them (benchmarks of a shape).
     """
 
     def __init__(self, model: str, device: str = "cpu", dtype: torch.dtype | None = None,
                  block_size: int = 16, num_blocks: int | None = None, max_batch_tokens: int = 2048,
                  max_num_seqs: int = 256, max_model_len: int | None = None,
                  kv_cache_memory: int | None = None, seed: int | None = None,
-                 cuda_graphs: bool | None = None, adapter: str | None = None):
+                 cuda_graphs: bool | None = None, adapter: str | None = None,
+                 load_format: str = "auto"):
         self.device = torch.device(device)
         self.dtype = dtype or _default_dtype(self.device)
-        self.model, self.hf_config = load_model(model, self.device, self.dtype)
+        self.model, self.hf_config = load_model(model, self.device, self.dtype, load_format)
         self.tokenizer = load_tokenizer(model)
         if adapter is not None:
             load_adapter(self.model, adapter)
@@ -79,6 +95,7 @@ class Engine:
         self._seq_ids = itertools.count()
         self._rng = random.Random(seed)
         self._ready: list[Request] = []  # finished without a step (max_tokens=0, no score)
+        self.profiler: StepProfiler | None = None  # attach one to time each step's phases
 
     # ---- sizing -------------------------------------------------------------------------
     def _blocks_that_fit(self, block_size: int, kv_cache_memory: int | None) -> int:
@@ -160,7 +177,7 @@ class Engine:
         request.wants_score = scorer.needs_suffix
         if scorer.needs_suffix:
             request.score_at = tuple(sorted(set(request.score_at) | set(policy.checkpoints())))
-        request.track_confidence = scorer.needs_confidence
+        request.track_confidence = request.track_confidence or scorer.needs_confidence
         request.forked = True
         root = Sequence(next(self._seq_ids), request, request.prompt_ids[:-1], -1, request.seed)
         root.is_root, root.finish_reason = True, "root"
@@ -230,24 +247,34 @@ class Engine:
     # ---- one step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one batch; returns the requests that finished in it."""
+        prof = self.profiler
+        phase = prof.phase if prof is not None else _no_phase
         ready, self._ready = self._ready, []
         done = [self._output(r) for r in ready if self._requests.pop(r.request_id, None)]
-        batch = self.scheduler.schedule()
+        with phase("schedule"):
+            batch = self.scheduler.schedule()
         if not len(batch):
             if self.scheduler.has_work():
                 raise RuntimeError("the scheduler could not place any sequence: KV cache too small")
             return done
         sample_rows, score_rows, scored = batch.rows()
-        logits = self.runner.run([s.seq_id for s in batch.seqs], batch.chunks(),
-                                 np.concatenate([sample_rows, score_rows]),
-                                 [len(x) for x in batch.suffixes])
+        start = time.perf_counter()
+        with phase("forward"):
+            logits = self.runner.run([s.seq_id for s in batch.seqs], batch.chunks(),
+                                     np.concatenate([sample_rows, score_rows]),
+                                     [len(x) for x in batch.suffixes], phase)
+        if prof is not None:
+            prof.steps.append(_step_record(batch, time.perf_counter() - start))
         self.scheduler.finish_chunk(batch)
         if len(score_rows):
-            self._record_scores(batch, scored, logits[len(sample_rows):])
+            with phase("score"):
+                self._record_scores(batch, scored, logits[len(sample_rows):])
         if len(sample_rows):
-            self._sample(batch, logits[:len(sample_rows)])
-        touched = self._drive_policies()
-        return done + self._collect_finished([s.request for s in batch.seqs] + touched)
+            with phase("sample"):
+                self._sample(batch, logits[:len(sample_rows)])
+        with phase("policy"):
+            touched = self._drive_policies()
+            return done + self._collect_finished([s.request for s in batch.seqs] + touched)
 
     def _record_scores(self, batch: ScheduledBatch, scored: np.ndarray, logits: torch.Tensor) -> None:
         values = score_from_logits(logits, self.spec).tolist()
@@ -354,7 +381,8 @@ class Engine:
             score = seq.score or (None, None, None)
             samples.append(Sample(seq.index, gen, text, seq.finish_reason, *score,
                                   checkpoint_scores=list(seq.checkpoint_scores),
-                                  logprobs=list(seq.logprobs), pruned_at=seq.pruned_at,
+                                  logprobs=list(seq.logprobs), confidences=list(seq.confidences),
+                                  pruned_at=seq.pruned_at,
                                   temperature=seq.temperature,
                                   value=scorer(seq) if scorer is not None else score[0]))
         request.stats.latency_s = time.perf_counter() - request.arrival

@@ -86,6 +86,17 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from engine.testbed import BUNDLED
+    from engine.testbed.demo import run_demo
+
+    problems = args.problems or (300 if args.full else 60)
+    run_demo(args.out, model=args.model or BUNDLED, adapter=args.adapter, num_problems=problems,
+             seed=args.seed, device=args.device)
+    print(f"results.json and plots written to {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="selfeval", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -147,6 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--save-every", type=int, default=0)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("demo", help="the paper's results in miniature on the bundled testbed model")
+    d.add_argument("--out", default="selfeval-demo", help="directory for results.json and plots")
+    d.add_argument("--full", action="store_true", help="the larger run (more problems)")
+    d.add_argument("--problems", type=int, default=None)
+    d.add_argument("--model", default=None, help="default: the bundled testbed model")
+    d.add_argument("--adapter", default=None, help="default: the model's adapter/ directory")
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
 
     m = sub.add_parser("make-model", help="write a small random checkpoint (tests, examples)")
     m.add_argument("out")

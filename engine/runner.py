@@ -5,6 +5,7 @@ replay a CUDA graph captured for their batch-size bucket (static input buffers, 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 from collections.abc import Sequence
 
@@ -59,10 +60,10 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, seq_ids: Sequence[int], chunks: Sequence[Sequence[int]],
             logit_rows: np.ndarray | None = None,
-            adapter_tokens: Sequence[int] | None = None) -> torch.Tensor:
+            adapter_tokens: Sequence[int] | None = None, phase=None) -> torch.Tensor:
         """Append each chunk of new tokens to its sequence's cache and run the model over them.
         adapter_tokens: how many trailing tokens of each chunk (the self-evaluation suffix) the
-        LoRA adapter applies to, when one is loaded.
+        LoRA adapter applies to, when one is loaded. phase: a profiler's phase timer, if any.
 
         Returns float32 logits [len(logit_rows), V] of the given rows of the flattened batch
         (every row when logit_rows is None)."""
@@ -70,9 +71,8 @@ class ModelRunner:
         starts = self.bm.lengths(list(seq_ids))
         slots, cow = self.bm.append_many(list(seq_ids), counts.tolist())
         if cow.size:
-            block_numel = self.block_size * self.kv_cache[0, 0, 0].numel()
-            caches = self.kv_cache.view(-1, self.num_blocks + 1, block_numel)
-            kernels.copy_blocks(caches, torch.from_numpy(cow).to(self.device))
+            with phase("block_copy") if phase is not None else contextlib.nullcontext():
+                self._copy_blocks(cow)
         total = int(counts.sum())
         ids = np.fromiter(itertools.chain.from_iterable(chunks), dtype=np.int64, count=total)
         adapter = adapter_tokens is not None and any(adapter_tokens) and self.adapter_loaded
@@ -105,6 +105,12 @@ class ModelRunner:
         if logit_rows is not None:
             hidden = hidden[to(logit_rows, torch.int64)]
         return self.model.compute_logits(hidden)
+
+    def _copy_blocks(self, cow: np.ndarray) -> None:
+        """Copy-on-write: every (src, dst) block pair of every layer's K and V in one call."""
+        block_numel = self.block_size * self.kv_cache[0, 0, 0].numel()
+        caches = self.kv_cache.view(-1, self.num_blocks + 1, block_numel)
+        kernels.copy_blocks(caches, torch.from_numpy(cow).to(self.device))
 
     # ---- decode graphs ----------------------------------------------------------------
     @property

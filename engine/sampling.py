@@ -24,6 +24,8 @@ class SamplingParams:
     score: bool | None = None
     # Also score every sample in place after this many generated tokens (mid-generation).
     score_at: tuple[int, ...] = ()
+    # Record each token's DeepConf confidence (minus the mean top-20 log-probability).
+    confidence: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -66,6 +68,7 @@ class Sample:
     p_no: float | None = None
     checkpoint_scores: list[tuple[int, float]] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    confidences: list[float] = field(default_factory=list)
     pruned_at: int | None = None  # generated tokens when a policy pruned it
     temperature: float | None = None
     value: float | None = None  # the policy scorer's value (self-evaluation score by default)

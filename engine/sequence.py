@@ -65,7 +65,7 @@ class Request:
         self.arrival = time.perf_counter()
         self.wants_score = params.wants_score  # score each sample at its end
         self.score_at = params.score_at  # generated lengths at which to score in place
-        self.track_confidence = False
+        self.track_confidence = params.confidence
         self.policy = None  # a policy's per-request run (engine.policies), if any
         self.root: Sequence | None = None
         self.best_index: int | None = None

@@ -64,9 +64,12 @@ def _target(name: str) -> tuple[str, int | None]:
 
 
 def load_model(
-    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    load_format: str = "auto",
 ) -> tuple[LlamaForCausalLM, object]:
-    """Returns (model in eval mode on device, transformers config)."""
+    """Returns (model in eval mode on device, transformers config). load_format "dummy" (as in
+    vLLM) skips the weight files and fills random weights on the device: benchmarks of a model
+    shape need only its config.json and a tokenizer."""
     path = Path(path)
     hf_config = load_hf_config(path)
     cfg = ModelConfig.from_hf(hf_config)
@@ -74,6 +77,13 @@ def load_model(
         model = LlamaForCausalLM(cfg)
     model = model.to_empty(device=device).to(dtype)
     model.init_rotary()
+    if load_format == "dummy":
+        g = torch.Generator(device=device).manual_seed(0)
+        for p in model.parameters():
+            p.data.normal_(0.0, 0.02, generator=g) if p.dim() > 1 else p.data.fill_(1.0)
+        return model.eval(), hf_config
+    if load_format != "auto":
+        raise CheckpointError(f"load_format must be 'auto' or 'dummy', not {load_format!r}")
     params = dict(model.named_parameters())
     filled: dict[str, int] = {}  # parameter -> parts loaded
     for file in sorted(path.glob("*.safetensors")):

@@ -3,9 +3,9 @@ special tokens and chat template, and whole-word Yes / No for the self-evaluatio
 
 from __future__ import annotations
 
+from engine.selfeval import QUESTION
 from engine.testbed.task import problems
 from engine.testing.make_model import CHAT_TEMPLATE, SPECIAL_TOKENS
-from engine.selfeval import QUESTION
 
 
 def make_tokenizer(vocab_size: int = 320):

@@ -1,0 +1,62 @@
+"""Where a workload's time goes, measured: each engine step's phases timed with a device sync at
+their edges (CUDA events would not see host work; the syncs cost a little and are only made when
+a profiler is attached), and each step's token mix recorded.
+
+Phases: schedule (host: picking the batch), block_copy (copy-on-write), forward (the model over
+the step's tokens), score (reading scores), sample (sampling and stop checks), policy (policy
+programs and output bookkeeping). A step's forward is attributed to prefill, decode or score by
+its content: any prefill chunk makes it a prefill step, else any suffix a score step, else decode."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepRecord:
+    kind: str  # prefill | decode | score
+    seqs: int
+    prefill_tokens: int
+    decode_tokens: int
+    suffix_tokens: int
+    context_tokens: int  # sum of the sequences' cached lengths after the step
+    seconds: float
+
+
+class StepProfiler:
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.phase_seconds: dict[str, float] = defaultdict(float)
+        self.steps: list[StepRecord] = []
+        self._current: str | None = None
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.phase_seconds[name] += time.perf_counter() - start
+
+    def summary(self) -> dict:
+        steps = self.steps
+        by_kind = defaultdict(lambda: {"steps": 0, "seconds": 0.0})
+        for s in steps:
+            by_kind[s.kind]["steps"] += 1
+            by_kind[s.kind]["seconds"] += s.seconds
+        return {"phase_seconds": dict(self.phase_seconds), "forward_by_kind": dict(by_kind),
+                "steps": len(steps), "prefill_tokens": sum(s.prefill_tokens for s in steps),
+                "decode_tokens": sum(s.decode_tokens for s in steps),
+                "suffix_tokens": sum(s.suffix_tokens for s in steps),
+                "total_seconds": sum(self.phase_seconds.values())}

@@ -1,0 +1,185 @@
+"""`selfeval demo`: the paper's results in miniature on the bundled testbed model and adapter.
+
+On held-out problems: accuracy of greedy decoding and of one sample; best-of-{2,4,8,16} picked by
+self-evaluation, by an oracle, by mean log-probability and by DeepConf-style confidence; the
+adaptive curve (the Adaptive policy at several thresholds); the pruning curve (samples pruned at
+8/16/32 tokens by their in-place self-evaluation scores); AUROC of the score for right vs wrong
+answers at the end and mid-generation. Prints a table, writes results.json and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from engine.api import Engine
+from engine.policies import Adaptive, ConfidenceScorer
+from engine.sampling import SamplingParams
+from engine.testbed import BUNDLED
+from engine.testbed.task import problems, verify
+from engine.train.trainer import auroc
+
+HELD_OUT_SEED = 2024  # training streams use seeds 0 (pretraining) and 1 (adapter data)
+CHECKPOINTS = (8, 16, 32)
+NS = (2, 4, 8, 16)
+
+
+def _mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _argmax(values):
+    """Index of the largest value (None counts as -inf; ties go to the first)."""
+    return max(range(len(values)), key=lambda i: (values[i] if values[i] is not None else -math.inf, -i))
+
+
+def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Path | None = None,
+             num_problems: int = 60, temperature: float = 1.0, max_tokens: int = 64,
+             thresholds=(0.5, 0.7, 0.8, 0.9, 0.95), keeps=(0.5, 0.25), seed: int = 0,
+             device: str = "cpu", use_tqdm: bool = True, log=print) -> dict:
+    start = time.perf_counter()
+    adapter = adapter if adapter is not None else Path(model) / "adapter"
+    eng = Engine(str(model), device=device, adapter=str(adapter) if Path(adapter).exists() else None,
+                 seed=seed)
+    records = [p.record() for p in problems(num_problems, HELD_OUT_SEED)]
+    convs = [[{"role": "user", "content": r["prompt"]}] for r in records]
+
+    greedy = eng.chat(convs, SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=use_tqdm)
+    greedy_acc = _mean(verify(r, o.samples[0].text) for r, o in zip(records, greedy))
+
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, n=max(NS), score=True,
+                            score_at=CHECKPOINTS, confidence=True, seed=seed)
+    outs = eng.chat(convs, params, use_tqdm=use_tqdm)
+    correct = [[verify(r, s.text) for s in o.samples] for r, o in zip(records, outs)]
+    sample_acc = _mean(c for row in correct for c in row)
+    conf = ConfidenceScorer(window=8)
+
+    def pick_acc(n, value):
+        return _mean(row[_argmax([value(s) for s in o.samples[:n]])] for row, o in zip(correct, outs))
+
+    best_of_n = {}
+    for n in NS:
+        best_of_n[str(n)] = {
+            "selfeval": pick_acc(n, lambda s: s.score),
+            "oracle": _mean(max(row[:n]) for row in correct),
+            "logprob": pick_acc(n, lambda s: _mean(s.logprobs) if s.logprobs else None),
+            "confidence": pick_acc(n, lambda s: conf(s) if s.confidences else None),
+        }
+    gain = best_of_n[str(max(NS))]["selfeval"] - sample_acc
+
+    adaptive = []
+    for th in thresholds:
+        policy = Adaptive(th, max_samples=max(NS))
+        res = eng.chat(convs, SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed),
+                       use_tqdm=use_tqdm, policy=policy)
+        acc = _mean(verify(r, o.best.text) for r, o in zip(records, res))
+        adaptive.append({"threshold": th, "avg_samples": _mean(len(o.samples) for o in res), "acc": acc,
+                         "frac_gain": (acc - sample_acc) / gain if gain > 0 else None})
+
+    prune = []
+    full_tokens = sum(len(s.token_ids) for o in outs for s in o.samples)
+    for c in CHECKPOINTS:
+        for keep in keeps:
+            hits, pruned, saved = [], 0, 0
+            for row, o in zip(correct, outs):
+                live = [i for i, s in enumerate(o.samples) if len(s.token_ids) > c]
+                at = {i: dict(o.samples[i].checkpoint_scores).get(c) for i in live}
+                ranked = sorted(live, key=lambda i: (-(at[i] if at[i] is not None else -1), i))
+                dropped = set(ranked[max(1, round(keep * len(ranked))):]) if len(ranked) > 1 else set()
+                pruned += len(dropped)
+                saved += sum(len(o.samples[i].token_ids) - c for i in dropped)
+                rest = [i for i in range(len(o.samples)) if i not in dropped]
+                hits.append(row[rest[_argmax([o.samples[i].score for i in rest])]])
+            prune.append({"checkpoint": c, "keep": keep, "frac_pruned": pruned / (len(outs) * max(NS)),
+                          "acc": _mean(hits), "tokens_saved_frac": saved / full_tokens})
+
+    pairs = [(s, c) for o, row in zip(outs, correct) for s, c in zip(o.samples, row)]
+    roc = {"end": auroc([s.score for s, c in pairs if c], [s.score for s, c in pairs if not c])}
+    for c in CHECKPOINTS:
+        at = [(dict(s.checkpoint_scores).get(c), ok) for s, ok in pairs]
+        known = [(v, ok) for v, ok in at if v is not None]
+        roc[str(c)] = auroc([v for v, ok in known if ok], [v for v, ok in known if not ok])
+
+    results = {"greedy_acc": greedy_acc, "sample_acc": sample_acc, "best_of_n": best_of_n,
+               "adaptive": adaptive, "gain_at_1_2_samples": _interp_gain(adaptive, 1.2),
+               "prune": prune, "auroc": roc,
+               "setup": {"problems": num_problems, "temperature": temperature, "max_tokens": max_tokens,
+                         "seed": seed, "model": str(model), "adapter": str(adapter),
+                         "seconds": round(time.perf_counter() - start, 1)}}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    _plots(results, out)
+    _print(results, log)
+    return results
+
+
+def _interp_gain(adaptive: list[dict], at: float) -> float | None:
+    """frac_gain at `at` average samples, linear between the measured thresholds."""
+    pts = sorted((a["avg_samples"], a["frac_gain"]) for a in adaptive if a["frac_gain"] is not None)
+    if not pts or at < pts[0][0] or at > pts[-1][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= at <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (at - x0) / (x1 - x0)
+    return pts[0][1]
+
+
+def _plots(r: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = [int(n) for n in r["best_of_n"]]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for key in ("selfeval", "oracle", "logprob", "confidence"):
+        ax.plot(ns, [r["best_of_n"][str(n)][key] for n in ns], marker="o", label=key)
+    ax.axhline(r["sample_acc"], color="gray", ls="--", label="one sample")
+    ax.axhline(r["greedy_acc"], color="black", ls=":", label="greedy")
+    ax.set(xscale="log", xticks=ns, xticklabels=ns, xlabel="samples (best-of-n)", ylabel="accuracy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "best_of_n.png", dpi=120)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    pts = sorted((a["avg_samples"], a["acc"]) for a in r["adaptive"])
+    ax.plot(*zip(*pts), marker="o", label="adaptive (self-eval)")
+    ax.plot(ns, [r["best_of_n"][str(n)]["selfeval"] for n in ns], marker="s", label="best-of-n (self-eval)")
+    ax.set(xlabel="average samples per prompt", ylabel="accuracy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "adaptive.png", dpi=120)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for c in sorted({p["checkpoint"] for p in r["prune"]}):
+        pts = sorted((p["frac_pruned"], p["acc"]) for p in r["prune"] if p["checkpoint"] == c)
+        ax.plot(*zip(*pts), marker="o", label=f"pruned at {c} tokens")
+    ax.axhline(r["best_of_n"]["16"]["selfeval"], color="gray", ls="--", label="best-of-16, no pruning")
+    ax.set(xlabel="fraction of samples pruned", ylabel="accuracy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "prune.png", dpi=120)
+    plt.close("all")
+
+
+def _print(r: dict, log) -> None:
+    log(f"greedy {r['greedy_acc']:.3f}   one sample {r['sample_acc']:.3f}")
+    log("best-of-n   selfeval  oracle  logprob  confidence")
+    for n, v in r["best_of_n"].items():
+        log(f"  {n:>3}       {v['selfeval']:.3f}     {v['oracle']:.3f}   {v['logprob']:.3f}    "
+            f"{v['confidence']:.3f}")
+    log("adaptive    threshold  avg samples  acc    frac of best-of-16 gain")
+    for a in r["adaptive"]:
+        fg = "n/a" if a["frac_gain"] is None else f"{a['frac_gain']:.2f}"
+        log(f"            {a['threshold']:<9}  {a['avg_samples']:<11.2f}  {a['acc']:.3f}  {fg}")
+    g = r["gain_at_1_2_samples"]
+    log(f"gain reached at 1.2 samples: {'n/a' if g is None else f'{g:.0%}'} (paper: 74%)")
+    log("prune       checkpoint  pruned  acc    tokens saved")
+    for p in r["prune"]:
+        log(f"            {p['checkpoint']:<10}  {p['frac_pruned']:.2f}    {p['acc']:.3f}  "
+            f"{p['tokens_saved_frac']:.2f}")
+    log("AUROC of the self-evaluation score (right vs wrong): "
+        + ", ".join(f"{k}: {'n/a' if v is None else f'{v:.3f}'}" for k, v in r["auroc"].items()))
