@@ -45,3 +45,12 @@ def test_selfeval_cost_bench_reports_the_ratios(tmp_path):
     assert set(metrics["naive_over_score"]) == {"1/64", "4/256"}
     record = json.loads(next(tmp_path.glob("selfeval_cost-*.json")).read_text())
     assert {"device", "torch", "triton", "date"} <= record.keys()
+
+
+def test_throughput_bench_runs_engine_roofline_and_transformers(tmp_path):
+    metrics = _load("throughput").main(["--toy", "--requests", "4", "--out", str(tmp_path)])
+    keys = ("tokens_per_s", "roofline_tokens_per_s", "hf_tokens_per_s", "bs1_ms_per_token", "bs1_floor_ms")
+    for key in keys:
+        assert metrics[key] > 0, key
+    assert metrics["steps"]["decode_tokens"] < metrics["output_tokens"]  # first tokens come off prefills
+    assert json.loads(next(tmp_path.glob("throughput-*.json")).read_text())["metrics"]["tokens_per_s"] > 0

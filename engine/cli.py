@@ -97,6 +97,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from engine.profiler import run_profile
+    from engine.testbed import BUNDLED
+
+    run_profile(args.model or str(BUNDLED), args.policy, args.out, args.problems, args.n, args.threshold,
+                args.checkpoint, args.keep, args.max_tokens, args.device, args.adapter, trace=args.trace)
+    print(f"profile.json and profile.png written to {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="selfeval", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -168,6 +178,21 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--device", default="cpu")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+
+    pr = sub.add_parser("profile", help="time by phase and tokens saved for a policy workload")
+    pr.add_argument("--policy", required=True, choices=["best-of-n", "adaptive", "prune"])
+    pr.add_argument("--model", default=None, help="default: the bundled testbed model")
+    pr.add_argument("--adapter", default=None)
+    pr.add_argument("--problems", type=int, default=32)
+    pr.add_argument("-n", type=int, default=8)
+    pr.add_argument("--threshold", type=float, default=0.8)
+    pr.add_argument("--checkpoint", type=int, default=16)
+    pr.add_argument("--keep", type=float, default=0.25)
+    pr.add_argument("--max-tokens", type=int, default=64)
+    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--trace", action="store_true", help="also write a torch.profiler Chrome trace")
+    pr.add_argument("--out", default="selfeval-profile")
+    pr.set_defaults(func=cmd_profile)
 
     m = sub.add_parser("make-model", help="write a small random checkpoint (tests, examples)")
     m.add_argument("out")

@@ -22,19 +22,23 @@ from pathlib import Path
 
 from engine.api import Engine
 from engine.sampling import SamplingParams
+from engine.testbed.demo import DEMO_LEVELS
 from engine.testbed.pretrain import PretrainConfig, pretrain
 from engine.testbed.task import problems, verify
 from engine.train.data import build_examples, write_jsonl
 from engine.train.trainer import TrainConfig, train
 
 DATA_SEED = 1
+DATA_LEVELS = [1, 2, 3, 4, 5]  # level 0 is always solved: it teaches the adapter nothing
 
 
 def accuracy(model_dir: Path, n: int, temperature: float, device: str, seed: int = 7) -> float:
     eng = Engine(str(model_dir), device=device, seed=seed)
-    recs = [p.record() for p in problems(n, 2024)]
-    outs = eng.chat([[{"role": "user", "content": r["prompt"]}] for r in recs],
-                    SamplingParams(temperature=temperature, max_tokens=64, seed=seed))
+    recs = [p.record() for p in problems(n, 2024, DEMO_LEVELS)]
+    outs = eng.chat(
+        [[{"role": "user", "content": r["prompt"]}] for r in recs],
+        SamplingParams(temperature=temperature, max_tokens=64, seed=seed),
+    )
     return sum(verify(r, o.samples[0].text) for r, o in zip(recs, outs)) / n
 
 
@@ -49,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoints", default="8,16")
     ap.add_argument("--completions", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--eval-problems", type=int, default=200)
     ap.add_argument("--redo", action="store_true")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -58,39 +63,65 @@ def main(argv: list[str] | None = None) -> int:
     recipe = json.loads(recipe_path.read_text()) if recipe_path.exists() and not args.redo else {}
     recipe["command"] = "python -m engine.testbed.build " + " ".join(argv or sys.argv[1:])
 
+    def save() -> None:  # after every stage, so an interrupted build keeps what it made
+        recipe_path.write_text(json.dumps(recipe, indent=2) + "\n")
+
     if args.redo or not (out / "model.safetensors").exists():
         cfg = PretrainConfig(steps=args.steps, threads=0)
         recipe["pretrain"] = pretrain(out, cfg, args.device)
+        save()
     base = recipe.setdefault("base_metrics", {})
     if "greedy_acc" not in base:
-        base["greedy_acc"] = accuracy(out, 200, 0.0, args.device)
-        base["sample_acc_t1"] = accuracy(out, 200, 1.0, args.device)
-        base["held_out_problems"] = 200
+        base["greedy_acc"] = accuracy(out, args.eval_problems, 0.0, args.device)
+        base["sample_acc_t1"] = accuracy(out, args.eval_problems, 1.0, args.device)
+        base["held_out_problems"] = args.eval_problems
+        save()
     print("base model:", base, flush=True)
 
     data = work / "adapter-data.jsonl"
-    if args.redo or not data.exists():
+    if args.redo or not data.exists() or "data" not in recipe:
         start = time.perf_counter()
         eng = Engine(str(out), device=args.device, seed=DATA_SEED)
-        recs = [p.record() for p in problems(args.data_prompts, DATA_SEED)]
+        recs = [p.record() for p in problems(args.data_prompts, DATA_SEED, DATA_LEVELS)]
         params = SamplingParams(temperature=1.0, max_tokens=64, seed=DATA_SEED)
-        count = write_jsonl(build_examples(
-            eng, recs, reward=verify, n=args.n, params=params, completions=args.completions,
-            checkpoints=[int(c) for c in args.checkpoints.split(",")]), data)
-        recipe["data"] = {"prompts": args.data_prompts, "seed": DATA_SEED, "n": args.n,
-                          "checkpoints": args.checkpoints, "completions": args.completions,
-                          "temperature": 1.0, "examples": count,
-                          "seconds": round(time.perf_counter() - start, 1)}
+        count = write_jsonl(
+            build_examples(
+                eng,
+                recs,
+                reward=verify,
+                n=args.n,
+                params=params,
+                completions=args.completions,
+                checkpoints=[int(c) for c in args.checkpoints.split(",")],
+            ),
+            data,
+        )
+        recipe["data"] = {
+            "prompts": args.data_prompts,
+            "seed": DATA_SEED,
+            "levels": DATA_LEVELS,
+            "n": args.n,
+            "checkpoints": args.checkpoints,
+            "completions": args.completions,
+            "temperature": 1.0,
+            "examples": count,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        save()
     if args.redo or not (out / "adapter" / "adapter.safetensors").exists():
         if (out / "adapter").exists():
             shutil.rmtree(out / "adapter")
-        cfg = TrainConfig(rank=16, alpha=32, lr=2e-3, epochs=args.epochs, batch_size=32, eval_frac=0.1,
-                          device=args.device)
+        cfg = TrainConfig(
+            rank=16, alpha=32, lr=2e-3, epochs=args.epochs, batch_size=32, eval_frac=0.1, device=args.device
+        )
         start = time.perf_counter()
         report = train(str(out), str(data), str(out / "adapter"), cfg)
-        recipe["adapter"] = {"train": asdict(cfg), "report": report,
-                             "seconds": round(time.perf_counter() - start, 1)}
-    recipe_path.write_text(json.dumps(recipe, indent=2) + "\n")
+        recipe["adapter"] = {
+            "train": asdict(cfg),
+            "report": report,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+    save()
     print(json.dumps(recipe.get("adapter", {}).get("report", {}).get("held_out_calibration"), indent=2))
     return 0
 

@@ -2,9 +2,9 @@
 
 On held-out problems: accuracy of greedy decoding and of one sample; best-of-{2,4,8,16} picked by
 self-evaluation, by an oracle, by mean log-probability and by DeepConf-style confidence; the
-adaptive curve (the Adaptive policy at several thresholds); the pruning curve (samples pruned at
-8/16/32 tokens by their in-place self-evaluation scores); AUROC of the score for right vs wrong
-answers at the end and mid-generation. Prints a table, writes results.json and PNG plots."""
+adaptive curve (the Adaptive policy at several thresholds); the pruning curve (the Prune policy
+dropping samples at 8/16/32 tokens on their in-place self-evaluation scores); AUROC of the score
+for right vs wrong answers at the end and mid-generation. Prints a table, writes results.json and PNG plots."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ import time
 from pathlib import Path
 
 from engine.api import Engine
-from engine.policies import Adaptive, ConfidenceScorer
+from engine.policies import Adaptive, ConfidenceScorer, Prune
 from engine.sampling import SamplingParams
 from engine.testbed import BUNDLED
 from engine.testbed.task import problems, verify
 from engine.train.trainer import auroc
 
 HELD_OUT_SEED = 2024  # training streams use seeds 0 (pretraining) and 1 (adapter data)
+DEMO_LEVELS = [2, 3, 4, 5]  # the levels where samples are right only part of the time
 CHECKPOINTS = (8, 16, 32)
 NS = (2, 4, 8, 16)
 
@@ -43,7 +44,7 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
     adapter = adapter if adapter is not None else Path(model) / "adapter"
     eng = Engine(str(model), device=device, adapter=str(adapter) if Path(adapter).exists() else None,
                  seed=seed)
-    records = [p.record() for p in problems(num_problems, HELD_OUT_SEED)]
+    records = [p.record() for p in problems(num_problems, HELD_OUT_SEED, DEMO_LEVELS)]
     convs = [[{"role": "user", "content": r["prompt"]}] for r in records]
 
     greedy = eng.chat(convs, SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=use_tqdm)
@@ -79,21 +80,17 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
                          "frac_gain": (acc - sample_acc) / gain if gain > 0 else None})
 
     prune = []
-    full_tokens = sum(len(s.token_ids) for o in outs for s in o.samples)
+    full_tokens = sum(len(s.token_ids) for o in outs for s in o.samples)  # the best-of-16 run above
     for c in CHECKPOINTS:
         for keep in keeps:
-            hits, pruned, saved = [], 0, 0
-            for row, o in zip(correct, outs):
-                live = [i for i, s in enumerate(o.samples) if len(s.token_ids) > c]
-                at = {i: dict(o.samples[i].checkpoint_scores).get(c) for i in live}
-                ranked = sorted(live, key=lambda i: (-(at[i] if at[i] is not None else -1), i))
-                dropped = set(ranked[max(1, round(keep * len(ranked))):]) if len(ranked) > 1 else set()
-                pruned += len(dropped)
-                saved += sum(len(o.samples[i].token_ids) - c for i in dropped)
-                rest = [i for i in range(len(o.samples)) if i not in dropped]
-                hits.append(row[rest[_argmax([o.samples[i].score for i in rest])]])
-            prune.append({"checkpoint": c, "keep": keep, "frac_pruned": pruned / (len(outs) * max(NS)),
-                          "acc": _mean(hits), "tokens_saved_frac": saved / full_tokens})
+            policy = Prune(max(NS), checkpoints=(c,), keep=keep)
+            res = eng.chat(convs, SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed),
+                           use_tqdm=use_tqdm, policy=policy)
+            generated = sum(o.stats.generated_tokens for o in res)
+            prune.append({"checkpoint": c, "keep": keep,
+                          "frac_pruned": sum(o.stats.samples_pruned for o in res) / (len(res) * max(NS)),
+                          "acc": _mean(verify(r, o.best.text) for r, o in zip(records, res)),
+                          "tokens_saved_frac": 1 - generated / full_tokens})
 
     pairs = [(s, c) for o, row in zip(outs, correct) for s, c in zip(o.samples, row)]
     roc = {"end": auroc([s.score for s, c in pairs if c], [s.score for s, c in pairs if not c])}
@@ -106,7 +103,7 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
                "adaptive": adaptive, "gain_at_1_2_samples": _interp_gain(adaptive, 1.2),
                "prune": prune, "auroc": roc,
                "setup": {"problems": num_problems, "temperature": temperature, "max_tokens": max_tokens,
-                         "seed": seed, "model": str(model), "adapter": str(adapter),
+                         "seed": seed, "levels": DEMO_LEVELS, "model": str(model), "adapter": str(adapter),
                          "seconds": round(time.perf_counter() - start, 1)}}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

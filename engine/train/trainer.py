@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from engine.errors import InvalidRequestError
 from engine.model.llama import AttentionMetadata, LlamaForCausalLM
@@ -113,7 +114,7 @@ def predict(model, spec, examples, device, batch_size=32) -> list[float]:
 
 
 def train(model_dir: str, data: str | list[dict], out_dir: str, cfg: TrainConfig | None = None,
-          log=print) -> dict:
+          log=print, use_tqdm: bool = True) -> dict:
     """Train the adapter on data (a JSONL path or examples); writes the adapter, checkpoints and
     calibration.json to out_dir and returns the report."""
     cfg = cfg or TrainConfig()
@@ -141,6 +142,7 @@ def train(model_dir: str, data: str | list[dict], out_dir: str, cfg: TrainConfig
                 else torch.autocast("cpu", enabled=False))
     out = Path(out_dir)
     step, history = 0, []
+    bar = tqdm(total=total, desc="train", unit="step", disable=not use_tqdm)
     with reference_only():
         for epoch in range(cfg.epochs):
             rng.shuffle(train_set)
@@ -158,9 +160,12 @@ def train(model_dir: str, data: str | list[dict], out_dir: str, cfg: TrainConfig
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 history.append(loss.item() * cfg.grad_accum)
+                bar.update(1)
+                bar.set_postfix(loss=f"{history[-1]:.4f}", refresh=False)
                 if cfg.save_every and step % cfg.save_every == 0:
                     save_adapter(model, out / f"checkpoint-{step}")
             log(f"epoch {epoch + 1}/{cfg.epochs}: loss {sum(history[-len(batches):]) / len(batches):.4f}")
+        bar.close()
         scores = predict(model, spec, held, device)
     rewards = [e["reward"] for e in held] if all("reward" in e for e in held) else None
     report = {"train_examples": len(train_set), "held_out": len(held), "steps": step,

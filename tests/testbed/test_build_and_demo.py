@@ -1,0 +1,39 @@
+"""The testbed recipe runs end to end at toy size, and `selfeval demo` on the bundled model gives
+the table's structure with best-of-16 by self-evaluation clearly above one sample."""
+
+import json
+
+import pytest
+
+from engine.cli import main
+from engine.testbed import BUNDLED
+from engine.testbed.build import main as build
+
+
+def test_build_recipe_end_to_end_at_toy_size(tmp_path):
+    out = tmp_path / "model"
+    assert build(["--out", str(out), "--steps", "3", "--data-prompts", "4", "-n", "2",
+                  "--checkpoints", "4", "--completions", "1", "--epochs", "1", "--eval-problems", "4"]) == 0
+    recipe = json.loads((out / "RECIPE.json").read_text())
+    assert recipe["pretrain"]["config"]["steps"] == 3
+    assert recipe["data"]["examples"] >= 8
+    assert {"greedy_acc", "sample_acc_t1"} <= recipe["base_metrics"].keys()
+    assert (out / "adapter" / "adapter.safetensors").exists()
+    assert (out / "adapter" / "calibration.json").exists()
+
+
+@pytest.mark.skipif(not (BUNDLED / "adapter" / "adapter.safetensors").exists(), reason="no bundled model")
+def test_demo_on_the_bundled_model(tmp_path):
+    assert main(["demo", "--out", str(tmp_path), "--problems", "48"]) == 0
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert {"greedy_acc", "sample_acc", "best_of_n", "adaptive", "prune", "auroc"} <= r.keys()
+    assert set(r["best_of_n"]) == {"2", "4", "8", "16"}
+    for v in r["best_of_n"].values():
+        assert set(v) == {"selfeval", "oracle", "logprob", "confidence"}
+    assert all({"threshold", "avg_samples", "acc", "frac_gain"} <= a.keys() for a in r["adaptive"])
+    assert all({"checkpoint", "frac_pruned", "acc", "tokens_saved_frac"} <= p.keys() for p in r["prune"])
+    assert {"end", "8", "16", "32"} <= r["auroc"].keys()
+    assert r["best_of_n"]["16"]["selfeval"] >= r["sample_acc"] + 0.1
+    assert r["best_of_n"]["16"]["oracle"] >= r["best_of_n"]["16"]["selfeval"]
+    for name in ("best_of_n.png", "adaptive.png", "prune.png"):
+        assert (tmp_path / name).stat().st_size > 1000
