@@ -4,7 +4,8 @@ On held-out problems: accuracy of greedy decoding and of one sample; best-of-{2,
 self-evaluation, by an oracle, by mean log-probability and by DeepConf-style confidence; the
 adaptive curve (the Adaptive policy at several thresholds); the pruning curve (the Prune policy
 dropping samples at 8/16/32 tokens on their in-place self-evaluation scores); AUROC of the score
-for right vs wrong answers at the end and mid-generation. Prints a table, writes results.json and PNG plots."""
+for right vs wrong answers at the end and mid-generation. Prints a table, writes results.json and
+PNG plots."""
 
 from __future__ import annotations
 
