@@ -411,7 +411,8 @@ class Engine:
         return self._run_until_done(request_ids, use_tqdm)
 
     def chat(self, conversations: list[dict] | list[list[dict]], params: SamplingParams | None = None,
-             use_tqdm: bool = False) -> list[RequestOutput]:
+             use_tqdm: bool = False, policy: Policy | Seq[Policy | None] | None = None,
+             ) -> list[RequestOutput]:
         """Like generate, with each conversation rendered by the model's chat template."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
@@ -419,7 +420,7 @@ class Engine:
                    for c in conversations]
         prompts = [list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p)
                    for p in prompts]
-        return self.generate(prompts, params, use_tqdm)
+        return self.generate(prompts, params, use_tqdm, policy)
 
     def score(self, prompts: Seq[Prompt], responses: Seq[Prompt]) -> list[float]:
         """Self-evaluation score in [0, 1] of each (prompt, response): one forward over the
