@@ -58,6 +58,10 @@ class PolicyRun:
         """Generation ended and, where the scorer needs it, the end score is in."""
         return seq.status is SeqStatus.FINISHED or (not seq.generating and not self.scorer.needs_suffix)
 
+    def settled(self) -> bool:
+        """Every sample asked for is drawn (none waits for the prompt's cache) and complete."""
+        return not self._pending and all(self.complete(s) for s in self.samples)
+
     def value(self, seq: Sequence, upto: int | None = None) -> float | None:
         return self.scorer(seq, upto)
 

@@ -22,7 +22,7 @@ class BestOfN(Policy):
         run.spawn(self.n)
 
     def update(self, run: PolicyRun) -> None:
-        if all(run.complete(s) for s in run.samples) and run.drawn == self.n:
+        if run.settled() and run.drawn == self.n:
             run.finish()
 
 
@@ -55,7 +55,7 @@ class Adaptive(Policy):
         self._next_round(run)
 
     def update(self, run: PolicyRun) -> None:
-        if run._pending or not all(run.complete(s) for s in run.samples):
+        if not run.settled():
             return
         values = [run.value(s) for s in run.samples]
         best = max((v for v in values if v is not None and math.isfinite(v)), default=-math.inf)
@@ -100,7 +100,7 @@ class Prune(Policy):
             run.state["next"] += 1
             if len(live) > 1:
                 self._prune(run, live, c)
-        if all(run.complete(s) for s in run.samples) and run.drawn == self.n:
+        if run.settled() and run.drawn == self.n:
             run.finish()
 
     def _prune(self, run: PolicyRun, live, c: int) -> None:

@@ -2,7 +2,9 @@
 
     python -m engine.testbed.build --out engine/testbed/model
 
-1. pretrain the base model (engine.testbed.pretrain) on generated problems;
+1. pretrain the base model (engine.testbed.pretrain) on generated problems; with --check-steps,
+   go on with half of each batch the answer-checking task (synthetic right/corrupted solutions,
+   "right"/"wrong"; off by default: 300 steps left the model checking at chance);
 2. measure its greedy and sampled accuracy on held-out problems;
 3. `build-data`: N samples per training prompt, verifier rewards, win-tie targets, mid-generation
    prefixes completed k times;
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=None, help="scratch directory for the data (default OUT/../build)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=1400)
+    ap.add_argument("--check-steps", type=int, default=0)
     ap.add_argument("--data-prompts", type=int, default=384)
     ap.add_argument("-n", type=int, default=8)
     ap.add_argument("--checkpoints", default="8,16")
@@ -69,6 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.redo or not (out / "model.safetensors").exists():
         cfg = PretrainConfig(steps=args.steps, threads=0)
         recipe["pretrain"] = pretrain(out, cfg, args.device)
+        recipe.pop("pretrain_check", None)
+        save()
+    if "pretrain_check" not in recipe and args.check_steps:
+        cfg = PretrainConfig(steps=args.check_steps, lr=1e-3, warmup=20, check_frac=0.5, seed=3, threads=0)
+        recipe["pretrain_check"] = pretrain(out, cfg, args.device, init_from=out)
+        recipe["pretrain_check"]["note"] = "continued from the pretrain stage's checkpoint"
+        for stage in ("base_metrics", "data", "adapter"):
+            recipe.pop(stage, None)
         save()
     base = recipe.setdefault("base_metrics", {})
     if "greedy_acc" not in base:
@@ -108,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": round(time.perf_counter() - start, 1),
         }
         save()
-    if args.redo or not (out / "adapter" / "adapter.safetensors").exists():
+    if args.redo or not (out / "adapter" / "adapter.safetensors").exists() or "adapter" not in recipe:
         if (out / "adapter").exists():
             shutil.rmtree(out / "adapter")
         cfg = TrainConfig(

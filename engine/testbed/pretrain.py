@@ -1,6 +1,12 @@
 """Pretrains the testbed's base model with our own model code (Llama architecture, dense causal
 attention, torch references so autograd runs on any device): next-token loss on the assistant's
-solution of freshly generated problems, AdamW with warm-up and cosine decay."""
+solution of freshly generated problems, AdamW with warm-up and cosine decay.
+
+With check_frac > 0 a share of each batch is the answer-checking task a real LLM brings from its
+own training: a solution (right, or with one step's result corrupted and the chain carried on
+from it), then the user asks CHECK_QUESTION and the assistant says "right" or "wrong". The
+solutions are synthetic, never the model's samples, and the question and answer words are not the
+self-evaluation ones: the adapter still has to learn to use this skill on its own samples."""
 
 from __future__ import annotations
 
@@ -14,8 +20,8 @@ import torch
 
 from engine.model.config import ModelConfig
 from engine.model.llama import AttentionMetadata, LlamaForCausalLM
-from engine.model.loader import save_model
-from engine.testbed.task import LEVELS, make_problem
+from engine.model.loader import load_model, load_tokenizer, save_model
+from engine.testbed.task import LEVELS, Problem, make_problem
 from engine.testbed.tokenizer import make_tokenizer
 from kernels.dispatch import reference_only
 
@@ -35,6 +41,26 @@ class PretrainConfig:
     weight_decay: float = 0.1
     seed: int = 0
     threads: int = 0  # torch threads (0: torch's default)
+    check_frac: float = 0.0  # share of examples that are the answer-checking task
+
+
+CHECK_QUESTION = "Check every line."
+
+
+def corrupt(rng: random.Random, problem: Problem) -> str:
+    """The solution with one step's result off by a small digit error and the rest of the chain
+    carried on from the wrong value, like a sampling slip."""
+    steps = problem.steps()
+    bad = rng.randrange(len(steps))
+    lines, acc = [], None
+    for i, (a, op, t, r) in enumerate(steps):
+        a = a if acc is None else acc
+        r = a + t if op == "+" else a - t
+        if i == bad:
+            r += rng.choice([-1, 1]) * 10 ** rng.randrange(max(1, len(str(abs(r))) if r else 1))
+        lines.append(f"{a}{op}{t} = {r}")
+        acc = r
+    return "\n".join(lines) + f"\n#### {acc}"
 
 
 def hf_config(cfg: PretrainConfig, tokenizer):
@@ -49,22 +75,42 @@ def hf_config(cfg: PretrainConfig, tokenizer):
         pad_token_id=tokenizer.pad_token_id, torch_dtype="float32")
 
 
-def encode(tokenizer, question: str, solution: str) -> tuple[list[int], list[bool]]:
-    """Chat-formatted ids and a mask of the tokens the loss predicts (the assistant's turn)."""
-    def ids(messages, gen):
-        out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen)
-        return list(out["input_ids"]) if hasattr(out, "keys") else list(out)
+def _chat_ids(tokenizer, messages, gen):
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen)
+    return list(out["input_ids"]) if hasattr(out, "keys") else list(out)
 
-    user = [{"role": "user", "content": question}]
-    prompt = ids(user, True)
-    full = ids(user + [{"role": "assistant", "content": solution}], False)
+
+def _with_reply(tokenizer, turns: list[dict], reply: str) -> tuple[list[int], list[bool]]:
+    """Chat-formatted ids of turns plus the assistant's reply, and a mask of the reply's tokens
+    (the ones the loss predicts)."""
+    prompt = _chat_ids(tokenizer, turns, True)
+    full = _chat_ids(tokenizer, turns + [{"role": "assistant", "content": reply}], False)
     full = full[: full.index(tokenizer.eos_token_id, len(prompt)) + 1]  # up to the turn's end
     return full, [False] * len(prompt) + [True] * (len(full) - len(prompt))
 
 
-def _batch(tokenizer, rng, size, device):
-    seqs = [encode(tokenizer, p.question, p.solution)
-            for p in (make_problem(rng, rng.randrange(len(LEVELS))) for _ in range(size))]
+def encode(tokenizer, question: str, solution: str) -> tuple[list[int], list[bool]]:
+    """Chat-formatted ids and a mask of the tokens the loss predicts (the assistant's turn)."""
+    return _with_reply(tokenizer, [{"role": "user", "content": question}], solution)
+
+
+def encode_check(tokenizer, question: str, solution: str, right: bool) -> tuple[list[int], list[bool]]:
+    """The checking task: only the verdict is predicted."""
+    turns = [{"role": "user", "content": question}, {"role": "assistant", "content": solution},
+             {"role": "user", "content": CHECK_QUESTION}]
+    return _with_reply(tokenizer, turns, "right" if right else "wrong")
+
+
+def _example(tokenizer, rng, check_frac):
+    p = make_problem(rng, rng.randrange(len(LEVELS)))
+    if rng.random() >= check_frac:
+        return encode(tokenizer, p.question, p.solution)
+    right = rng.random() < 0.5
+    return encode_check(tokenizer, p.question, p.solution if right else corrupt(rng, p), right)
+
+
+def _batch(tokenizer, rng, size, device, check_frac=0.0):
+    seqs = [_example(tokenizer, rng, check_frac) for _ in range(size)]
     width = max(len(s) for s, _ in seqs)
     ids = torch.full((size, width), tokenizer.pad_token_id, dtype=torch.int64)
     mask = torch.zeros(size, width, dtype=torch.bool)
@@ -88,21 +134,26 @@ def _forward(model, ids):
 
 
 def pretrain(out_dir: str | Path, cfg: PretrainConfig | None = None, device: str = "cpu",
-             log=print) -> dict:
+             log=print, init_from: str | Path | None = None) -> dict:
+    """Train from scratch, or go on from the checkpoint in init_from (its shape wins over cfg's)."""
     cfg = cfg or PretrainConfig()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     dev = torch.device(device)
-    tokenizer = make_tokenizer()
-    hf = hf_config(cfg, tokenizer)
-    model = LlamaForCausalLM(ModelConfig.from_hf(hf)).to(dev)
-    for name, p in model.named_parameters():
-        if p.dim() == 2:
-            torch.nn.init.normal_(p, std=0.02 / (math.sqrt(2 * cfg.num_layers) if name.endswith(
-                ("o_proj.weight", "down_proj.weight")) else 1.0))
-    model.init_rotary()
+    if init_from is not None:
+        tokenizer = load_tokenizer(str(init_from))
+        model, hf = load_model(str(init_from), dev, torch.float32)
+    else:
+        tokenizer = make_tokenizer()
+        hf = hf_config(cfg, tokenizer)
+        model = LlamaForCausalLM(ModelConfig.from_hf(hf)).to(dev)
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                torch.nn.init.normal_(p, std=0.02 / (math.sqrt(2 * cfg.num_layers) if name.endswith(
+                    ("o_proj.weight", "down_proj.weight")) else 1.0))
+        model.init_rotary()
     decay = [p for p in model.parameters() if p.dim() == 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -113,7 +164,7 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig | None = None, device: str
     model.train()
     with reference_only():
         for step in range(cfg.steps):
-            ids, mask = _batch(tokenizer, rng, cfg.batch_size, dev)
+            ids, mask = _batch(tokenizer, rng, cfg.batch_size, dev, cfg.check_frac)
             logits = _forward(model, ids)
             target = mask[:, 1:]
             loss = torch.nn.functional.cross_entropy(logits[:, :-1][target], ids[:, 1:][target])

@@ -154,3 +154,18 @@ def test_reward_model_scorer_loads_a_local_classifier(tmp_path):
     rm = RewardModelScorer(str(tmp_path / "rm"))
     rewards = rm.score_texts(["Q: 1+1", "Q: 2+2"], [" 2", " 5 and a longer answer"])
     assert len(rewards) == 2 and rewards[0] != rewards[1]
+
+
+@pytest.mark.parametrize("make", [lambda: BestOfN(3, scorer="logprob"),
+                                  lambda: Prune(3, checkpoints=(2,), keep=0.5, scorer="logprob"),
+                                  lambda: Adaptive(2.0, max_samples=3, rounds=(1, 2), scorer="logprob")])
+def test_policies_wait_for_prompts_that_are_still_queued(llama_dir, make):
+    # A 48-token step budget prefills about four 11-token prompts per step: the later requests'
+    # samples are asked for before their prompt is cached and must still all be drawn.
+    eng = Engine(str(llama_dir), block_size=4, num_blocks=256, max_batch_tokens=48)
+    free = eng.num_free_blocks
+    outs = eng.generate([_prompt(eng, 40 + i) for i in range(16)], PARAMS, policy=make())
+    for out in outs:
+        assert out.stats.samples_drawn == len(out.samples) == 3
+        assert out.best.index in {s.index for s in out.samples if s.pruned_at is None}
+    assert eng.num_free_blocks == free

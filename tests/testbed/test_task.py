@@ -4,7 +4,7 @@ one digit per token and gives Yes / No single tokens, the loss mask covers the a
 import random
 
 from engine.selfeval import build_spec
-from engine.testbed.pretrain import encode
+from engine.testbed.pretrain import CHECK_QUESTION, corrupt, encode, encode_check
 from engine.testbed.task import LEVELS, extract_answer, make_problem, problems, verify
 from engine.testbed.tokenizer import make_tokenizer
 
@@ -38,3 +38,29 @@ def test_tokenizer_digits_yes_no_and_loss_mask():
     full, mask = encode(tok, p.question, p.solution)
     assert len(full) == len(mask) and full[-1] == tok.eos_token_id
     assert tok.decode([t for t, m in zip(full, mask) if m], skip_special_tokens=True) == p.solution
+
+
+def test_corrupted_solutions_are_wrong_in_exactly_one_step_and_carry_on():
+    rng = random.Random(1)
+    for p in problems(300, seed=9):
+        bad = corrupt(rng, p)
+        assert verify(p.record(), bad) == 0.0
+        lines = bad.splitlines()
+        assert len(lines) == len(p.steps()) + 1
+        wrong, acc = 0, None
+        for line in lines[:-1]:
+            expr, result = line.split(" = ")
+            a = int(expr[: max(expr.rfind("+"), expr.rfind("-", 1))])
+            assert acc is None or a == acc  # each step starts from the previous written result
+            wrong += eval(expr) != int(result)  # noqa: S307 (digits and +/- only)
+            acc = int(result)
+        assert wrong == 1 and lines[-1] == f"#### {acc}"
+
+
+def test_check_task_predicts_only_the_verdict():
+    tok = make_tokenizer()
+    p = problems(1, seed=2)[0]
+    for right, word in ((True, "right"), (False, "wrong")):
+        ids, mask = encode_check(tok, p.question, p.solution, right)
+        assert tok.decode([t for t, m in zip(ids, mask) if m]) == word + "<|im_end|>"
+        assert CHECK_QUESTION in tok.decode(ids) and p.solution in tok.decode(ids)
