@@ -100,6 +100,13 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
         known = [(v, ok) for v, ok in at if v is not None]
         roc[str(c)] = auroc([v for v, ok in known if ok], [v for v, ok in known if not ok])
 
+    # Best-of-n needs the score to rank samples of the same prompt: the mean AUROC over prompts
+    # with both right and wrong samples says whether it does (0.5: it does not).
+    within = [auroc([s.score for s, c in zip(o.samples, row) if c],
+                    [s.score for s, c in zip(o.samples, row) if not c]) for o, row in zip(outs, correct)]
+    within = [a for a in within if a is not None]
+    roc["end_within_prompt"] = _mean(within) if within else None
+
     results = {"greedy_acc": greedy_acc, "sample_acc": sample_acc, "best_of_n": best_of_n,
                "adaptive": adaptive, "gain_at_1_2_samples": _interp_gain(adaptive, 1.2),
                "prune": prune, "auroc": roc,

@@ -47,7 +47,7 @@ def test_demo_on_the_bundled_model_gives_the_table(demo):
     assert all(1 <= a["avg_samples"] <= 16 for a in r["adaptive"])
     assert all({"checkpoint", "frac_pruned", "acc", "tokens_saved_frac"} <= p.keys() for p in r["prune"])
     assert all(0 < p["frac_pruned"] < 1 and 0 < p["tokens_saved_frac"] < 1 for p in r["prune"])
-    assert {"end", "8", "16", "32"} <= r["auroc"].keys()
+    assert {"end", "8", "16", "32", "end_within_prompt"} <= r["auroc"].keys()
     for name in ("best_of_n.png", "adaptive.png", "prune.png"):
         assert (out / name).stat().st_size > 1000
 
