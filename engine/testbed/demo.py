@@ -145,6 +145,7 @@ def _plots(r: dict, out: Path) -> None:
     ax.axhline(r["sample_acc"], color="gray", ls="--", label="one sample")
     ax.axhline(r["greedy_acc"], color="black", ls=":", label="greedy")
     ax.set(xscale="log", xticks=ns, xticklabels=ns, xlabel="samples (best-of-n)", ylabel="accuracy")
+    ax.minorticks_off()
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "best_of_n.png", dpi=120)
