@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--work", default=None, help="scratch directory for the data (default OUT/../build)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--steps", type=int, default=1400)
+    ap.add_argument("--steps", type=int, default=1600)
+    ap.add_argument("--direct-frac", type=float, default=0.35,
+                    help="share of pretraining solutions that answer with no working")
     ap.add_argument("--check-steps", type=int, default=0)
     ap.add_argument("--data-prompts", type=int, default=384)
     ap.add_argument("-n", type=int, default=8)
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe_path.write_text(json.dumps(recipe, indent=2) + "\n")
 
     if args.redo or not (out / "model.safetensors").exists():
-        cfg = PretrainConfig(steps=args.steps, threads=0)
+        cfg = PretrainConfig(steps=args.steps, threads=0, direct_frac=args.direct_frac)
         recipe["pretrain"] = pretrain(out, cfg, args.device)
         recipe.pop("pretrain_check", None)
         save()

@@ -32,6 +32,11 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def _mean_or_none(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
 def _argmax(values):
     """Index of the largest value (None counts as -inf; ties go to the first)."""
     return max(range(len(values)), key=lambda i: (values[i] if values[i] is not None else -math.inf, -i))
@@ -71,6 +76,16 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
         }
     gain = best_of_n[str(max(NS))]["selfeval"] - sample_acc
 
+    # The model has two habits (pretrain.py): show working, or answer directly. Which one the
+    # samples and the self-evaluation's picks took, and how each does.
+    flat = [(s, c) for o, row in zip(outs, correct) for s, c in zip(o.samples, row)]
+    is_direct = [s.text.lstrip().startswith("####") for s, _ in flat]
+    picks = [o.samples[_argmax([s.score for s in o.samples])] for o in outs]
+    habits = {"direct_share": _mean(is_direct),
+              "direct_acc": _mean_or_none(c for (_, c), d in zip(flat, is_direct) if d),
+              "worked_acc": _mean_or_none(c for (_, c), d in zip(flat, is_direct) if not d),
+              "direct_share_of_selfeval_picks": _mean(s.text.lstrip().startswith("####") for s in picks)}
+
     adaptive = []
     for th in thresholds:
         policy = Adaptive(th, max_samples=max(NS))
@@ -109,7 +124,7 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
 
     results = {"greedy_acc": greedy_acc, "sample_acc": sample_acc, "best_of_n": best_of_n,
                "adaptive": adaptive, "gain_at_1_2_samples": _interp_gain(adaptive, 1.2),
-               "prune": prune, "auroc": roc,
+               "prune": prune, "auroc": roc, "habits": habits,
                "setup": {"problems": num_problems, "temperature": temperature, "max_tokens": max_tokens,
                          "seed": seed, "levels": DEMO_LEVELS, "model": str(model), "adapter": str(adapter),
                          "seconds": round(time.perf_counter() - start, 1)}}
@@ -187,5 +202,10 @@ def _print(r: dict, log) -> None:
     for p in r["prune"]:
         log(f"            {p['checkpoint']:<10}  {p['frac_pruned']:.2f}    {p['acc']:.3f}  "
             f"{p['tokens_saved_frac']:.2f}")
+    h = r["habits"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    log(f"habits      answered directly {fmt(h['direct_share'])} of samples (acc {fmt(h['direct_acc'])}), "
+        f"with working acc {fmt(h['worked_acc'])}; of best-of-16 self-eval picks "
+        f"{fmt(h['direct_share_of_selfeval_picks'])} direct")
     log("AUROC of the self-evaluation score (right vs wrong): "
         + ", ".join(f"{k}: {'n/a' if v is None else f'{v:.3f}'}" for k, v in r["auroc"].items()))

@@ -2,6 +2,11 @@
 attention, torch references so autograd runs on any device): next-token loss on the assistant's
 solution of freshly generated problems, AdamW with warm-up and cosine decay.
 
+With direct_frac > 0 that share of the solutions gives the answer with no working ("#### 374"),
+as people and LLMs sometimes do. The model then learns both habits and picks one with its first
+sampled token; answering directly is fine on easy problems and mostly wrong on long ones, so which
+habit a sample took, and on which problem, is something a self-evaluation can see.
+
 With check_frac > 0 a share of each batch is the answer-checking task a real LLM brings from its
 own training: a solution (right, or with one step's result corrupted and the chain carried on
 from it), then the user asks CHECK_QUESTION and the assistant says "right" or "wrong". The
@@ -42,6 +47,7 @@ class PretrainConfig:
     seed: int = 0
     threads: int = 0  # torch threads (0: torch's default)
     check_frac: float = 0.0  # share of examples that are the answer-checking task
+    direct_frac: float = 0.0  # share of solutions that give the answer with no working
 
 
 CHECK_QUESTION = "Check every line."
@@ -101,16 +107,16 @@ def encode_check(tokenizer, question: str, solution: str, right: bool) -> tuple[
     return _with_reply(tokenizer, turns, "right" if right else "wrong")
 
 
-def _example(tokenizer, rng, check_frac):
+def _example(tokenizer, rng, check_frac, direct_frac=0.0):
     p = make_problem(rng, rng.randrange(len(LEVELS)))
     if rng.random() >= check_frac:
-        return encode(tokenizer, p.question, p.solution)
+        return encode(tokenizer, p.question, p.direct if rng.random() < direct_frac else p.solution)
     right = rng.random() < 0.5
     return encode_check(tokenizer, p.question, p.solution if right else corrupt(rng, p), right)
 
 
-def _batch(tokenizer, rng, size, device, check_frac=0.0):
-    seqs = [_example(tokenizer, rng, check_frac) for _ in range(size)]
+def _batch(tokenizer, rng, size, device, check_frac=0.0, direct_frac=0.0):
+    seqs = [_example(tokenizer, rng, check_frac, direct_frac) for _ in range(size)]
     width = max(len(s) for s, _ in seqs)
     ids = torch.full((size, width), tokenizer.pad_token_id, dtype=torch.int64)
     mask = torch.zeros(size, width, dtype=torch.bool)
@@ -164,7 +170,7 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig | None = None, device: str
     model.train()
     with reference_only():
         for step in range(cfg.steps):
-            ids, mask = _batch(tokenizer, rng, cfg.batch_size, dev, cfg.check_frac)
+            ids, mask = _batch(tokenizer, rng, cfg.batch_size, dev, cfg.check_frac, cfg.direct_frac)
             logits = _forward(model, ids)
             target = mask[:, 1:]
             loss = torch.nn.functional.cross_entropy(logits[:, :-1][target], ids[:, 1:][target])

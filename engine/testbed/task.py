@@ -6,7 +6,8 @@
     #### 374
 
 Difficulty grows with the number of terms (2-4) and their digits (1-3). A small model gets the
-easy ones and stumbles on carries, so sampled answers are right only part of the time."""
+easy ones and stumbles on carries, so sampled answers are right only part of the time. A reply may
+also skip the working and give only `#### 374` (Problem.direct), which works on easy problems."""
 
 from __future__ import annotations
 
@@ -36,6 +37,11 @@ class Problem:
             out.append((acc, op, t, new))
             acc = new
         return out
+
+    @property
+    def direct(self) -> str:
+        """The answer with no working, the habit that fails on long problems."""
+        return f"#### {self.answer}"
 
     @property
     def answer(self) -> int:

@@ -48,6 +48,10 @@ def test_demo_on_the_bundled_model_gives_the_table(demo):
     assert all({"checkpoint", "frac_pruned", "acc", "tokens_saved_frac"} <= p.keys() for p in r["prune"])
     assert all(0 < p["frac_pruned"] < 1 and 0 < p["tokens_saved_frac"] < 1 for p in r["prune"])
     assert {"end", "8", "16", "32", "end_within_prompt"} <= r["auroc"].keys()
+    h = r["habits"]
+    assert 0 <= h["direct_share"] <= 1 and 0 <= h["direct_share_of_selfeval_picks"] <= 1
+    for part, present in (("direct_acc", h["direct_share"] > 0), ("worked_acc", h["direct_share"] < 1)):
+        assert (h[part] is not None) == present
     for name in ("best_of_n.png", "adaptive.png", "prune.png"):
         assert (out / name).stat().st_size > 1000
 

@@ -4,7 +4,7 @@ one digit per token and gives Yes / No single tokens, the loss mask covers the a
 import random
 
 from engine.selfeval import build_spec
-from engine.testbed.pretrain import CHECK_QUESTION, corrupt, encode, encode_check
+from engine.testbed.pretrain import CHECK_QUESTION, _example, corrupt, encode, encode_check
 from engine.testbed.task import LEVELS, extract_answer, make_problem, problems, verify
 from engine.testbed.tokenizer import make_tokenizer
 
@@ -64,3 +64,18 @@ def test_check_task_predicts_only_the_verdict():
         ids, mask = encode_check(tok, p.question, p.solution, right)
         assert tok.decode([t for t, m in zip(ids, mask) if m]) == word + "<|im_end|>"
         assert CHECK_QUESTION in tok.decode(ids) and p.solution in tok.decode(ids)
+
+
+def test_direct_answers_are_verified_and_come_at_the_configured_share():
+    tok = make_tokenizer()
+    for p in problems(30, seed=3):
+        assert p.direct == f"#### {p.answer}" and verify(p.record(), p.direct) == 1.0
+    rng = random.Random(4)
+    replies = [tok.decode([t for t, m in zip(*_example(tok, rng, 0.0, 0.35)) if m], skip_special_tokens=True)
+               for _ in range(2000)]
+    direct = sum(r.startswith("####") for r in replies)
+    assert 0.30 < direct / len(replies) < 0.40  # binomial sd ~0.011
+    assert all(r.count("\n") >= 1 for r in replies if not r.startswith("####"))  # the rest show working
+    rng = random.Random(4)
+    assert not any(tok.decode([t for t, m in zip(*_example(tok, rng, 0.0)) if m],
+                              skip_special_tokens=True).startswith("####") for _ in range(300))
