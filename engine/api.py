@@ -390,27 +390,28 @@ class Engine:
                              request.best_index)
 
     # ---- batch entry points -------------------------------------------------------------
-    def generate(self, prompts: Prompt | Iterable[Prompt], params: SamplingParams | None = None,
+    def generate(self, prompts: Prompt | Iterable[Prompt],
+                 params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = False, policy: Policy | Seq[Policy | None] | None = None,
                  ) -> list[RequestOutput]:
         """Generate for every prompt (str tokenized as is, or token ids) in one continuous batch.
-        policy: one policy for every prompt, or one per prompt (None: plain sampling).
+        params and policy: one for every prompt, or one per prompt (policy None: plain sampling).
         A bad prompt raises before anything is queued."""
         single_ids = isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         if isinstance(prompts, str) or single_ids:
             prompts = [prompts]
         prompts = list(prompts)
-        params = params or SamplingParams()
-        policies = list(policy) if isinstance(policy, (list, tuple)) else [policy] * len(prompts)
-        if len(policies) != len(prompts):
-            raise InvalidRequestError(f"{len(prompts)} prompts but {len(policies)} policies")
+        params_list = _per_prompt(params or SamplingParams(), len(prompts), "sampling params")
+        policies = _per_prompt(policy, len(prompts), "policies")
         token_ids = [self._tokenize(p) for p in prompts]
-        for ids, pol in zip(token_ids, policies):  # validate all first: one bad prompt queues nothing
-            self._validate(ids, params, pol)
-        request_ids = [self.add_request(ids, params, pol) for ids, pol in zip(token_ids, policies)]
+        for ids, sp, pol in zip(token_ids, params_list, policies):  # one bad prompt queues nothing
+            self._validate(ids, sp, pol)
+        request_ids = [self.add_request(ids, sp, pol)
+                       for ids, sp, pol in zip(token_ids, params_list, policies)]
         return self._run_until_done(request_ids, use_tqdm)
 
-    def chat(self, conversations: list[dict] | list[list[dict]], params: SamplingParams | None = None,
+    def chat(self, conversations: list[dict] | list[list[dict]],
+             params: SamplingParams | Seq[SamplingParams] | None = None,
              use_tqdm: bool = False, policy: Policy | Seq[Policy | None] | None = None,
              ) -> list[RequestOutput]:
         """Like generate, with each conversation rendered by the model's chat template."""
@@ -454,3 +455,12 @@ class Engine:
         if bar is not None:
             bar.close()
         return [results[i] for i in request_ids]
+
+
+def _per_prompt(value, count: int, what: str) -> list:
+    """One value for every prompt, or a list with one per prompt."""
+    if not isinstance(value, (list, tuple)):
+        return [value] * count
+    if len(value) != count:
+        raise InvalidRequestError(f"{count} prompts but {len(value)} {what}")
+    return list(value)

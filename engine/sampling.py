@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+from dataclasses import dataclass, field, replace
 
 from engine.errors import InvalidRequestError
 
@@ -53,6 +54,20 @@ class SamplingParams:
     @property
     def wants_score(self) -> bool:
         return self.n > 1 if self.score is None else self.score
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, prompt index, ...), well spread, stable across runs."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def seeds_per_prompt(params: SamplingParams, count: int, first: int = 0) -> list[SamplingParams]:
+    """params for `count` prompts, the fixed seed made distinct per prompt (by index, from
+    `first`). One seed shared by many prompts gives sample i of every prompt the same random draws,
+    which correlates them; this keeps runs reproducible and pairs runs that use the same seed."""
+    if params.seed is None:
+        return [params] * count
+    return [replace(params, seed=mix_seed(params.seed, first + j)) for j in range(count)]
 
 
 @dataclass

@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from engine.api import Engine
-from engine.sampling import SamplingParams
+from engine.sampling import SamplingParams, seeds_per_prompt
 from engine.testbed.demo import DEMO_LEVELS
 from engine.testbed.pretrain import PretrainConfig, pretrain
 from engine.testbed.task import problems, verify
@@ -39,7 +39,7 @@ def accuracy(model_dir: Path, n: int, temperature: float, device: str, seed: int
     recs = [p.record() for p in problems(n, 2024, DEMO_LEVELS)]
     outs = eng.chat(
         [[{"role": "user", "content": r["prompt"]}] for r in recs],
-        SamplingParams(temperature=temperature, max_tokens=64, seed=seed),
+        seeds_per_prompt(SamplingParams(temperature=temperature, max_tokens=64, seed=seed), n),
     )
     return sum(verify(r, o.samples[0].text) for r, o in zip(recs, outs)) / n
 

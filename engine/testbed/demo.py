@@ -16,7 +16,7 @@ from pathlib import Path
 
 from engine.api import Engine
 from engine.policies import Adaptive, ConfidenceScorer, Prune
-from engine.sampling import SamplingParams
+from engine.sampling import SamplingParams, seeds_per_prompt
 from engine.testbed import BUNDLED
 from engine.testbed.task import problems, verify
 from engine.train.trainer import auroc
@@ -58,7 +58,9 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
 
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens, n=max(NS), score=True,
                             score_at=CHECKPOINTS, confidence=True, seed=seed)
-    outs = eng.chat(convs, params, use_tqdm=use_tqdm)
+    # Seeds differ per prompt (one shared seed would correlate sample i across prompts) and repeat
+    # across runs, so the policy runs below draw from the same per-prompt streams as this run.
+    outs = eng.chat(convs, seeds_per_prompt(params, len(convs)), use_tqdm=use_tqdm)
     correct = [[verify(r, s.text) for s in o.samples] for r, o in zip(records, outs)]
     sample_acc = _mean(c for row in correct for c in row)
     conf = ConfidenceScorer(window=8)
@@ -86,11 +88,12 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
               "worked_acc": _mean_or_none(c for (_, c), d in zip(flat, is_direct) if not d),
               "direct_share_of_selfeval_picks": _mean(s.text.lstrip().startswith("####") for s in picks)}
 
+    one = seeds_per_prompt(SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed),
+                           len(convs))
     adaptive = []
     for th in thresholds:
         policy = Adaptive(th, max_samples=max(NS))
-        res = eng.chat(convs, SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed),
-                       use_tqdm=use_tqdm, policy=policy)
+        res = eng.chat(convs, one, use_tqdm=use_tqdm, policy=policy)
         acc = _mean(verify(r, o.best.text) for r, o in zip(records, res))
         adaptive.append({"threshold": th, "avg_samples": _mean(len(o.samples) for o in res), "acc": acc,
                          "frac_gain": (acc - sample_acc) / gain if gain > 0 else None})
@@ -100,8 +103,7 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
     for c in CHECKPOINTS:
         for keep in keeps:
             policy = Prune(max(NS), checkpoints=(c,), keep=keep)
-            res = eng.chat(convs, SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed),
-                           use_tqdm=use_tqdm, policy=policy)
+            res = eng.chat(convs, one, use_tqdm=use_tqdm, policy=policy)
             generated = sum(o.stats.generated_tokens for o in res)
             prune.append({"checkpoint": c, "keep": keep,
                           "frac_pruned": sum(o.stats.samples_pruned for o in res) / (len(res) * max(NS)),

@@ -7,11 +7,12 @@ from __future__ import annotations
 import importlib
 import json
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from engine.api import Engine
 from engine.errors import InvalidRequestError
-from engine.sampling import SamplingParams
+from engine.sampling import SamplingParams, mix_seed, seeds_per_prompt
 
 # reward(record, response_text) -> float; record is the prompt's JSON object.
 RewardFn = Callable[[dict, str], float]
@@ -81,7 +82,7 @@ def build_examples(
     step = max(1, 256 // n)  # prompts per engine call: one continuous batch of ~256 samples
     for lo in range(0, len(records), step):
         recs, ids = records[lo:lo + step], prompts[lo:lo + step]
-        outs = engine.generate(ids, sample)
+        outs = engine.generate(ids, seeds_per_prompt(sample, len(ids), lo))
         rewards = [score([rec] * len(o.samples), [s.text for s in o.samples]) for rec, o in zip(recs, outs)]
         for rec, pid, out, rew in zip(recs, ids, outs, rewards):
             for s, r, t in zip(out.samples, rew, win_tie_targets(rew)):
@@ -93,6 +94,9 @@ def build_examples(
         if jobs:
             cont = [SamplingParams(**{**sample.__dict__, "n": completions,
                                       "max_tokens": max(params.max_tokens - c, 1)}) for _, _, c in jobs]
+            if sample.seed is not None:  # a stream of its own for every prefix
+                cont = [replace(sp, seed=mix_seed(sample.seed, lo + k, i, c))
+                        for sp, (k, i, c) in zip(cont, jobs)]
             starts = [ids[k] + outs[k].samples[i].token_ids[:c] for k, i, c in jobs]
             done = _generate_mixed(engine, starts, cont)
             for (k, i, c), d in zip(jobs, done):

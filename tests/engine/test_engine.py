@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine import Engine, InvalidRequestError, SamplingParams
+from engine.sampling import seeds_per_prompt
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 
@@ -76,6 +77,24 @@ def test_seeded_samples_do_not_depend_on_the_batch(eng):
     unseeded = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
     a, b = eng.generate([target, target], unseeded)
     assert a.samples[0].token_ids != b.samples[0].token_ids
+
+
+def test_params_per_prompt_and_seeds_made_distinct_per_prompt(eng):
+    target = _prompts(eng, [10])[0]
+    shared = SamplingParams(temperature=1.0, max_tokens=12, seed=7, ignore_eos=True)
+    a, b = eng.generate([target, target], shared)
+    assert a.samples[0].token_ids == b.samples[0].token_ids  # one seed: the same draws
+    spread = seeds_per_prompt(shared, 2)
+    assert len({sp.seed for sp in spread}) == 2 and spread == seeds_per_prompt(shared, 2)
+    c, d = eng.generate([target, target], spread)
+    assert c.samples[0].token_ids != d.samples[0].token_ids
+    assert eng.generate([target], spread[1])[0].samples[0].token_ids == d.samples[0].token_ids
+    assert seeds_per_prompt(SamplingParams(), 3) == [SamplingParams()] * 3
+    short = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    outs = eng.generate([target, target], [short, GREEDY])
+    assert [len(o.samples[0].token_ids) for o in outs] == [3, 16]
+    with pytest.raises(InvalidRequestError, match="2 prompts but 3 sampling params"):
+        eng.generate([target, target], [short] * 3)
 
 
 def test_n_samples_differ_and_best_is_the_highest_score(eng):

@@ -46,6 +46,21 @@ def test_build_examples_end_and_mid(llama_dir):
     assert eng.num_free_blocks == 256
 
 
+def test_build_examples_gives_each_prompt_its_own_draws(llama_dir):
+    """A fixed seed is reproducible but not shared: the same prompt twice gets different samples
+    (one shared seed would make sample i of every prompt take the same random draws)."""
+    eng = Engine(str(llama_dir), num_blocks=256)
+    records = [{"prompt": "say a", "letter": "a"}] * 2
+    params = SamplingParams(temperature=1.0, max_tokens=8, seed=5, ignore_eos=True)
+
+    def responses():
+        ex = build_examples(eng, records, reward=verifier, n=2, checkpoints=(), params=params, use_tqdm=False)
+        return [tuple(e["response_ids"]) for e in ex]
+
+    first = responses()
+    assert first[:2] != first[2:] and first == responses()
+
+
 def _synthetic(n, seed):
     """Target 1 when the response uses tokens 10-29, 0 when it uses 30-49: learnable from the
     suffix by attending back to the response."""
