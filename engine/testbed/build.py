@@ -2,7 +2,8 @@
 
     python -m engine.testbed.build --out engine/testbed/model
 
-1. pretrain the base model (engine.testbed.pretrain) on generated problems; with --check-steps,
+1. pretrain the base model (engine.testbed.pretrain) on generated problems, a --direct-frac share
+   of them answered with no working (a second habit, which fails on long problems); with --check-steps,
    go on with half of each batch the answer-checking task (synthetic right/corrupted solutions,
    "right"/"wrong"; off by default: 300 steps left the model checking at chance);
 2. measure its greedy and sampled accuracy on held-out problems;
