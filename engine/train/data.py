@@ -92,13 +92,11 @@ def build_examples(
         jobs = [(k, i, c) for k, out in enumerate(outs) for c in checkpoints
                 for i, s in enumerate(out.samples) if len(s.token_ids) > c]
         if jobs:
-            cont = [SamplingParams(**{**sample.__dict__, "n": completions,
-                                      "max_tokens": max(params.max_tokens - c, 1)}) for _, _, c in jobs]
-            if sample.seed is not None:  # a stream of its own for every prefix
-                cont = [replace(sp, seed=mix_seed(sample.seed, lo + k, i, c))
-                        for sp, (k, i, c) in zip(cont, jobs)]
+            cont = [replace(sample, n=completions, max_tokens=max(params.max_tokens - c, 1),
+                            seed=None if sample.seed is None else mix_seed(sample.seed, lo + k, i, c))
+                    for k, i, c in jobs]  # a seed of its own for every prefix
             starts = [ids[k] + outs[k].samples[i].token_ids[:c] for k, i, c in jobs]
-            done = _generate_mixed(engine, starts, cont)
+            done = engine.generate(starts, cont)
             for (k, i, c), d in zip(jobs, done):
                 prefix = outs[k].samples[i].token_ids[:c]
                 full = [engine.tokenizer.decode(prefix + x.token_ids, skip_special_tokens=True)
@@ -112,12 +110,6 @@ def build_examples(
             bar.update(len(recs))
     if bar is not None:
         bar.close()
-
-
-def _generate_mixed(engine: Engine, prompts: list[list[int]], params: list[SamplingParams]):
-    """One continuous batch of requests with their own params."""
-    request_ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-    return engine._run_until_done(request_ids, use_tqdm=False)
 
 
 def _prompt_ids(engine: Engine, prompt: str, chat: bool) -> list[int]:
