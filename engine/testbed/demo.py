@@ -37,6 +37,11 @@ def _mean_or_none(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def _is_direct(sample) -> bool:
+    """The reply skipped the working (the testbed's second habit, Problem.direct)."""
+    return sample.text.lstrip().startswith("####")
+
+
 def _argmax(values):
     """Index of the largest value (None counts as -inf; ties go to the first)."""
     return max(range(len(values)), key=lambda i: (values[i] if values[i] is not None else -math.inf, -i))
@@ -81,12 +86,12 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
     # The model has two habits (pretrain.py): show working, or answer directly. Which one the
     # samples and the self-evaluation's picks took, and how each does.
     flat = [(s, c) for o, row in zip(outs, correct) for s, c in zip(o.samples, row)]
-    is_direct = [s.text.lstrip().startswith("####") for s, _ in flat]
+    is_direct = [_is_direct(s) for s, _ in flat]
     picks = [o.samples[_argmax([s.score for s in o.samples])] for o in outs]
     habits = {"direct_share": _mean(is_direct),
               "direct_acc": _mean_or_none(c for (_, c), d in zip(flat, is_direct) if d),
               "worked_acc": _mean_or_none(c for (_, c), d in zip(flat, is_direct) if not d),
-              "direct_share_of_selfeval_picks": _mean(s.text.lstrip().startswith("####") for s in picks)}
+              "direct_share_of_selfeval_picks": _mean(_is_direct(s) for s in picks)}
 
     one = seeds_per_prompt(SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed),
                            len(convs))
@@ -122,7 +127,7 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
     within = [auroc([s.score for s, c in zip(o.samples, row) if c],
                     [s.score for s, c in zip(o.samples, row) if not c]) for o, row in zip(outs, correct)]
     within = [a for a in within if a is not None]
-    roc["end_within_prompt"] = _mean(within) if within else None
+    roc["end_within_prompt"] = _mean_or_none(within)
 
     results = {"greedy_acc": greedy_acc, "sample_acc": sample_acc, "best_of_n": best_of_n,
                "adaptive": adaptive, "gain_at_1_2_samples": _interp_gain(adaptive, 1.2),
