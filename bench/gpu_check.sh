@@ -1,21 +1,35 @@
 #!/usr/bin/env bash
-# One call on a lent GPU: build engine._cuda, run every test (GPU paths in bf16 included), then time
-# the kernels, then the throughput, self-evaluation cost and fork benchmarks and a profile per
-# policy. Results land in $OUT (or bench/results); copy them into the repository afterwards.
+# On a lent GPU: build engine._cuda, run every test (GPU paths in bf16 included), time the kernels
+# (part 1); then the throughput, self-evaluation cost and fork benchmarks and a profile per policy
+# (part 2). Each part fits one 10-minute device call; `all` runs both. Results land in $OUT (or
+# bench/results); copy them into the repository afterwards.
+#   bash bench/gpu_check.sh 1|2|all
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PART="${1:-all}"
 OUT="${OUT:-bench/results}"
+export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+date -u | tee -a "$OUT/gpu.txt"
+SECONDS=0
 pip install --no-build-isolation --no-deps -e . -q 2>&1 | tail -3
-python -c "import engine._cuda" || echo "engine._cuda did not build"
-python -m pytest tests bench -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/pytest-gpu.txt" | tail -25
-python bench/kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels-gpu.txt" | tail -25
-# Issue 6: the 8B-shaped benchmarks (random bf16 weights) and a profile of each policy.
-python bench/fork.py --out "$OUT" 2>&1 | tee "$OUT/fork-gpu.txt" | tail -10
-python bench/selfeval_cost.py --out "$OUT" 2>&1 | tee "$OUT/selfeval_cost-gpu.txt" | tail -20
-python bench/throughput.py --out "$OUT" 2>&1 | tee "$OUT/throughput-gpu.txt" | tail -20
-for p in best-of-n adaptive prune; do
-  selfeval profile --policy "$p" --device cuda --problems 256 -n 16 --out "$OUT/profile-$p" 2>&1 | tail -12
-done
+echo "install+build: ${SECONDS}s"
+python -c "import engine._cuda; print('engine._cuda built')" || echo "engine._cuda did not build"
+
+if [[ "$PART" == 1 || "$PART" == all ]]; then
+  SECONDS=0
+  timeout 360 python -m pytest tests bench -q -p no:cacheprovider -rs -x --durations=15 2>&1 | tee "$OUT/pytest-gpu.txt" | tail -45
+  echo "pytest: ${SECONDS}s"
+  timeout 150 python bench/kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels-gpu.txt" | tail -30
+fi
+if [[ "$PART" == 2 || "$PART" == all ]]; then
+  # Issue 6: the 8B-shaped benchmarks (random bf16 weights) and a profile of each policy.
+  timeout 90 python bench/fork.py --out "$OUT" 2>&1 | tee "$OUT/fork-gpu.txt" | tail -12
+  timeout 150 python bench/selfeval_cost.py --out "$OUT" 2>&1 | tee "$OUT/selfeval_cost-gpu.txt" | tail -20
+  timeout 150 python bench/throughput.py --out "$OUT" 2>&1 | tee "$OUT/throughput-gpu.txt" | tail -20
+  for p in best-of-n adaptive prune; do
+    timeout 60 selfeval profile --policy "$p" --device cuda --problems 256 -n 16 --out "$OUT/profile-$p" 2>&1 | tail -12
+  done
+fi
