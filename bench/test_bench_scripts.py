@@ -18,7 +18,7 @@ def _load(name):
 
 def test_kernels_bench_times_every_kernel(tmp_path):
     pytest.importorskip("triton")
-    metrics = _load("kernels").main(["--toy", "--reps", "1", "--out", str(tmp_path)])
+    metrics = _load("kernel_bench").main(["--toy", "--reps", "1", "--out", str(tmp_path)])
     [path] = tmp_path.glob("kernels-*.json")
     record = json.loads(path.read_text())
     assert {"device", "torch", "triton", "date", "metrics"} <= record.keys()

@@ -1,8 +1,8 @@
 """Times every kernel against its torch reference and against its floor (bytes over the measured
 copy bandwidth, or FLOPs over the measured matmul rate, whichever is larger; METHOD.md).
 
-    python bench/kernels.py                 # GPU: Llama-3.1-8B shapes, bf16
-    python bench/kernels.py --toy           # any device: tiny shapes (CI runs this on the CPU)
+    python bench/kernel_bench.py                 # GPU: Llama-3.1-8B shapes, bf16
+    python bench/kernel_bench.py --toy           # any device: tiny shapes (CI runs this on the CPU)
 
 Writes bench/results/kernels-<device>.json. Target: paged decode attention at batch 64, context 4k
 reaches >= 70% of the copy bandwidth (floor_ms / ms >= 0.7).
