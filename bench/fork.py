@@ -54,6 +54,7 @@ def n16_blocks(model: str, prompt_len: int, response_len: int, device: str) -> d
         block_size=BLOCK,
         num_blocks=4 * (prompt_len + 16 * response_len) // BLOCK,
         max_batch_tokens=max(2048, prompt_len + 64),
+        max_model_len=prompt_len + response_len,
         cuda_graphs=False,
     )
     total = eng.num_free_blocks

@@ -8,6 +8,8 @@ import importlib
 
 import torch
 
+from kernels.dispatch import use_triton
+
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 DECODE_HEAD_DIMS = (64, 128, 256)
 
@@ -21,7 +23,8 @@ def extension():
 
 
 def available(t: torch.Tensor) -> bool:
-    return t.is_cuda and extension() is not None
+    # use_triton: reference_only() and SELFEVAL_KERNELS=reference turn our CUDA kernels off too.
+    return t.is_cuda and use_triton(t) and extension() is not None
 
 
 def _stream(t: torch.Tensor) -> int:

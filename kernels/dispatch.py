@@ -1,6 +1,7 @@
 """Where an op runs: CUDA tensors run the Triton/CUDA kernels, CPU tensors the torch reference.
 SELFEVAL_KERNELS=triton sends CPU tensors to the Triton kernels too (with TRITON_INTERPRET=1 set
-before triton is imported), so the whole engine can run its kernels under the interpreter."""
+before triton is imported), so the whole engine can run its kernels under the interpreter;
+SELFEVAL_KERNELS=reference keeps CUDA tensors on the torch references."""
 
 import contextlib
 import os
@@ -34,4 +35,7 @@ def reference_only():
 def use_triton(t: torch.Tensor) -> bool:
     if not HAS_TRITON or getattr(_reference_only, "on", False):
         return False
-    return t.is_cuda or os.environ.get("SELFEVAL_KERNELS") == "triton"
+    mode = os.environ.get("SELFEVAL_KERNELS")
+    if mode == "reference":
+        return False
+    return t.is_cuda or mode == "triton"

@@ -23,7 +23,7 @@ _FUSED = {
 }
 
 
-def _check_dir(path: Path) -> None:
+def _check_dir(path: Path, weights: bool = True) -> None:
     if not path.is_dir():
         raise CheckpointError(f"model directory {str(path)!r} does not exist")
     if not (path / "config.json").is_file():
@@ -32,15 +32,16 @@ def _check_dir(path: Path) -> None:
         json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path / 'config.json'} is not valid JSON: {e}") from e
-    if not list(path.glob("*.safetensors")):
+    if weights and not list(path.glob("*.safetensors")):
         raise CheckpointError(f"model directory {str(path)!r} has no *.safetensors weights")
 
 
-def load_hf_config(path: str | Path):
+def load_hf_config(path: str | Path, weights: bool = True):
+    """The directory's transformers config; weights=False accepts a directory without weights."""
     from transformers import AutoConfig
 
     path = Path(path)
-    _check_dir(path)
+    _check_dir(path, weights)
     try:
         return AutoConfig.from_pretrained(str(path), local_files_only=True)
     except (ValueError, KeyError, TypeError, OSError) as e:
@@ -71,7 +72,9 @@ def load_model(
     vLLM) skips the weight files and fills random weights on the device: benchmarks of a model
     shape need only its config.json and a tokenizer."""
     path = Path(path)
-    hf_config = load_hf_config(path)
+    if load_format not in ("auto", "dummy"):
+        raise CheckpointError(f"load_format must be 'auto' or 'dummy', not {load_format!r}")
+    hf_config = load_hf_config(path, weights=load_format == "auto")
     cfg = ModelConfig.from_hf(hf_config)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
@@ -82,8 +85,6 @@ def load_model(
         for p in model.parameters():
             p.data.normal_(0.0, 0.02, generator=g) if p.dim() > 1 else p.data.fill_(1.0)
         return model.eval(), hf_config
-    if load_format != "auto":
-        raise CheckpointError(f"load_format must be 'auto' or 'dummy', not {load_format!r}")
     params = dict(model.named_parameters())
     filled: dict[str, int] = {}  # parameter -> parts loaded
     for file in sorted(path.glob("*.safetensors")):

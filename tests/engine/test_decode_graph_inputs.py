@@ -29,7 +29,10 @@ def _program(runner, bm, ids):
 
 
 def test_static_decode_inputs_match_eager(llama_dir):
-    eng = Engine(str(llama_dir), block_size=4, num_blocks=64, cuda_graphs=False)
+    # Float32 on the GPU where there is one (CUDA graphs need it), else on the CPU.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    eng = Engine(str(llama_dir), device=device, dtype=torch.float32, block_size=4, num_blocks=64,
+                 cuda_graphs=False)
     ids = torch.randint(0, eng.model.config.vocab_size, (25,)).tolist()
     results = {}
     for mode in MODES:

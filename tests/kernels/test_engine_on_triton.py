@@ -24,7 +24,9 @@ def _program(eng, ids):
 
 
 def test_engine_logits_match_the_reference_path(llama_dir, monkeypatch):
-    eng = Engine(str(llama_dir), block_size=4, num_blocks=128)
+    # Float32 on the GPU where there is one, else on the CPU under the Triton interpreter.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    eng = Engine(str(llama_dir), device=device, dtype=torch.float32, block_size=4, num_blocks=128)
     ids = torch.randint(0, eng.model.config.vocab_size, (31,)).tolist()
     logits = {}
     for mode in ("reference", "triton"):

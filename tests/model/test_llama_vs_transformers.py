@@ -64,6 +64,15 @@ def test_missing_weights_file_is_named(tmp_path):
         load_model(tmp_path)
 
 
+def test_dummy_load_needs_only_the_config(tmp_path, llama_dir):
+    # Benchmarks of a model shape ship config.json alone: "dummy" fills every parameter.
+    (tmp_path / "config.json").write_text((llama_dir / "config.json").read_text())
+    model, _ = load_model(tmp_path, load_format="dummy")
+    assert all(torch.isfinite(p).all() and p.abs().sum() > 0 for p in model.parameters())
+    with pytest.raises(CheckpointError, match="load_format"):
+        load_model(llama_dir, load_format="pt")
+
+
 def test_malformed_config_is_named(tmp_path, llama_dir):
     (tmp_path / "config.json").write_text("{not json")
     (tmp_path / "model.safetensors").write_bytes((llama_dir / "model.safetensors").read_bytes())
