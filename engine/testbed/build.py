@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--eval-problems", type=int, default=200)
     ap.add_argument("--redo", action="store_true")
+    ap.add_argument("--until", choices=["pretrain", "data", "adapter"], default="adapter",
+                    help="stop after this stage (e.g. build the data here, train the adapter on a GPU)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     work = Path(args.work) if args.work else out.parent / "build"
@@ -91,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         base["held_out_problems"] = args.eval_problems
         save()
     print("base model:", base, flush=True)
+    if args.until == "pretrain":
+        return 0
 
     data = work / "adapter-data.jsonl"
     if args.redo or not data.exists() or "data" not in recipe:
@@ -122,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": round(time.perf_counter() - start, 1),
         }
         save()
+    if args.until == "data":
+        print(f"data: {recipe['data']['examples']} examples in {data}")
+        return 0
     if args.redo or not (out / "adapter" / "adapter.safetensors").exists() or "adapter" not in recipe:
         if (out / "adapter").exists():
             shutil.rmtree(out / "adapter")
