@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
             from engine.testing.make_model import make_model
 
             model = str(make_model(Path(tmp) / "m", "llama", seed=0))
-        mem = n16_blocks(model, 256 if args.toy else 2048, 16 if args.toy else 128, args.device)
+        mem = n16_blocks(model, 256 if args.toy else 1920, 16 if args.toy else 128, args.device)  # 2k context
     print(
         f"n=16: peak {mem['peak_blocks']} blocks vs prompt-once + responses "
         f"{mem['prompt_once_plus_responses']} "

@@ -173,11 +173,12 @@ if HAS_TRITON:
         ctx = tl.load(ctx_ptr + b)
         prefix = ctx - q_len
         qi = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+        q_rows = (q_start + qi).to(tl.int64)  # token * stride passes 2^31 on big batches
         q_mask = qi < q_len
         qpos = prefix + qi
         d = tl.arange(0, D_PAD)
         d_mask = d < HEAD_DIM
-        q = tl.load(q_ptr + (q_start + qi)[:, None] * stride_qt + h * stride_qh + d[None, :],
+        q = tl.load(q_ptr + q_rows[:, None] * stride_qt + h * stride_qh + d[None, :],
                     mask=q_mask[:, None] & d_mask[None, :], other=0.0)
         # A tile past this sequence's queries loops zero times and stores nothing.
         kv_end = tl.where(mt * BLOCK_M < q_len, tl.minimum(ctx, prefix + (mt + 1) * BLOCK_M), 0)
@@ -203,7 +204,7 @@ if HAS_TRITON:
             acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
             m = m_new
         out = acc / tl.where(den == 0.0, 1.0, den)[:, None]
-        tl.store(o_ptr + (q_start + qi)[:, None] * stride_ot + h * stride_oh + d[None, :],
+        tl.store(o_ptr + q_rows[:, None] * stride_ot + h * stride_oh + d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=q_mask[:, None] & d_mask[None, :])
 
 

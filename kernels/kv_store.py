@@ -20,7 +20,7 @@ if HAS_TRITON:
     @triton.jit
     def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, k_stride, v_stride, row_numel,
                          BLOCK: tl.constexpr):
-        t = tl.program_id(0)
+        t = tl.program_id(0).to(tl.int64)
         i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = i < row_numel
         slot = tl.load(slot_ptr + t).to(tl.int64)

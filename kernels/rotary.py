@@ -34,7 +34,7 @@ if HAS_TRITON:
     @triton.jit
     def _rotary_kernel(x_ptr, out_ptr, pos_ptr, cs_ptr, stride_t, stride_h, num_heads, half,
                        BLOCK: tl.constexpr):
-        t = tl.program_id(0)
+        t = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         i = tl.arange(0, BLOCK)
         mask = i < half

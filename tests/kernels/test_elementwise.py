@@ -73,3 +73,20 @@ def test_store_kv_writes_only_its_slots(dtype, kv_heads, head_dim):
         untouched = torch.ones(slots, dtype=torch.bool, device=DEVICE)
         untouched[slot_mapping] = False
         assert got[untouched].isnan().all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a GPU with ~10 GB free")
+def test_row_offsets_past_2_31_elements():
+    # 80k tokens of an 8B model's MLP input: row * stride passes 2^31 (int32 offsets wrap).
+    tokens, inter = 80_000, 14_336
+    x = torch.empty(tokens, 2 * inter, dtype=torch.bfloat16, device=DEVICE).normal_()
+    assert x.numel() > 2**31
+    tail = slice(tokens - 4, tokens)
+    _close(silu_and_mul_triton(x)[tail], silu_and_mul_ref(x[tail]), torch.bfloat16)
+    del x
+    h = torch.empty(600_000, 4096, dtype=torch.bfloat16, device=DEVICE).normal_()
+    assert h.numel() > 2**31
+    w = torch.ones(4096, dtype=torch.bfloat16, device=DEVICE)
+    out, _ = rms_norm_triton(h, w, 1e-6)
+    _close(out[-4:], rms_norm_ref(h[-4:], w, 1e-6)[0], torch.bfloat16)
