@@ -1,8 +1,7 @@
 # Sourced on a device machine: install the project editable, or, where pip finds no build backend,
 # build the extensions with CMake into the source tree and put the tree on PYTHONPATH.
-if ! python -m pip install --no-build-isolation --no-deps -e . -q 2>&1 | tail -3; then :; fi
+python -m pip install --no-build-isolation --no-deps -e . -q 2>&1 | tail -3
 if ! python -c "import engine._core" 2>/dev/null; then
-  # No working build backend: build the extensions with CMake into the source tree instead.
   python -c "import scikit_build_core.build" 2>&1 | tail -2
   cmake -S . -B /tmp/selfeval-build -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
     -DPython_EXECUTABLE="$(command -v python)" -Dpybind11_DIR="$(python -m pybind11 --cmakedir)" > /tmp/cmake.log 2>&1 \

@@ -29,7 +29,7 @@ if [[ "$PART" == 1 || "$PART" == all ]]; then
   done
 fi
 if [[ "$PART" == 2 || "$PART" == all ]]; then
-  # Issue 6: the 8B-shaped benchmarks (random bf16 weights) and a profile of each policy.
+  # Issue 6: the 8B-shaped benchmarks (random bf16 weights).
   timeout 90 python bench/fork.py --out "$OUT" 2>&1 | tee "$OUT/fork-gpu.txt" | tail -12
   timeout 240 python bench/selfeval_cost.py --out "$OUT" 2>&1 | tee "$OUT/selfeval_cost-gpu.txt" | tail -20
   timeout 240 python bench/throughput.py --requests 64 --out "$OUT" 2>&1 | tee "$OUT/throughput-gpu.txt" | tail -20

@@ -16,7 +16,7 @@ from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
 if sys.path and Path(sys.path[0] or ".").resolve() == _HERE:
-    sys.path.pop(0)  # run as a script: "kernels" must name the package, not this file
+    sys.path.pop(0)  # run as a script: bench/ goes last, after the project's packages
 sys.path.append(str(_HERE))
 from benchlib import (  # noqa: E402
     copy_bandwidth,
