@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from benchlib import model_dir, print_table, time_ms, write_results  # noqa: E402
 
 from engine import Engine  # noqa: E402
+from engine.step_input import prepare_step  # noqa: E402
 
 
 def _fill(eng: Engine, seq_ids: list[int], context: int, chunk: int = 8192) -> None:
@@ -35,7 +36,8 @@ def _fill(eng: Engine, seq_ids: list[int], context: int, chunk: int = 8192) -> N
         eng.block_manager.allocate(sid, 0)
         for lo in range(0, context, chunk):
             n = min(chunk, context - lo)
-            eng.runner.run([sid], [torch.randint(5, vocab, (n,)).tolist()], logit_rows=[])
+            chunk_ids = torch.randint(5, vocab, (n,)).tolist()
+            eng.runner.execute(prepare_step(eng.block_manager, [sid], [chunk_ids], []))
 
 
 def measure_copy(hf, vocab: int, suffix: list[int], batch: int, context: int, reps: int, dev) -> float:
@@ -55,7 +57,11 @@ NAIVE_MAX_TOKENS = 1 << 16
 
 
 def measure(eng: Engine, batch: int, context: int, reps: int) -> dict:
-    bm, run = eng.block_manager, eng.runner.run
+    bm = eng.block_manager
+
+    def run(seq_ids, chunks, rows=None, adapter=None):
+        return eng.runner.execute(prepare_step(bm, seq_ids, chunks, rows, adapter))
+
     ids = list(range(batch))
     _fill(eng, ids, context)
     suffix = list(eng.spec.suffix_after(7))

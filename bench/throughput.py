@@ -48,7 +48,7 @@ def run_engine(eng: Engine, work) -> tuple[float, int, StepProfiler]:
     ]
     sync(eng.device)
     start = time.perf_counter()
-    outs = eng._run_until_done(ids, use_tqdm=True)
+    outs = eng.run_until_done(ids, use_tqdm=True)
     sync(eng.device)
     eng.profiler = None
     return time.perf_counter() - start, sum(o.stats.generated_tokens for o in outs), prof

@@ -11,9 +11,10 @@ import time
 
 def _engine(args):
     from engine import Engine
+    from engine.config import EngineConfig
 
-    return Engine(args.model, device=args.device, block_size=args.block_size,
-                  adapter=getattr(args, "adapter", None))
+    return Engine(EngineConfig(model=args.model, device=args.device, block_size=args.block_size,
+                               adapter=getattr(args, "adapter", None)))
 
 
 def cmd_generate(args) -> int:
@@ -98,8 +99,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from engine.profiler import run_profile
     from engine.testbed import BUNDLED
+    from engine.testbed.profile import run_profile
 
     run_profile(args.model or str(BUNDLED), args.policy, args.out, args.problems, args.n, args.threshold,
                 args.checkpoint, args.keep, args.max_tokens, args.device, args.adapter, trace=args.trace)

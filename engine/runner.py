@@ -1,20 +1,18 @@
-"""Builds one step's batch tensors from the block manager, applies copy-on-write copies and runs
-the model. Metadata is built with numpy over the whole batch, never per token. Pure decode steps
-replay a CUDA graph captured for their batch-size bucket (static input buffers, padded rows)."""
+"""Turns one StepInput into tensors, applies its copy-on-write copies and runs the model. The
+scheduler built the metadata; the runner only reads it. Pure decode steps replay a CUDA graph
+captured for their batch-size bucket (static input buffers, padded rows)."""
 
 from __future__ import annotations
 
 import bisect
 import contextlib
-import itertools
-from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 import kernels
-from engine._core import BlockManager
 from engine.model.llama import AttentionMetadata, LlamaForCausalLM
+from engine.step_input import StepInput
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -26,16 +24,17 @@ def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dt
 
 
 class ModelRunner:
-    """graphs: "cuda" captures decode graphs (CUDA only), "static" runs decode steps eagerly on
-    the same padded static buffers (to test the graph path's inputs on any device), None: off."""
+    """Runs the model over one StepInput. Owns the KV cache tensor; never decides where tokens go
+    (the scheduler's block manager did). graphs: "cuda" captures decode graphs (CUDA only),
+    "static" runs decode steps eagerly on the same padded static buffers (to test the graph
+    path's inputs on any device), None: off."""
 
-    def __init__(self, model: LlamaForCausalLM, block_manager: BlockManager, device: torch.device,
-                 dtype: torch.dtype, max_model_len: int, graphs: str | None = None,
-                 max_graph_batch: int = 256):
+    def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype,
+                 num_blocks: int, block_size: int, max_model_len: int, graphs: str | None = None,
+                 max_graph_batch: int = 256, adapter_loaded: bool = False):
         cfg = model.config
-        self.model, self.bm, self.device = model, block_manager, device
-        self.block_size = block_manager.block_size
-        self.num_blocks = block_manager.num_blocks
+        self.model, self.device = model, device
+        self.block_size, self.num_blocks = block_size, num_blocks
         self.max_model_len = max_model_len
         # One block past the pool is scratch: padded graph rows write and read only there.
         self.scratch_block = self.num_blocks
@@ -47,7 +46,7 @@ class ModelRunner:
         if graphs == "cuda" and device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.graphs_mode = graphs
-        self.adapter_loaded = False  # set by the engine when a LoRA adapter is loaded
+        self.adapter_loaded = adapter_loaded  # the suffix's adapter mask matters only then
         self.graph_sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_graph_batch]
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._static: dict[str, torch.Tensor] = {}
@@ -58,59 +57,38 @@ class ModelRunner:
 
     # ---- eager step -------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, seq_ids: Sequence[int], chunks: Sequence[Sequence[int]],
-            logit_rows: np.ndarray | None = None,
-            adapter_tokens: Sequence[int] | None = None, phase=None) -> torch.Tensor:
-        """Append each chunk of new tokens to its sequence's cache and run the model over them.
-        adapter_tokens: how many trailing tokens of each chunk (the self-evaluation suffix) the
-        LoRA adapter applies to, when one is loaded. phase: a profiler's phase timer, if any.
-
-        Returns float32 logits [len(logit_rows), V] of the given rows of the flattened batch
-        (every row when logit_rows is None)."""
-        counts = np.fromiter((len(c) for c in chunks), dtype=np.int64, count=len(chunks))
-        starts = self.bm.lengths(list(seq_ids))
-        slots, cow = self.bm.append_many(list(seq_ids), counts.tolist())
-        if cow.size:
+    def execute(self, step: StepInput, phase=None) -> torch.Tensor:
+        """Apply the step's copy-on-write copies, run the model over its tokens and return
+        float32 logits [len(step.logit_rows), V]. phase: a profiler's phase timer, if any."""
+        if step.cow.size:
             with phase("block_copy") if phase is not None else contextlib.nullcontext():
-                self._copy_blocks(cow)
-        total = int(counts.sum())
-        ids = np.fromiter(itertools.chain.from_iterable(chunks), dtype=np.int64, count=total)
-        adapter = adapter_tokens is not None and any(adapter_tokens) and self.adapter_loaded
-        if not adapter and self._graph_size(counts) is not None:
-            return self._run_decode_static(seq_ids, ids, starts, slots, logit_rows)
-        query_start = np.zeros(len(counts) + 1, dtype=np.int64)
-        np.cumsum(counts, out=query_start[1:])
-        mask = None
-        if adapter:
-            ends = query_start[1:]
-            tail = np.asarray(adapter_tokens, dtype=np.int64)
-            marks = np.zeros(total + 1, dtype=np.int64)  # +1 at each suffix start, -1 at its end
-            np.add.at(marks, ends - tail, 1)
-            np.add.at(marks, ends, -1)
-            mask = np.cumsum(marks[:-1]) > 0
-        positions = np.arange(total) - np.repeat(query_start[:-1] - starts, counts)
+                self._copy_blocks(step.cow)
+        adapter = step.uses_adapter and self.adapter_loaded
+        if not adapter and self._graph_size(np.diff(step.query_start_loc)) is not None:
+            return self._run_decode_static(step)
         to = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dt)  # noqa: E731
+        counts = np.diff(step.query_start_loc)
         meta = AttentionMetadata(
-            positions=to(positions, torch.int64),
-            slot_mapping=to(slots, torch.int64),
-            block_tables=to(self.bm.block_tables(list(seq_ids)), torch.int32),
-            context_lens=to(starts + counts, torch.int32),
-            query_start_loc=to(query_start, torch.int32),
+            positions=to(step.positions, torch.int64),
+            slot_mapping=to(step.slot_mapping, torch.int64),
+            block_tables=to(step.block_tables, torch.int32),
+            context_lens=to(step.context_lens, torch.int32),
+            query_start_loc=to(step.query_start_loc, torch.int32),
             block_size=self.block_size,
             max_query_len=int(counts.max()),
-            max_context_len=int((starts + counts).max()),
-            adapter_mask=None if mask is None else to(mask, torch.bool),
+            max_context_len=int(step.context_lens.max()),
+            adapter_mask=to(step.adapter_mask, torch.bool) if adapter else None,
         )
-        hidden = self.model(to(ids, torch.int64), meta, self.kv_cache)
-        if logit_rows is not None:
-            hidden = hidden[to(logit_rows, torch.int64)]
+        hidden = self.model(to(step.token_ids, torch.int64), meta, self.kv_cache)
+        if len(step.logit_rows) != step.num_tokens or (step.logit_rows != np.arange(step.num_tokens)).any():
+            hidden = hidden[to(step.logit_rows, torch.int64)]
         return self.model.compute_logits(hidden)
 
     def _copy_blocks(self, cow: np.ndarray) -> None:
         """Copy-on-write: every (src, dst) block pair of every layer's K and V in one call."""
         block_numel = self.block_size * self.kv_cache[0, 0, 0].numel()
         caches = self.kv_cache.view(-1, self.num_blocks + 1, block_numel)
-        kernels.copy_blocks(caches, torch.from_numpy(cow).to(self.device))
+        kernels.copy_blocks(caches, torch.from_numpy(np.ascontiguousarray(cow)).to(self.device))
 
     # ---- decode graphs ----------------------------------------------------------------
     @property
@@ -151,17 +129,19 @@ class ModelRunner:
         hidden = self.model(self._static["ids"][:size], self._static_meta(size), self.kv_cache)
         return self.model.compute_logits(hidden)
 
-    def _run_decode_static(self, seq_ids, ids, starts, slots, logit_rows) -> torch.Tensor:
-        batch = len(seq_ids)
+    def _run_decode_static(self, step: StepInput) -> torch.Tensor:
+        batch = step.num_seqs
         size = self._graph_size(np.ones(batch, dtype=np.int64))
         h = {k: v[:size].numpy() for k, v in self._host.items()}
         scratch_slot = self.scratch_block * self.block_size
-        h["ids"][:batch], h["ids"][batch:] = ids, 0
-        h["positions"][:batch], h["positions"][batch:] = starts, 0
-        h["slots"][:batch], h["slots"][batch:] = slots, scratch_slot
-        h["context_lens"][:batch], h["context_lens"][batch:] = starts + 1, 1
-        tables = self.bm.block_tables(list(seq_ids), self.max_blocks_per_seq)
-        h["tables"][:batch], h["tables"][batch:] = tables, self.scratch_block
+        h["ids"][:batch], h["ids"][batch:] = step.token_ids, 0
+        h["positions"][:batch], h["positions"][batch:] = step.positions, 0
+        h["slots"][:batch], h["slots"][batch:] = step.slot_mapping, scratch_slot
+        h["context_lens"][:batch], h["context_lens"][batch:] = step.context_lens, 1
+        width = step.block_tables.shape[1]
+        h["tables"][:batch, :width] = step.block_tables
+        h["tables"][:batch, width:] = 0
+        h["tables"][batch:] = self.scratch_block
         for name, host in self._host.items():
             self._static[name][:size].copy_(host[:size], non_blocking=True)
         if self.graphs_mode == "cuda":
@@ -169,8 +149,9 @@ class ModelRunner:
             logits = self._logits[size][:batch]
         else:
             logits = self._forward_static(size)[:batch]
-        if logit_rows is not None:
-            logits = logits[torch.from_numpy(np.asarray(logit_rows, dtype=np.int64)).to(self.device)]
+        rows = step.logit_rows
+        if len(rows) != batch or (rows != np.arange(batch)).any():
+            logits = logits[torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(self.device)]
         return logits.clone() if self.graphs_mode == "cuda" else logits
 
     @torch.inference_mode()

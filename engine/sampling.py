@@ -123,3 +123,27 @@ class RequestOutput:
     @property
     def text(self) -> str:
         return self.best.text
+
+
+@dataclass
+class SampleDelta:
+    """What one sample added in one step. finish_reason is set once, when its generation ended;
+    score (score, p_yes, p_no) once, when its end score landed."""
+
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    score: tuple[float, float, float] | None = None
+    checkpoint_scores: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class RequestDelta:
+    """A request's changes in one step; the last one has finished=True and the full output."""
+
+    request_id: int
+    samples: list[SampleDelta] = field(default_factory=list)
+    finished: bool = False
+    output: RequestOutput | None = None

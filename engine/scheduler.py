@@ -1,6 +1,8 @@
-"""Continuous batching: each step takes decodes, prefill chunks and self-evaluation suffixes
-within a token budget; sequences join and leave between steps; when blocks run out the youngest
-sequences are preempted (freed, recomputed later)."""
+"""Continuous batching over the block manager, which only the scheduler mutates. Each step takes
+decodes, prefill chunks and self-evaluation suffixes within a token budget; sequences join and
+leave between steps; when blocks run out the youngest sequences are preempted (freed, recomputed
+later). schedule() places the step's tokens and returns plain data (a StepInput for the runner);
+update_from_output() takes the sampled tokens and scores back."""
 
 from __future__ import annotations
 
@@ -11,44 +13,43 @@ import numpy as np
 
 from engine._core import BlockManager
 from engine.selfeval import SelfEvalSpec
-from engine.sequence import SeqStatus, Sequence
+from engine.sequence import SeqStatus, Sequence, sample_seed
+from engine.step_input import StepInput, prepare_step
 
 
 @dataclass
-class ScheduledBatch:
+class SchedulerOutput:
+    """One step: what the runner computes (step) and what the results mean. The first
+    len(sample_seqs) logit rows are next-token rows of those samples (a root's last row once per
+    sample forked off it), the next len(score_seqs) rows are self-evaluation score rows."""
+
+    step: StepInput | None = None
     seqs: list[Sequence] = field(default_factory=list)
     num_real: list[int] = field(default_factory=list)  # prompt/response tokens of each chunk
     suffixes: list[tuple[int, ...]] = field(default_factory=list)  # self-evaluation suffix or ()
+    sample_seqs: list[Sequence] = field(default_factory=list)
+    score_seqs: list[Sequence] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.seqs)
 
-    def chunks(self) -> list[list[int]]:
-        return [s.token_ids[s.num_computed:s.num_computed + n] + list(suf)
-                for s, n, suf in zip(self.seqs, self.num_real, self.suffixes)]
-
-    def rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(sample rows, score rows, score mask) in the flattened batch. A chunk that reaches the
-        end of a generating sequence's tokens gives the next-token row; a suffix gives the score row."""
-        real = np.asarray(self.num_real, dtype=np.int64)
-        suffix = np.fromiter((len(x) for x in self.suffixes), dtype=np.int64, count=len(self))
-        ends = np.cumsum(real + suffix)
-        samples = np.fromiter(
-            (s.generating and s.num_computed + n == len(s.token_ids) and n > 0
-             for s, n in zip(self.seqs, self.num_real)), dtype=bool, count=len(self))
-        scored = suffix > 0
-        return ends[samples] - suffix[samples] - 1, ends[scored] - 1, scored
-
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, spec: SelfEvalSpec, max_batch_tokens: int,
-                 max_num_seqs: int):
+                 max_num_seqs: int, max_model_len: int, eos_token_ids: set[int]):
         self.bm = block_manager
         self.spec = spec
         self.max_batch_tokens = max_batch_tokens
         self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._seq_ids = 0
+
+    def new_seq_id(self) -> int:
+        self._seq_ids += 1
+        return self._seq_ids - 1
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -56,6 +57,7 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    # ---- planning ---------------------------------------------------------------------
     def _plan(self, seq: Sequence, budget: int) -> tuple[int, tuple[int, ...]]:
         """How many real tokens (and which suffix) seq computes this step within budget."""
         n = seq.num_uncomputed
@@ -76,16 +78,17 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def release(self, seq: Sequence) -> None:
+        """Free a sequence's blocks and take it out of the queues; it is FINISHED."""
         if seq.seq_id in self.bm:
             self.bm.free(seq.seq_id)
-        seq.status = SeqStatus.FINISHED
-        if seq in self.running:
+        if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
-        elif seq in self.waiting:
+        elif seq.status is SeqStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
+        seq.status = SeqStatus.FINISHED
 
-    def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch()
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
         budget = self.max_batch_tokens
         reserved = 0  # blocks promised to sequences already in the batch
         i = 0
@@ -101,9 +104,7 @@ class Scheduler:
             if need > self.bm.num_free_blocks - reserved:
                 self.preempt(seq)  # it is the youngest: wait for older sequences to finish
                 break
-            batch.seqs.append(seq)
-            batch.num_real.append(n)
-            batch.suffixes.append(suffix)
+            self._take(out, seq, n, suffix)
             budget -= n + len(suffix)
             reserved += need
             i += 1
@@ -117,24 +118,133 @@ class Scheduler:
             self.bm.allocate(seq.seq_id, 0)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            batch.seqs.append(seq)
-            batch.num_real.append(n)
-            batch.suffixes.append(suffix)
+            self._take(out, seq, n, suffix)
             budget -= n + len(suffix)
             reserved += need
-        return batch
+        if out.seqs:
+            self._layout(out)
+        return out
 
-    def fork(self, parent: Sequence, child: Sequence) -> None:
-        """child shares parent's blocks and joins the batch right after it."""
-        self.bm.fork(parent.seq_id, child.seq_id)
-        child.num_computed = parent.num_computed
-        child.status = SeqStatus.RUNNING
-        self.running.insert(self.running.index(parent) + 1, child)
+    @staticmethod
+    def _take(out: SchedulerOutput, seq: Sequence, n: int, suffix: tuple[int, ...]) -> None:
+        out.seqs.append(seq)
+        out.num_real.append(n)
+        out.suffixes.append(suffix)
 
-    def finish_chunk(self, batch: ScheduledBatch) -> None:
-        """Account the computed tokens and roll every scored sequence back past its suffix."""
-        for seq, n, suffix in zip(batch.seqs, batch.num_real, batch.suffixes):
+    def _layout(self, out: SchedulerOutput) -> None:
+        """Place the step's tokens in the cache, fork the samples that wait for a root whose
+        prompt this step completes, and pick the logit rows."""
+        chunks = [s.token_ids[s.num_computed:s.num_computed + n] + list(x)
+                  for s, n, x in zip(out.seqs, out.num_real, out.suffixes)]
+        sample_rows, score_rows = [], []
+        end = 0
+        forks = []
+        for seq, n, suffix in zip(out.seqs, out.num_real, out.suffixes):
+            end += n + len(suffix)
+            if seq.samples_after(n):
+                sample_rows.append(end - len(suffix) - 1)
+                out.sample_seqs.append(seq)
+            elif seq.is_root and seq.reaches_end(n) and seq.request.pending_forks:
+                forks.append((seq, end - 1))
+            if suffix:
+                score_rows.append(end - 1)
+                out.score_seqs.append(seq)
+        out.step = prepare_step(self.bm, [s.seq_id for s in out.seqs], chunks,
+                                np.asarray(sample_rows + score_rows, dtype=np.int64),
+                                [len(x) for x in out.suffixes])
+        # Forked after the root's tokens are placed: the samples share its blocks, computed in
+        # this step, and take their first token from its last row.
+        rows = []
+        for root, row in forks:
+            for child in self.fork_pending(root.request, root_computed=len(root.token_ids)):
+                if child.generating:
+                    rows.append(row)
+                    out.sample_seqs.append(child)
+        if rows:
+            out.step.logit_rows = np.concatenate([np.asarray(sample_rows + rows, dtype=np.int64),
+                                                  np.asarray(score_rows, dtype=np.int64)])
+
+    # ---- forks --------------------------------------------------------------------------
+    def fork_pending(self, request, root_computed: int | None = None) -> list[Sequence]:
+        """Fork the samples waiting in request.pending_forks off its root. root_computed: the
+        root's prompt is being completed in this step (samples take its last row); None: the
+        root's cache is complete, so each sample rolls back its last prompt token and computes
+        it again for its own next-token row. Returns the samples forked (none while the root's
+        cache is incomplete)."""
+        root = request.root
+        if root_computed is None and (root.status is not SeqStatus.RUNNING
+                                      or root.num_computed < len(root.token_ids)):
+            return []
+        children = []
+        for temperature in request.pending_forks:
+            index = len(request.seqs) - 1
+            child = Sequence(self.new_seq_id(), request, request.prompt_ids, index,
+                             sample_seed(request.seed, index))
+            child.temperature = temperature
+            request.seqs.append(child)
+            request.stats.samples_drawn += 1
+            self.bm.fork(root.seq_id, child.seq_id)
+            if root_computed is None:
+                self.bm.truncate(child.seq_id, len(root.token_ids) - 1)
+                child.num_computed = len(root.token_ids) - 1
+            else:
+                child.num_computed = root_computed
+            child.status = SeqStatus.RUNNING
+            self.running.insert(self.running.index(root) + 1 + len(children), child)
+            children.append(child)
+            if request.params.max_tokens == 0:
+                self.finish(child, "length")
+        request.pending_forks.clear()
+        if request.drawn >= request.max_samples:
+            self.release(root)  # no more samples will fork off it
+        return children
+
+    # ---- results --------------------------------------------------------------------------
+    def update_from_output(self, out: SchedulerOutput, tokens: list[int], logprobs: list[float],
+                           scores: list[tuple[float, float, float]]) -> None:
+        """Account the computed tokens, roll every scored sequence back past its suffix, record
+        scores, append the sampled tokens and apply the token stop rules."""
+        for seq, n, suffix in zip(out.seqs, out.num_real, out.suffixes):
             seq.num_computed += n
             if suffix:
                 self.bm.truncate(seq.seq_id, seq.num_computed)
                 seq.pending_score = False
+        for seq, suffix, (score, p_yes, p_no) in zip(out.score_seqs, (x for x in out.suffixes if x), scores):
+            stats = seq.request.stats
+            stats.score_calls += 1
+            stats.suffix_tokens += len(suffix)
+            if seq.generating or seq.num_generated in seq.request.score_at:
+                seq.checkpoint_scores.append((seq.num_generated, score))
+            if not seq.generating:
+                seq.score = (score, p_yes, p_no)
+                self.release(seq)
+        for seq, token, logprob in zip(out.sample_seqs, tokens, logprobs):
+            seq.token_ids.append(token)
+            seq.logprobs.append(logprob)
+            seq.request.stats.generated_tokens += 1
+            self._check_stop(seq, token)
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        params = seq.request.params
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+            self.finish(seq, "stop")
+        elif seq.num_generated >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            self.finish(seq, "length")
+        elif seq.num_generated in seq.request.score_at:
+            seq.pending_score = True
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Generation ended: score the sample if asked (one more extend), else release it."""
+        seq.finish_reason = reason
+        if seq.request.wants_score or seq.num_generated in seq.request.score_at:
+            seq.pending_score = True
+        else:
+            self.release(seq)
+
+    def drop(self, seq: Sequence) -> None:
+        """A policy prunes a live sample: its blocks are freed at once."""
+        seq.pruned_at = seq.num_generated
+        seq.finish_reason = "pruned"
+        seq.pending_score = False
+        seq.request.stats.samples_pruned += 1
+        self.release(seq)

@@ -34,6 +34,13 @@ class Sequence:
         self.temperature = request.params.temperature  # a policy may anneal it per sample
         self.is_root = False  # a policy's prompt holder: never samples, only forked from
         self.pruned_at: int | None = None  # generated tokens when a policy dropped it
+        self.detokenizer = None  # engine.detokenizer.IncrementalDetokenizer of a sample
+        self.detokenized = 0  # generated tokens already fed to the detokenizer
+        self.pending_text = ""  # text decoded but not yet reported
+        self.emitted = 0  # generated tokens already reported in a delta
+        self.score_emitted = False
+        self.emitted_scores = 0  # checkpoint scores already reported
+        self.emitted_end = False  # finish reason (and end score, if any) reported
 
     @property
     def num_generated(self) -> int:
@@ -45,7 +52,21 @@ class Sequence:
 
     @property
     def generating(self) -> bool:
+        """Generation has not ended (a finished sample may still wait for its end score)."""
         return self.finish_reason is None
+
+    @property
+    def live(self) -> bool:
+        """Still generating and holding (or waiting for) cache: a policy may score or drop it."""
+        return self.finish_reason is None and self.status is not SeqStatus.FINISHED
+
+    def reaches_end(self, num_tokens: int) -> bool:
+        """Whether a chunk of num_tokens from num_computed reaches the last token."""
+        return num_tokens > 0 and self.num_computed + num_tokens == len(self.token_ids)
+
+    def samples_after(self, num_tokens: int) -> bool:
+        """Whether computing this chunk gives the next-token row this sample samples from."""
+        return self.finish_reason is None and self.reaches_end(num_tokens)
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, len={len(self.token_ids)}, "
@@ -60,21 +81,27 @@ class Request:
         self.seed = seed
         self.num_prompt = len(prompt_ids)
         self.seqs: list[Sequence] = []
-        self.forked = params.n == 1  # n > 1: the first sequence forks the rest after prefill
+        self.pending_forks: list[float] = []  # temperatures of samples waiting for the root's cache
+        self.max_samples = params.n  # a policy sets its own: the root is released once drawn
         self.stats = RequestStats(prompt_tokens=len(prompt_ids))
         self.arrival = time.perf_counter()
         self.wants_score = params.wants_score  # score each sample at its end
         self.score_at = params.score_at  # generated lengths at which to score in place
         self.track_confidence = params.confidence
         self.policy = None  # a policy's per-request run (engine.policies), if any
-        self.root: Sequence | None = None
+        self.root: Sequence | None = None  # holds the prompt's cache; samples fork off it
         self.best_index: int | None = None
 
     @property
     def finished(self) -> bool:
         if self.policy is not None and not self.policy.done:
             return False
-        return self.forked and all(s.status is SeqStatus.FINISHED for s in self.seqs)
+        return not self.pending_forks and all(s.status is SeqStatus.FINISHED for s in self.seqs)
+
+    @property
+    def drawn(self) -> int:
+        """Samples drawn so far, those waiting for the root's cache included."""
+        return len(self.seqs) - (self.root is not None) + len(self.pending_forks)
 
     @property
     def samples(self) -> list[Sequence]:

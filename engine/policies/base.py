@@ -5,15 +5,27 @@ scored, drops weak ones and says when the request is done. The engine calls `beg
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from engine.errors import InvalidRequestError
 from engine.policies.scorers import Scorer, make_scorer
-from engine.sequence import SeqStatus, Sequence
+from engine.sequence import Request, SeqStatus, Sequence
 
-if TYPE_CHECKING:
-    from engine.api import Engine
-    from engine.sequence import Request
+
+class SampleHost(Protocol):
+    """What the engine core offers a policy; the whole interface a policy acts through."""
+
+    def fork_samples(self, request: Request, temperatures: list[float]) -> None:
+        """Fork one sample per temperature off the request's cached prompt (no prefill)."""
+
+    def score_now(self, request: Request) -> int:
+        """Score every live sample in place at its current length during the next step."""
+
+    def drop_sample(self, seq: Sequence) -> None:
+        """Prune a live sample: its blocks are freed at once."""
+
+    def finish_request(self, request: Request, best_index: int | None) -> None:
+        """End the request with this pick; every sample still live is dropped."""
 
 
 class Policy:
@@ -39,12 +51,11 @@ class Policy:
 class PolicyRun:
     """One request's policy state and the actions a policy may take on it."""
 
-    def __init__(self, policy: Policy, engine: Engine, request: Request):
-        self.policy, self.engine, self.request = policy, engine, request
+    def __init__(self, policy: Policy, host: SampleHost, request: Request):
+        self.policy, self.host, self.request = policy, host, request
         self.scorer = policy.scorer
         self.state: dict = {}
         self.done = False
-        self._pending: list[float] = []  # temperatures of samples waiting for the prompt's cache
 
     # ---- what a policy sees -----------------------------------------------------------
     @property
@@ -52,60 +63,60 @@ class PolicyRun:
         return self.request.samples
 
     def live(self) -> list[Sequence]:
-        return [s for s in self.samples if s.generating and s.status is not SeqStatus.FINISHED]
+        return [s for s in self.samples if s.live]
 
     def complete(self, seq: Sequence) -> bool:
         """Generation ended and, where the scorer needs it, the end score is in."""
         return seq.status is SeqStatus.FINISHED or (not seq.generating and not self.scorer.needs_suffix)
 
+    @property
+    def waiting_for_prompt(self) -> bool:
+        """Samples asked for still wait for the prompt's cache."""
+        return bool(self.request.pending_forks)
+
     def settled(self) -> bool:
         """Every sample asked for is drawn (none waits for the prompt's cache) and complete."""
-        return not self._pending and all(self.complete(s) for s in self.samples)
+        return not self.waiting_for_prompt and all(self.complete(s) for s in self.samples)
 
     def value(self, seq: Sequence, upto: int | None = None) -> float | None:
         return self.scorer(seq, upto)
 
     @property
     def drawn(self) -> int:
-        return len(self.samples) + len(self._pending)
+        return self.request.drawn
 
     # ---- actions ----------------------------------------------------------------------
-    def spawn(self, k: int, temperature: float | None = None) -> None:
+    def fork(self, k: int, temperature: float | None = None) -> None:
         """k new samples from the cached prompt (forked, no prefill) at this temperature."""
         t = self.request.params.temperature if temperature is None else temperature
-        self._pending.extend([t] * k)
-        self.engine._spawn_ready(self)
+        self.host.fork_samples(self.request, [t] * k)
+
+    spawn = fork
+
+    def score_now(self) -> int:
+        return self.host.score_now(self.request)
 
     def drop(self, seq: Sequence) -> None:
         """Prune a live sample: its blocks are freed at once."""
-        seq.pruned_at = seq.num_generated
-        seq.finish_reason = "pruned"
-        seq.pending_score = False
-        self.request.stats.samples_pruned += 1
-        self.engine.scheduler.release(seq)
+        self.host.drop_sample(seq)
 
     def finish(self) -> None:
         """Pick the best complete sample, release what is left and account the saved tokens."""
-        for seq in self.live():
-            self.drop(seq)
-        self._pending.clear()
-        scored = [(self.value(s), s.index) for s in self.samples if s.pruned_at is None]
+        scored = [(self.value(s), s.index) for s in self.samples if s.pruned_at is None and not s.live]
         scored = [(v, i) for v, i in scored if v is not None and math.isfinite(v)]
-        self.request.best_index = max(scored)[1] if scored else (
-            self.samples[0].index if self.samples else None)
+        best = max(scored)[1] if scored else (self.samples[0].index if self.samples else None)
         self.request.stats.tokens_saved = self._tokens_saved()
         self.done = True
-        root = self.request.root
-        if root is not None and root.status is not SeqStatus.FINISHED:
-            self.engine.scheduler.release(root)
+        self.host.finish_request(self.request, best)
 
     def _tokens_saved(self) -> int:
         """Against full best-of-N: a pruned sample and a never-drawn one are each assumed to reach
         the mean length of the completed samples (max_tokens when none completed). Exact when
         lengths are fixed (ignore_eos), an estimate otherwise."""
-        done = [s.num_generated for s in self.samples if s.pruned_at is None]
+        done = [s.num_generated for s in self.samples if s.pruned_at is None and not s.live]
         mean = sum(done) / len(done) if done else self.request.params.max_tokens
-        pruned = sum(max(mean - s.num_generated, 0) for s in self.samples if s.pruned_at is not None)
+        cut = [s for s in self.samples if s.live or s.pruned_at is not None]
+        pruned = sum(max(mean - s.num_generated, 0) for s in cut)
         undrawn = max(self.policy.full_samples - len(self.samples), 0) * mean
         return round(pruned + undrawn)
 

@@ -91,7 +91,7 @@ class Prune(Policy):
         run.spawn(self.n)
 
     def update(self, run: PolicyRun) -> None:
-        while run.state["next"] < len(self._checkpoints) and not run._pending:
+        while run.state["next"] < len(self._checkpoints) and not run.waiting_for_prompt:
             c = self._checkpoints[run.state["next"]]
             live = run.live()
             # Decide once every live sample has passed c and has its value there.

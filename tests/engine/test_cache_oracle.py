@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine import Engine
+from engine.step_input import prepare_step
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def test_random_programs_match_recomputation(llama_dir, hf_llama, block_size, se
     def check_run(chunks: dict[int, list[int]]):
         ids = list(chunks)
         starts = {s: len(seqs[s]) for s in ids}
-        logits = eng.runner.run(ids, [chunks[s] for s in ids])
+        logits = eng.runner.execute(prepare_step(bm, ids, [chunks[s] for s in ids]))
         row = 0
         for s in ids:
             full = seqs[s] + chunks[s]

@@ -7,10 +7,15 @@ import torch
 pytest.importorskip("triton")
 
 from engine import Engine  # noqa: E402
+from engine.step_input import prepare_step
 
 
 def _program(eng, ids):
-    bm, run = eng.block_manager, eng.runner.run
+    bm = eng.block_manager
+
+    def run(ids, chunks):
+        return eng.runner.execute(prepare_step(bm, ids, chunks))
+
     bm.allocate(0, 0)
     out = [run([0], [ids[:20]])]
     bm.fork(0, 1)

@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 from engine import Engine, SamplingParams
 from engine.errors import CheckpointError
 from engine.model.loader import load_model
+from engine.step_input import prepare_step
 
 ARCHS = ["llama", "qwen2", "qwen3"]
 
@@ -25,7 +26,7 @@ def test_prefill_logits_equal_transformers(model_dirs, arch, block_size):
     for row in ids:
         seq = 10_000 + int(row[0])
         eng.block_manager.allocate(seq, 0)
-        ours = eng.runner.run([seq], [row.tolist()])
+        ours = eng.runner.execute(prepare_step(eng.block_manager, [seq], [row.tolist()]))
         eng.block_manager.free(seq)
         with torch.no_grad():
             ref = hf(row[None]).logits[0].float()

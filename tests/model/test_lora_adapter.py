@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from engine import Engine
 from engine.errors import CheckpointError
 from engine.model.lora import LoraConfig, init_adapter, load_adapter, save_adapter, slots
+from engine.step_input import prepare_step
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def adapter_dir(llama_dir, tmp_path_factory):
 
 def _run(eng, ids, suffix_len):
     eng.block_manager.allocate(0, 0)
-    logits = eng.runner.run([0], [ids], None, [suffix_len])
+    logits = eng.runner.execute(prepare_step(eng.block_manager, [0], [ids], None, [suffix_len]))
     eng.block_manager.free(0)
     return logits
 

@@ -1,0 +1,265 @@
+"""EngineCore: requests in, per-step deltas out. One step is scheduler.schedule() -> StepInput ->
+runner.execute() -> sampling and scores -> scheduler.update_from_output(), then incremental text,
+stop strings and the policies. Requests are validated by the front (engine.api.Engine)."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+
+import torch
+
+import kernels
+from engine._core import BlockManager
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.errors import InvalidRequestError
+from engine.model.loader import load_model, load_tokenizer
+from engine.model.lora import has_adapter, load_adapter
+from engine.policies.base import Policy, PolicyRun
+from engine.policies.scorers import token_confidence
+from engine.profiler import StepProfiler
+from engine.runner import ModelRunner, kv_bytes_per_block
+from engine.sampling import RequestDelta, RequestOutput, Sample, SampleDelta, SamplingParams
+from engine.scheduler import Scheduler, SchedulerOutput
+from engine.selfeval import SelfEvalSpec, build_spec, score_from_logits
+from engine.sequence import Request, SeqStatus, Sequence, sample_seed
+
+_no_phase = contextlib.nullcontext
+
+
+class EngineCore:
+    """Implements the policies' SampleHost (fork_samples, score_now, drop_sample, finish_request)."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device, self.dtype = config.torch_device, config.torch_dtype
+        self.model, self.hf_config = load_model(config.model, self.device, self.dtype, config.load_format)
+        self.tokenizer = load_tokenizer(config.model)
+        if config.adapter is not None:
+            load_adapter(self.model, config.adapter)
+        self.spec: SelfEvalSpec = build_spec(self.tokenizer)
+        if config.max_batch_tokens < len(self.spec.suffix_ids) + 1:
+            raise InvalidRequestError(
+                f"max_batch_tokens={config.max_batch_tokens} is below the self-evaluation suffix "
+                f"({len(self.spec.suffix_ids)} tokens) plus one")
+        cfg = self.model.config
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings,
+                                 cfg.max_position_embeddings)
+        num_blocks = config.num_blocks or self._blocks_that_fit()
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.runner = ModelRunner(self.model, self.device, self.dtype, num_blocks, config.block_size,
+                                  self.max_model_len, graphs="cuda" if config.use_cuda_graphs else None,
+                                  max_graph_batch=config.max_num_seqs, adapter_loaded=has_adapter(self.model))
+        eos = set(cfg.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.scheduler = Scheduler(self.block_manager, self.spec, config.max_batch_tokens,
+                                   config.max_num_seqs, self.max_model_len, eos)
+        self.requests: dict[int, Request] = {}
+        self.rng = random.Random(config.seed)
+        self._ready: list[Request] = []  # finished without a step (max_tokens=0, no score)
+        self.profiler: StepProfiler | None = None  # attach one to time each step's phases
+
+    def _blocks_that_fit(self) -> int:
+        per_block = kv_bytes_per_block(self.model, self.config.block_size, self.dtype)
+        memory = self.config.kv_cache_memory
+        if memory is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                memory = int(free * 0.85)
+            else:
+                memory = 1 << 30
+        # 2^20 blocks bound the pool (int32 block ids, and a sane host-side free list).
+        return max(1, min(memory // per_block, 1 << 20))
+
+    # ---- requests -----------------------------------------------------------------------
+    def add_request(self, request_id: int, prompt_ids: list[int], params: SamplingParams,
+                    policy: Policy | None = None) -> Request:
+        """Queue a validated request. n > 1 and policies fork their samples off one root that
+        holds the prompt's cache; n == 1 is one sequence."""
+        seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
+        request = Request(request_id, prompt_ids, params, seed)
+        self.requests[request_id] = request
+        if policy is None and params.n == 1:
+            seq = self._new_sample(request, prompt_ids, 0, sample_seed(seed, 0))
+            if params.max_tokens == 0:
+                self.scheduler.finish(seq, "length")
+            if seq.status is SeqStatus.FINISHED:  # nothing to compute
+                self._ready.append(request)
+            else:
+                self.scheduler.add(seq)
+            return request
+        root = Sequence(self.scheduler.new_seq_id(), request, prompt_ids, -1, seed)
+        root.is_root, root.finish_reason = True, "root"
+        request.root = root
+        request.seqs.append(root)
+        self.scheduler.add(root)
+        if policy is None:
+            request.pending_forks = [params.temperature] * params.n
+            return request
+        scorer = policy.scorer
+        request.wants_score = scorer.needs_suffix
+        if scorer.needs_suffix:
+            request.score_at = tuple(sorted(set(request.score_at) | set(policy.checkpoints())))
+        request.track_confidence = request.track_confidence or scorer.needs_confidence
+        request.max_samples = policy.full_samples
+        request.policy = PolicyRun(policy, self, request)
+        policy.begin(request.policy)
+        return request
+
+    def _new_sample(self, request: Request, token_ids: list[int], index: int, seed: int) -> Sequence:
+        seq = Sequence(self.scheduler.new_seq_id(), request, token_ids, index, seed)
+        request.seqs.append(seq)
+        return seq
+
+    def abort(self, request_id: int) -> None:
+        """Drop a request and free its blocks; it yields no output."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        request.pending_forks.clear()
+        for seq in request.seqs:
+            if seq.status is not SeqStatus.FINISHED:
+                seq.finish_reason = seq.finish_reason or "abort"
+                self.scheduler.release(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the policies' interface (SampleHost) -----------------------------------------------
+    def fork_samples(self, request: Request, temperatures: list[float]) -> None:
+        request.pending_forks.extend(temperatures)
+        self.scheduler.fork_pending(request)
+
+    def score_now(self, request: Request) -> int:
+        live = [s for s in request.samples if s.live]
+        for seq in live:
+            seq.pending_score = True
+        return len(live)
+
+    def drop_sample(self, seq: Sequence) -> None:
+        self.scheduler.drop(seq)
+
+    def finish_request(self, request: Request, best_index: int | None) -> None:
+        for seq in request.samples:
+            if seq.live:
+                self.scheduler.drop(seq)
+        request.pending_forks.clear()
+        request.best_index = best_index
+        if request.root is not None and request.root.status is not SeqStatus.FINISHED:
+            self.scheduler.release(request.root)
+
+    # ---- one step -----------------------------------------------------------------------
+    def step(self) -> list[RequestDelta]:
+        """Run one batch; returns a delta for every request that changed in it."""
+        prof = self.profiler
+        phase = prof.phase if prof is not None else _no_phase
+        touched = {r.request_id: r for r in self._ready}
+        self._ready = []
+        with phase("schedule"):
+            out = self.scheduler.schedule()
+        if out.seqs:
+            start = time.perf_counter()
+            with phase("forward"):
+                logits = self.runner.execute(out.step, phase)
+            if prof is not None:
+                prof.record(out, time.perf_counter() - start)
+            num_sample = len(out.sample_seqs)
+            scores = []
+            if out.score_seqs:
+                with phase("score"):
+                    scores = score_from_logits(logits[num_sample:], self.spec).tolist()
+            tokens, logprobs = [], []
+            if num_sample:
+                with phase("sample"):
+                    tokens, logprobs = self._sample(out, logits[:num_sample])
+            self.scheduler.update_from_output(out, tokens, logprobs, scores)
+            for seq in out.seqs + out.sample_seqs:
+                touched[seq.request.request_id] = seq.request
+        elif self.scheduler.has_work():
+            raise RuntimeError("the scheduler could not place any sequence: KV cache too small")
+        with phase("policy"):
+            for request in self.requests.values():
+                if request.policy is not None and not request.policy.done:
+                    touched[request.request_id] = request
+            for request in touched.values():
+                self._advance_text(request)
+            for request in touched.values():
+                if request.policy is not None and not request.policy.done:
+                    request.policy.policy.update(request.policy)
+                    self._advance_text(request)  # flush the text of samples it dropped
+            return [self._delta(r) for r in touched.values() if r.request_id in self.requests]
+
+    def _sample(self, out: SchedulerOutput, logits: torch.Tensor) -> tuple[list[int], list[float]]:
+        seqs, dev = out.sample_seqs, logits.device
+        confident = [i for i, s in enumerate(seqs) if s.request.track_confidence]
+        if confident:
+            conf = token_confidence(logits[torch.tensor(confident, device=dev)]).tolist()
+            for i, c in zip(confident, conf):
+                seqs[i].confidences.append(c)
+        params = [s.request.params for s in seqs]
+        tokens, logprobs = kernels.sample(
+            logits,
+            torch.tensor([s.temperature for s in seqs], dtype=torch.float32, device=dev),
+            torch.tensor([p.top_k for p in params], dtype=torch.int64, device=dev),
+            torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
+            torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev),
+            torch.tensor([s.num_generated for s in seqs], dtype=torch.int64, device=dev),
+        )
+        return tokens.tolist(), logprobs.tolist()
+
+    # ---- text and outputs -----------------------------------------------------------------
+    def _advance_text(self, request: Request) -> None:
+        """Detokenize each sample's new tokens; a stop string ends its generation."""
+        for seq in request.samples:
+            if seq.detokenizer is None:
+                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_ids,
+                                                         request.params.stop)
+            new = seq.token_ids[request.num_prompt + seq.detokenized:]
+            if not new and (seq.generating or seq.emitted_end):
+                continue
+            seq.detokenized += len(new)
+            text = seq.detokenizer.push(new, final=not seq.generating)
+            if seq.detokenizer.stopped and seq.finish_reason in (None, "length"):
+                if seq.generating:
+                    self.scheduler.finish(seq, "stop")
+                seq.finish_reason = "stop"
+            seq.pending_text += text
+
+    def _delta(self, request: Request) -> RequestDelta:
+        delta = RequestDelta(request.request_id)
+        for seq in request.samples:
+            gen = seq.token_ids[request.num_prompt + seq.emitted:]
+            d = SampleDelta(seq.index, gen, seq.pending_text, seq.logprobs[seq.emitted:],
+                            checkpoint_scores=seq.checkpoint_scores[seq.emitted_scores:])
+            seq.emitted += len(gen)
+            seq.emitted_scores = len(seq.checkpoint_scores)
+            seq.pending_text = ""
+            if not seq.generating and not seq.emitted_end:
+                d.finish_reason = seq.finish_reason
+                seq.emitted_end = True
+            if seq.score is not None and not seq.score_emitted:
+                d.score, seq.score_emitted = seq.score, True
+            if d.token_ids or d.text or d.finish_reason or d.score or d.checkpoint_scores:
+                delta.samples.append(d)
+        if request.finished:
+            del self.requests[request.request_id]
+            delta.finished, delta.output = True, self._output(request)
+        return delta
+
+    def _output(self, request: Request) -> RequestOutput:
+        samples = []
+        scorer = request.policy.scorer if request.policy is not None else None
+        for seq in request.samples:
+            score = seq.score or (None, None, None)
+            samples.append(Sample(seq.index, seq.token_ids[request.num_prompt:], seq.detokenizer.text,
+                                  seq.finish_reason, *score,
+                                  checkpoint_scores=list(seq.checkpoint_scores),
+                                  logprobs=list(seq.logprobs), confidences=list(seq.confidences),
+                                  pruned_at=seq.pruned_at, temperature=seq.temperature,
+                                  value=scorer(seq) if scorer is not None else score[0]))
+        request.stats.latency_s = time.perf_counter() - request.arrival
+        return RequestOutput(request.request_id, request.prompt_ids, samples, request.stats,
+                             request.best_index)

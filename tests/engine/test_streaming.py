@@ -1,0 +1,110 @@
+"""Streaming deltas: what every step reports adds up to the final output, text included, for
+multi-byte text, stop strings and n > 1; the detokenizer is incremental and exact."""
+
+import random
+
+import pytest
+import torch
+
+from engine import Engine, SamplingParams
+from engine.detokenizer import IncrementalDetokenizer
+from engine.policies import Prune
+
+PIECES = ["a", "é", "日本", "🙂", " ", "Yes", "No", "x", "\n", "1", "ß", "€"]
+
+
+@pytest.fixture(scope="module")
+def eng(llama_dir):
+    return Engine(str(llama_dir), block_size=4, num_blocks=512)
+
+
+def _stream(eng, prompts, params, policy=None):
+    """Step until done; (final outputs by request id, deltas joined by (request id, index))."""
+    ids = [eng.add_request(p, params, policy) for p in prompts]
+    joined, finals, ends = {}, {}, {}
+    while eng.has_unfinished_requests():
+        for delta in eng.step_deltas():
+            for d in delta.samples:
+                key = (delta.request_id, d.index)
+                text, toks = joined.get(key, ("", []))
+                assert key not in ends or not (d.token_ids or d.text), "text after the sample ended"
+                joined[key] = (text + d.text, toks + d.token_ids)
+                if d.finish_reason is not None:
+                    assert key not in ends, "a finish reason reported twice"
+                    ends[key] = d.finish_reason
+            if delta.finished:
+                finals[delta.request_id] = delta.output
+    assert sorted(finals) == sorted(ids)
+    return finals, joined, ends
+
+
+def test_random_token_ids_detokenize_exactly(eng):
+    rng = random.Random(0)
+    vocab = eng.tokenizer.vocab_size
+    for _ in range(100):
+        prompt = eng.tokenizer.encode(rng.choice(PIECES), add_special_tokens=False)
+        if rng.random() < 0.5:
+            text = "".join(rng.choice(PIECES) for _ in range(rng.randint(1, 12)))
+            ids = eng.tokenizer.encode(text, add_special_tokens=False)
+        else:  # arbitrary bytes: characters split across tokens, some never completed
+            ids = [rng.randrange(vocab) for _ in range(rng.randint(1, 20))]
+        d = IncrementalDetokenizer(eng.tokenizer, prompt)
+        got = "".join(d.push([t]) for t in ids) + d.push([], final=True)
+        assert got == eng.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_stop_string_text_is_held_back_and_never_emitted(eng):
+    ids = eng.tokenizer.encode("ab日本cd€ef", add_special_tokens=False)
+    d = IncrementalDetokenizer(eng.tokenizer, [], stop=["本cd", "zz"])
+    out = ""
+    for t in ids:
+        out += d.push([t])
+        assert "本" not in out  # the start of a possible stop string is never emitted early
+    out += d.push([], final=True)
+    assert d.stopped and out == d.text == "ab日"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_deltas_add_up_to_the_output_for_multibyte_prompts(eng, seed):
+    rng = random.Random(seed)
+    prompts = ["".join(rng.choice(PIECES) for _ in range(rng.randint(1, 10))) for _ in range(4)]
+    params = SamplingParams(temperature=1.0, max_tokens=rng.randint(5, 20), n=rng.choice([1, 3]),
+                            seed=seed, score=rng.random() < 0.5)
+    finals, joined, ends = _stream(eng, prompts, params)
+    for rid, out in finals.items():
+        assert len(out.samples) == params.n
+        for s in out.samples:
+            text, toks = joined[(rid, s.index)]
+            assert toks == s.token_ids and text == s.text
+            assert text == eng.tokenizer.decode(s.token_ids, skip_special_tokens=True)
+            assert ends[(rid, s.index)] == s.finish_reason
+    assert eng.num_free_blocks == 512
+
+
+def test_stop_strings_cut_streamed_and_final_text(eng):
+    g = torch.Generator().manual_seed(4)
+    prompt = torch.randint(5, eng.model.config.vocab_size, (7,), generator=g).tolist()
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    free = eng.generate([prompt], greedy)[0].samples[0]
+    assert free.text == eng.tokenizer.decode(free.token_ids, skip_special_tokens=True)
+    stop = free.text[len(free.text) // 3: len(free.text) // 3 + 3]
+    assert len(stop.strip()) >= 2, "the random model should produce visible text"
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=[stop, "\x00never"], n=2)
+    finals, joined, ends = _stream(eng, [prompt], params)
+    [out] = finals.values()
+    for s in out.samples:
+        assert s.finish_reason == "stop" and stop not in s.text
+        assert free.text.startswith(s.text) and free.text[len(s.text):].startswith(stop)
+        assert joined[(out.request_id, s.index)][0] == s.text
+
+
+def test_policy_samples_stream_with_pruning(eng):
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(5, eng.model.config.vocab_size, (9,), generator=g).tolist()
+    params = SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True, seed=5)
+    finals, joined, ends = _stream(eng, [prompt], params, Prune(4, checkpoints=(3,), keep=0.5))
+    [out] = finals.values()
+    assert sorted(ends.values()) == ["length", "length", "pruned", "pruned"]
+    for s in out.samples:
+        assert joined[(out.request_id, s.index)] == (s.text, s.token_ids)
+    assert eng.num_free_blocks == 512
