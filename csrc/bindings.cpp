@@ -30,7 +30,7 @@ py::tuple to_python(AppendResult&& r) {
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
-  m.doc() = "selfeval-engine C++ core: paged KV block manager";
+  m.doc() = "selfeval-engine C++ core: paged KV block manager with prefix caching";
 
   // C++ errors surface as the engine's own exception types (engine.errors).
   py::module_ errors = py::module_::import("engine.errors");
@@ -47,7 +47,22 @@ PYBIND11_MODULE(_core, m) {
   });
 
   py::class_<BlockManager>(m, "BlockManager")
-      .def(py::init<int64_t, int64_t>(), py::arg("num_blocks"), py::arg("block_size"))
+      .def(py::init<int64_t, int64_t, uint64_t>(), py::arg("num_blocks"), py::arg("block_size"),
+           py::arg("hash_mask") = ~uint64_t{0})
+      .def("allocate_prefix", &BlockManager::allocate_prefix, py::arg("seq_id"), py::arg("tokens"),
+           py::arg("namespace") = 0,
+           "Create seq_id over the cached full blocks that start tokens (at least one token left to "
+           "compute); returns the cached token count.")
+      .def("cache_blocks", &BlockManager::cache_blocks, py::arg("seq_id"), py::arg("tokens"),
+           "Register seq_id's next full blocks (tokens from num_hashed_tokens on); returns blocks hashed.")
+      .def("num_hashed_tokens", &BlockManager::num_hashed_tokens, py::arg("seq_id"))
+      .def("is_cached", &BlockManager::is_cached, py::arg("block"))
+      .def("evictable_blocks",
+           [](const BlockManager& bm) {
+             auto v = bm.evictable_blocks();
+             return py::array_t<int32_t>(static_cast<py::ssize_t>(v.size()), v.data());
+           },
+           "Cached blocks no sequence holds, least recently freed first (evicted in that order).")
       .def("allocate",
            [](BlockManager& bm, int64_t seq_id, int64_t n) { return to_array(bm.allocate(seq_id, n)); },
            py::arg("seq_id"), py::arg("num_tokens"),
@@ -96,6 +111,8 @@ PYBIND11_MODULE(_core, m) {
       .def("__contains__", &BlockManager::contains)
       .def("__len__", &BlockManager::num_sequences)
       .def_property_readonly("num_free_blocks", &BlockManager::num_free_blocks)
+      .def_property_readonly("num_cached_blocks", &BlockManager::num_cached_blocks)
+      .def_property_readonly("num_evictable_blocks", &BlockManager::num_evictable_blocks)
       .def_property_readonly("num_blocks", &BlockManager::num_blocks)
       .def_property_readonly("block_size", &BlockManager::block_size);
 }

@@ -9,8 +9,8 @@ namespace {
 std::string seq_name(int64_t seq_id) { return "sequence " + std::to_string(seq_id); }
 }  // namespace
 
-BlockManager::BlockManager(int64_t num_blocks, int64_t block_size)
-    : num_blocks_(num_blocks), block_size_(block_size) {
+BlockManager::BlockManager(int64_t num_blocks, int64_t block_size, uint64_t hash_mask)
+    : num_blocks_(num_blocks), block_size_(block_size), hash_mask_(hash_mask) {
   if (num_blocks <= 0 || num_blocks > INT32_MAX) {
     throw std::invalid_argument("num_blocks must be in [1, 2^31), got " + std::to_string(num_blocks));
   }
@@ -18,6 +18,14 @@ BlockManager::BlockManager(int64_t num_blocks, int64_t block_size)
     throw std::invalid_argument("block_size must be positive, got " + std::to_string(block_size));
   }
   ref_.assign(num_blocks, 0);
+  cached_block_.assign(num_blocks, 0);
+  hash_.assign(num_blocks, 0);
+  ns_.assign(num_blocks, 0);
+  epoch_.assign(num_blocks, 0);
+  parent_epoch_.assign(num_blocks, 0);
+  parent_.assign(num_blocks, -1);
+  tokens_.assign(num_blocks * block_size, 0);
+  lru_pos_.resize(num_blocks);
   free_.reserve(num_blocks);
   // Lowest ids on top of the stack so a fresh pool hands out 0, 1, 2, ...
   for (int64_t b = num_blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
@@ -36,14 +44,162 @@ const BlockManager::Seq& BlockManager::get(int64_t seq_id) const {
 }
 
 int32_t BlockManager::take_block() {
-  int32_t b = free_.back();
-  free_.pop_back();
+  int32_t b;
+  if (!free_.empty()) {
+    b = free_.back();
+    free_.pop_back();
+  } else {  // evict the least recently freed cached block
+    b = lru_.front();
+    uncache(b);
+    free_.pop_back();  // uncache moved it to the free stack
+  }
   ref_[b] = 1;
   return b;
 }
 
 void BlockManager::release_block(int32_t block) {
-  if (--ref_[block] == 0) free_.push_back(block);
+  if (--ref_[block] != 0) return;
+  if (cached_block_[block]) {
+    lru_pos_[block] = lru_.insert(lru_.end(), block);
+  } else {
+    free_.push_back(block);
+  }
+}
+
+// ---- prefix cache -----------------------------------------------------------------------
+
+namespace {
+uint64_t mix(uint64_t x) {  // splitmix64's finalizer
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+}  // namespace
+
+uint64_t BlockManager::block_hash(uint64_t parent, uint64_t ns, const int64_t* tokens) const {
+  uint64_t h = mix(parent ^ mix(ns));
+  for (int64_t i = 0; i < block_size_; ++i) h = mix(h ^ static_cast<uint64_t>(tokens[i]));
+  return h & hash_mask_;
+}
+
+bool BlockManager::is_cached(int64_t block) const {
+  if (block < 0 || block >= num_blocks_) {
+    throw std::out_of_range("block " + std::to_string(block) + " out of range");
+  }
+  return cached_block_[block] != 0;
+}
+
+// Whether cached `block` holds exactly these tokens after exactly this parent entry (block,
+// epoch): the hash only finds a candidate, the tokens and the parent's identity decide.
+bool BlockManager::same_entry(int32_t block, uint64_t ns, const int64_t* tokens, int32_t parent,
+                              uint32_t parent_epoch) const {
+  if (!cached_block_[block] || ns_[block] != ns || parent_[block] != parent) return false;
+  if (parent >= 0 && parent_epoch_[block] != parent_epoch) return false;
+  return std::equal(tokens, tokens + block_size_, tokens_.begin() + block * block_size_);
+}
+
+// An entry whose parent entry is gone can never be found again: it may be replaced.
+bool BlockManager::stale(int32_t block) const {
+  int32_t p = parent_[block];
+  return p >= 0 && (!cached_block_[p] || parent_epoch_[block] != epoch_[p]);
+}
+
+void BlockManager::uncache(int32_t block) {
+  if (!cached_block_[block]) return;
+  auto it = cached_.find(hash_[block]);
+  if (it != cached_.end() && it->second == block) cached_.erase(it);
+  cached_block_[block] = 0;
+  if (ref_[block] == 0) {
+    lru_.erase(lru_pos_[block]);
+    free_.push_back(block);
+  }
+}
+
+int64_t BlockManager::allocate_prefix(int64_t seq_id, const std::vector<int64_t>& tokens, uint64_t ns) {
+  if (seqs_.count(seq_id)) throw SequenceIdError(seq_name(seq_id) + " already exists");
+  Seq s;
+  s.ns = ns;
+  int64_t max_blocks = tokens.empty() ? 0 : (static_cast<int64_t>(tokens.size()) - 1) / block_size_;
+  uint64_t h = 0;
+  for (int64_t i = 0; i < max_blocks; ++i) {
+    const int64_t* t = tokens.data() + i * block_size_;
+    h = block_hash(h, ns, t);
+    auto it = cached_.find(h);
+    int32_t parent = i ? s.canon.back() : -1;
+    if (it == cached_.end() || !same_entry(it->second, ns, t, parent, i ? s.canon_epoch.back() : 0)) break;
+    int32_t b = it->second;
+    if (ref_[b]++ == 0) lru_.erase(lru_pos_[b]);
+    s.blocks.push_back(b);
+    s.chain.push_back(h);
+    s.canon.push_back(b);
+    s.canon_epoch.push_back(epoch_[b]);
+  }
+  s.length = static_cast<int64_t>(s.blocks.size()) * block_size_;
+  int64_t cached = s.length;
+  seqs_.emplace(seq_id, std::move(s));
+  return cached;
+}
+
+int64_t BlockManager::num_hashed_tokens(int64_t seq_id) const {
+  return static_cast<int64_t>(get(seq_id).canon.size()) * block_size_;
+}
+
+int64_t BlockManager::cache_blocks(int64_t seq_id, const std::vector<int64_t>& tokens) {
+  Seq& s = get(seq_id);
+  int64_t first = static_cast<int64_t>(s.canon.size());
+  int64_t count = static_cast<int64_t>(tokens.size()) / block_size_;
+  if (first + count > s.length / block_size_) {
+    throw std::invalid_argument("cache_blocks: " + seq_name(seq_id) + " holds " +
+                                std::to_string(s.length / block_size_) + " full blocks, not " +
+                                std::to_string(first + count));
+  }
+  int64_t added = 0;
+  for (int64_t j = 0; j < count && !s.chain_stopped; ++j) {
+    int64_t i = first + j;
+    const int64_t* t = tokens.data() + j * block_size_;
+    int32_t parent = i ? s.canon.back() : -1;
+    uint32_t parent_epoch = i ? s.canon_epoch.back() : 0;
+    if (parent >= 0 && (!cached_block_[parent] || epoch_[parent] != parent_epoch)) {
+      s.chain_stopped = true;  // the parent entry is gone: nothing could find this one
+      break;
+    }
+    uint64_t h = block_hash(i ? s.chain.back() : 0, s.ns, t);
+    int32_t b = s.blocks[i];
+    int32_t entry = b;
+    if (cached_block_[b]) {
+      if (hash_[b] != h || !same_entry(b, s.ns, t, parent, parent_epoch)) {
+        s.chain_stopped = true;
+        break;
+      }
+    } else {
+      auto it = cached_.find(h);
+      if (it != cached_.end() && same_entry(it->second, s.ns, t, parent, parent_epoch)) {
+        entry = it->second;  // the same content is cached already, in another block
+      } else {
+        if (it != cached_.end()) {
+          if (!stale(it->second)) {  // a real collision: keep the live entry, hash no further
+            s.chain_stopped = true;
+            break;
+          }
+          uncache(it->second);
+        }
+        cached_block_[b] = 1;
+        hash_[b] = h;
+        ns_[b] = s.ns;
+        parent_[b] = parent;
+        parent_epoch_[b] = parent_epoch;
+        ++epoch_[b];
+        std::copy(t, t + block_size_, tokens_.begin() + b * block_size_);
+        cached_[h] = b;
+        ++added;
+      }
+    }
+    s.chain.push_back(h);
+    s.canon.push_back(entry);
+    s.canon_epoch.push_back(epoch_[entry]);
+  }
+  return added;
 }
 
 int64_t BlockManager::blocks_needed(int64_t seq_id, int64_t num_tokens) const {
@@ -64,6 +220,8 @@ void BlockManager::append_into(Seq& s, int64_t num_tokens, AppendResult& out) {
       out.cow.emplace_back(last, fresh);
       release_block(last);
       last = fresh;
+    } else {
+      uncache(last);  // a cached block (rolled back into) is about to change
     }
   }
   int64_t new_length = s.length + num_tokens;
@@ -152,6 +310,13 @@ void BlockManager::truncate(int64_t seq_id, int64_t length) {
     s.blocks.pop_back();
   }
   s.length = length;
+  size_t full = static_cast<size_t>(length / block_size_);
+  if (s.canon.size() > full) {
+    s.canon.resize(full);
+    s.canon_epoch.resize(full);
+    s.chain.resize(full);
+    s.chain_stopped = false;
+  }
 }
 
 void BlockManager::free(int64_t seq_id) {

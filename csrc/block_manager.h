@@ -1,8 +1,12 @@
 // Paged KV block manager: fixed-size blocks with reference counts, fork (shared blocks),
-// copy-on-write of a shared partially filled last block, and truncate (rollback).
+// copy-on-write of a shared partially filled last block, truncate (rollback), and automatic
+// prefix caching: full blocks of real tokens get a chained hash, a new sequence whose tokens
+// start with cached blocks takes them, and freed cached blocks wait in an LRU list until a
+// block is needed and none is free.
 #pragma once
 
 #include <cstdint>
+#include <list>
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
@@ -27,10 +31,19 @@ struct AppendResult {
 
 class BlockManager {
  public:
-  BlockManager(int64_t num_blocks, int64_t block_size);
+  // hash_mask narrows the block hash (tests force collisions with a small one).
+  BlockManager(int64_t num_blocks, int64_t block_size, uint64_t hash_mask = ~uint64_t{0});
 
   // Creates seq_id holding num_tokens slots; returns their slots.
   std::vector<int64_t> allocate(int64_t seq_id, int64_t num_tokens);
+  // Creates seq_id over the longest run of cached full blocks that starts `tokens` (leaving at
+  // least one token to compute) under `ns` (a namespace: sequences of different namespaces
+  // never share). Returns the number of cached tokens the sequence now holds.
+  int64_t allocate_prefix(int64_t seq_id, const std::vector<int64_t>& tokens, uint64_t ns);
+  // Registers the sequence's next full blocks, whose tokens are `tokens` (starting at
+  // num_hashed_tokens(seq_id); a trailing partial block is ignored). Returns blocks hashed.
+  int64_t cache_blocks(int64_t seq_id, const std::vector<int64_t>& tokens);
+  int64_t num_hashed_tokens(int64_t seq_id) const;
   // Grows seq_id by num_tokens; a shared last block is copied first (copy-on-write).
   AppendResult append(int64_t seq_id, int64_t num_tokens);
   // Grows several sequences at once, all or nothing; slots are concatenated in order.
@@ -48,7 +61,12 @@ class BlockManager {
   int64_t length(int64_t seq_id) const;
   const std::vector<int32_t>& block_ids(int64_t seq_id) const;
   int32_t ref_count(int64_t block) const;
-  int64_t num_free_blocks() const { return static_cast<int64_t>(free_.size()); }
+  // Free blocks include evictable ones (cached, no longer referenced).
+  int64_t num_free_blocks() const { return static_cast<int64_t>(free_.size() + lru_.size()); }
+  int64_t num_cached_blocks() const { return static_cast<int64_t>(cached_.size()); }
+  int64_t num_evictable_blocks() const { return static_cast<int64_t>(lru_.size()); }
+  std::vector<int32_t> evictable_blocks() const { return {lru_.begin(), lru_.end()}; }  // LRU first
+  bool is_cached(int64_t block) const;
   int64_t num_blocks() const { return num_blocks_; }
   int64_t block_size() const { return block_size_; }
   int64_t num_sequences() const { return static_cast<int64_t>(seqs_.size()); }
@@ -61,6 +79,13 @@ class BlockManager {
   struct Seq {
     std::vector<int32_t> blocks;
     int64_t length = 0;
+    uint64_t ns = 0;
+    // The hashed prefix: per full block its chained hash and the cached block that holds that
+    // content (the sequence's own block, or an earlier identical one it did not replace).
+    std::vector<uint64_t> chain;
+    std::vector<int32_t> canon;
+    std::vector<uint32_t> canon_epoch;
+    bool chain_stopped = false;  // a hash collision with another live entry: hash no further
   };
   Seq& get(int64_t seq_id);
   const Seq& get(int64_t seq_id) const;
@@ -68,12 +93,27 @@ class BlockManager {
   void release_block(int32_t block);
   void append_into(Seq& seq, int64_t num_tokens, AppendResult& out);
   int64_t blocks_for(int64_t tokens) const { return (tokens + block_size_ - 1) / block_size_; }
+  uint64_t block_hash(uint64_t parent, uint64_t ns, const int64_t* tokens) const;
+  bool same_entry(int32_t block, uint64_t ns, const int64_t* tokens, int32_t parent,
+                  uint32_t parent_epoch) const;
+  bool stale(int32_t block) const;
+  void uncache(int32_t block);
 
   int64_t num_blocks_;
   int64_t block_size_;
+  uint64_t hash_mask_;
   std::vector<int32_t> ref_;
-  std::vector<int32_t> free_;  // stack of free block ids
+  std::vector<int32_t> free_;  // stack of free, uncached block ids
   std::unordered_map<int64_t, Seq> seqs_;
+  // Prefix cache: hash -> block; per block its entry (valid while cached_block_[b]).
+  std::unordered_map<uint64_t, int32_t> cached_;
+  std::vector<char> cached_block_;
+  std::vector<uint64_t> hash_, ns_;
+  std::vector<uint32_t> epoch_, parent_epoch_;  // a parent is identified by (block, epoch)
+  std::vector<int32_t> parent_;
+  std::vector<int64_t> tokens_;  // [num_blocks * block_size] tokens of each cached block
+  std::list<int32_t> lru_;  // evictable: cached with ref 0, least recently freed first
+  std::vector<std::list<int32_t>::iterator> lru_pos_;
 };
 
 }  // namespace selfeval

@@ -5,6 +5,7 @@ stop strings and the policies. Requests are validated by the front (engine.api.E
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import random
 import time
 
@@ -56,7 +57,9 @@ class EngineCore:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.scheduler = Scheduler(self.block_manager, self.spec, config.max_batch_tokens,
-                                   config.max_num_seqs, self.max_model_len, eos)
+                                   config.max_num_seqs, self.max_model_len, eos,
+                                   prefix_caching=config.enable_prefix_caching,
+                                   cache_namespace=_namespace(config.adapter))
         self.requests: dict[int, Request] = {}
         self.rng = random.Random(config.seed)
         self._ready: list[Request] = []  # finished without a step (max_tokens=0, no score)
@@ -263,3 +266,10 @@ class EngineCore:
         request.stats.latency_s = time.perf_counter() - request.arrival
         return RequestOutput(request.request_id, request.prompt_ids, samples, request.stats,
                              request.best_index)
+
+
+def _namespace(adapter: str | None) -> int:
+    """Prefix-cache namespace: cached blocks are shared only under the same adapter."""
+    if adapter is None:
+        return 0
+    return int.from_bytes(hashlib.blake2b(str(adapter).encode(), digest_size=8).digest(), "little")

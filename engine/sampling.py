@@ -92,6 +92,7 @@ class Sample:
 @dataclass
 class RequestStats:
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens taken from the prefix cache, not computed
     generated_tokens: int = 0
     score_calls: int = 0
     suffix_tokens: int = 0

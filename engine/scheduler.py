@@ -36,8 +36,11 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, spec: SelfEvalSpec, max_batch_tokens: int,
-                 max_num_seqs: int, max_model_len: int, eos_token_ids: set[int]):
+                 max_num_seqs: int, max_model_len: int, eos_token_ids: set[int],
+                 prefix_caching: bool = True, cache_namespace: int = 0):
         self.bm = block_manager
+        self.prefix_caching = prefix_caching
+        self.cache_namespace = cache_namespace
         self.spec = spec
         self.max_batch_tokens = max_batch_tokens
         self.max_num_seqs = max_num_seqs
@@ -110,12 +113,16 @@ class Scheduler:
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            cached = self._admit(seq)
             n, suffix = self._plan(seq, budget)
-            need = -(-(n + len(suffix)) // self.bm.block_size)
+            need = self.bm.blocks_needed(seq.seq_id, n + len(suffix))
             if n + len(suffix) == 0 or need > self.bm.num_free_blocks - reserved:
+                self.bm.free(seq.seq_id)  # cached blocks it took go back to the LRU list
+                seq.num_computed = 0
                 break
+            stats = seq.request.stats
+            stats.cached_prompt_tokens = max(stats.cached_prompt_tokens, min(cached, seq.request.num_prompt))
             self.waiting.popleft()
-            self.bm.allocate(seq.seq_id, 0)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             self._take(out, seq, n, suffix)
@@ -124,6 +131,26 @@ class Scheduler:
         if out.seqs:
             self._layout(out)
         return out
+
+    def _admit(self, seq: Sequence) -> int:
+        """Give a waiting sequence its cache entry, over cached blocks where its tokens start
+        with some; returns the cached tokens (computed no more)."""
+        if not self.prefix_caching:
+            self.bm.allocate(seq.seq_id, 0)
+            return 0
+        cached = self.bm.allocate_prefix(seq.seq_id, seq.token_ids, self.cache_namespace)
+        seq.num_computed = cached
+        return cached
+
+    def _cache_computed(self, seq: Sequence, before: int) -> None:
+        """Register the full blocks of real tokens a step completed (never a suffix: it is
+        rolled back before this)."""
+        bs = self.bm.block_size
+        if seq.num_computed // bs > before // bs:
+            done = self.bm.num_hashed_tokens(seq.seq_id)
+            full = seq.num_computed // bs * bs
+            if full > done:
+                self.bm.cache_blocks(seq.seq_id, seq.token_ids[done:full])
 
     @staticmethod
     def _take(out: SchedulerOutput, seq: Sequence, n: int, suffix: tuple[int, ...]) -> None:
@@ -209,6 +236,8 @@ class Scheduler:
             if suffix:
                 self.bm.truncate(seq.seq_id, seq.num_computed)
                 seq.pending_score = False
+            if self.prefix_caching and seq.status is SeqStatus.RUNNING:
+                self._cache_computed(seq, seq.num_computed - n)
         for seq, suffix, (score, p_yes, p_no) in zip(out.score_seqs, (x for x in out.suffixes if x), scores):
             stats = seq.request.stats
             stats.score_calls += 1
