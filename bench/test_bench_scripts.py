@@ -54,3 +54,15 @@ def test_throughput_bench_runs_engine_roofline_and_transformers(tmp_path):
         assert metrics[key] > 0, key
     assert metrics["steps"]["decode_tokens"] < metrics["output_tokens"]  # first tokens come off prefills
     assert json.loads(next(tmp_path.glob("throughput-*.json")).read_text())["metrics"]["tokens_per_s"] > 0
+
+
+def test_prefix_cache_bench_measures_both_workloads(tmp_path):
+    metrics = _load("prefix_cache").main(["--toy", "--requests", "8", "--system", "64", "--tail", "8",
+                                          "--max-tokens", "4", "--repeats", "1", "--out", str(tmp_path)])
+    shared_on, shared_off = metrics["shared_on"], metrics["shared_off"]
+    assert shared_off["cached_prompt_tokens"] == 0 and shared_off["computed_prompt_tokens"] == 8 * 72
+    # One request computes the system prompt; the others take its blocks and compute their tails.
+    assert shared_on["computed_prompt_tokens"] + shared_on["cached_prompt_tokens"] == 8 * 72
+    assert metrics["prefill_reduction"] > 0.7
+    assert metrics["distinct_on"]["cached_prompt_tokens"] == 0
+    assert json.loads(next(tmp_path.glob("prefix_cache-*.json")).read_text())["metrics"]["prefill_reduction"]

@@ -116,7 +116,8 @@ class Scheduler:
             cached = self._admit(seq)
             n, suffix = self._plan(seq, budget)
             need = self.bm.blocks_needed(seq.seq_id, n + len(suffix))
-            if n + len(suffix) == 0 or need > self.bm.num_free_blocks - reserved:
+            if (n + len(suffix) == 0 or need > self.bm.num_free_blocks - reserved
+                    or self._block_in_flight(seq, cached, out)):
                 self.bm.free(seq.seq_id)  # cached blocks it took go back to the LRU list
                 seq.num_computed = 0
                 break
@@ -141,6 +142,20 @@ class Scheduler:
         cached = self.bm.allocate_prefix(seq.seq_id, seq.token_ids, self.cache_namespace)
         seq.num_computed = cached
         return cached
+
+    def _block_in_flight(self, seq: Sequence, cached: int, out: SchedulerOutput) -> bool:
+        """Whether another sequence in this step completes the block seq would compute next
+        (the same tokens up to its end): seq waits one step and takes it from the cache instead
+        of computing it twice."""
+        if not self.prefix_caching:
+            return False
+        end = cached + self.bm.block_size
+        if end > len(seq.token_ids) - 1:
+            return False
+        block = seq.token_ids[cached:end]
+        return any(other.num_computed + n >= end and other.token_ids[cached:end] == block
+                   and other.token_ids[:cached] == seq.token_ids[:cached]
+                   for other, n in zip(out.seqs, out.num_real))
 
     def _cache_computed(self, seq: Sequence, before: int) -> None:
         """Register the full blocks of real tokens a step completed (never a suffix: it is

@@ -56,8 +56,11 @@ def run_profile(model: str, policy_name: str, out_dir: str, num_problems: int = 
         "samples_pruned": sum(s.samples_pruned for s in stats),
         "score_calls": sum(s.score_calls for s in stats),
         "suffix_tokens_scored": sum(s.suffix_tokens for s in stats),
+        "prompt_tokens": sum(s.prompt_tokens for s in stats),
+        "cached_prompt_tokens": sum(s.cached_prompt_tokens for s in stats),
         "device": device,
     }
+    report["prefix_cache_hit_rate"] = report["cached_prompt_tokens"] / max(report["prompt_tokens"], 1)
     full = report["tokens_generated"] + report["tokens_saved"]
     report["saved_fraction"] = report["tokens_saved"] / full if full else 0.0
     (out / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -72,6 +75,8 @@ def run_profile(model: str, policy_name: str, out_dir: str, num_problems: int = 
     log(f"tokens generated {report['tokens_generated']}, saved {report['tokens_saved']} "
         f"({report['saved_fraction']:.0%} of full best-of-{n}); score calls {report['score_calls']}, "
         f"suffix tokens {report['suffix_tokens_scored']}")
+    log(f"prefix cache: {report['cached_prompt_tokens']} of {report['prompt_tokens']} prompt tokens "
+        f"cached ({report['prefix_cache_hit_rate']:.0%})")
     return report
 
 

@@ -28,4 +28,6 @@ def test_profile_cli_writes_report_and_plot(llama_dir, tmp_path):
     report = json.loads((tmp_path / "profile.json").read_text())
     assert report["samples_pruned"] == 3 * 2
     assert report["tokens_saved"] > 0 and report["score_calls"] > 0
+    assert report["prompt_tokens"] > 0
+    assert report["prefix_cache_hit_rate"] == report["cached_prompt_tokens"] / report["prompt_tokens"]
     assert (tmp_path / "profile.png").stat().st_size > 1000
