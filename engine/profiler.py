@@ -53,7 +53,7 @@ class StepProfiler:
         """One step's token mix (from the scheduler's output) and its forward time."""
         real = out.num_real
         suffix = sum(len(x) for x in out.suffixes)
-        decode = sum(1 for s, n in zip(out.seqs, real) if n == 1 and s.num_computed + 1 == len(s.token_ids))
+        decode = sum(1 for s, n in zip(out.seqs, real) if n == 1 and s.reaches_end(n))
         prefill = sum(real) - decode
         kind = "prefill" if prefill else ("score" if suffix else "decode")
         context = sum(s.num_computed + n for s, n in zip(out.seqs, real))
