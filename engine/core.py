@@ -178,7 +178,8 @@ class EngineCore:
             if num_sample:
                 with phase("sample"):
                     tokens, logprobs = self._sample(out, logits[:num_sample])
-            self.scheduler.update_from_output(out, tokens, logprobs, scores)
+            with phase("update"):
+                self.scheduler.update_from_output(out, tokens, logprobs, scores)
             for seq in out.seqs + out.sample_seqs:
                 touched[seq.request.request_id] = seq.request
         elif self.scheduler.has_work():
