@@ -5,8 +5,9 @@ a profiler is attached), and each step's token mix recorded.
 Phases: schedule (host: picking the batch, placing its tokens in the cache, laying out the
 StepInput), block_copy (copy-on-write), forward (the model over the step's tokens), score
 (reading scores), sample (sampling), update (appending tokens, token stop rules, rollback of
-suffixes, prefix-cache registration), policy (text, stop strings, policy programs, deltas). A step's forward is attributed to prefill, decode or score by
-its content: any prefill chunk makes it a prefill step, else any suffix a score step, else decode."""
+suffixes, prefix-cache registration), policy (text, stop strings, policy programs, deltas).
+A step's forward is attributed to prefill, decode or score by its content: any prefill chunk
+makes it a prefill step, else any suffix a score step, else decode."""
 
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ forks off one root, and a StepInput survives pickling (a worker process can repl
 import pickle
 
 import numpy as np
-
 from engine._core import BlockManager
+
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 from engine.selfeval import SelfEvalSpec
