@@ -107,6 +107,16 @@ PYBIND11_MODULE(_core, m) {
            },
            py::arg("seq_ids"), py::arg("width") = -1,
            "Packed int32 [len(seq_ids), width] block tables, padded with 0.")
+      .def("begin", &BlockManager::begin,
+           "Start a transaction: rollback() undoes every change after this, commit() keeps them.")
+      .def("commit", &BlockManager::commit)
+      .def("rollback",
+           [](BlockManager& bm) {
+             auto v = bm.rollback();
+             return py::array_t<int32_t>(static_cast<py::ssize_t>(v.size()), v.data());
+           },
+           "Undo the transaction; returns the blocks whose KV may have been overwritten in it.")
+      .def_property_readonly("in_transaction", &BlockManager::in_transaction)
       .def("sequence_ids", &BlockManager::sequence_ids)
       .def("__contains__", &BlockManager::contains)
       .def("__len__", &BlockManager::num_sequences)

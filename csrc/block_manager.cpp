@@ -43,26 +43,145 @@ const BlockManager::Seq& BlockManager::get(int64_t seq_id) const {
   return it->second;
 }
 
-int32_t BlockManager::take_block() {
-  int32_t b;
-  if (!free_.empty()) {
-    b = free_.back();
-    free_.pop_back();
-  } else {  // evict the least recently freed cached block
-    b = lru_.front();
-    uncache(b);
-    free_.pop_back();  // uncache moved it to the free stack
+// ---- every change of state goes through these, so a transaction can undo it ----------
+
+void BlockManager::set_ref(int32_t block, int32_t value) {
+  if (journal_) log_.push_back({Undo::REF, block, ref_[block]});
+  ref_[block] = value;
+}
+
+void BlockManager::free_push(int32_t block) {
+  if (journal_) log_.push_back({Undo::FREE_PUSH, block});
+  free_.push_back(block);
+}
+
+int32_t BlockManager::free_pop() {
+  int32_t b = free_.back();
+  free_.pop_back();
+  if (journal_) log_.push_back({Undo::FREE_POP, b});
+  return b;
+}
+
+void BlockManager::lru_push(int32_t block) {
+  lru_pos_[block] = lru_.insert(lru_.end(), block);
+  if (journal_) log_.push_back({Undo::LRU_PUSH, block});
+}
+
+void BlockManager::lru_erase(int32_t block) {
+  auto it = lru_pos_[block];
+  auto next = std::next(it);
+  if (journal_) log_.push_back({Undo::LRU_ERASE, block, next == lru_.end() ? -1 : *next});
+  lru_.erase(it);
+}
+
+void BlockManager::save_meta(int32_t block) {
+  if (!journal_) return;
+  Undo u{Undo::META, block};
+  u.meta = std::make_unique<Meta>(Meta{cached_block_[block], hash_[block], ns_[block], epoch_[block],
+                                       parent_epoch_[block], parent_[block],
+                                       std::vector<int64_t>(tokens_.begin() + block * block_size_,
+                                                            tokens_.begin() + (block + 1) * block_size_)});
+  log_.push_back(std::move(u));
+}
+
+void BlockManager::map_set(uint64_t hash, int32_t block) {
+  auto it = cached_.find(hash);
+  if (journal_) log_.push_back({Undo::MAP, it == cached_.end() ? -1 : it->second, 0, 0, 0, hash});
+  cached_[hash] = block;
+}
+
+void BlockManager::map_erase(uint64_t hash) {
+  auto it = cached_.find(hash);
+  if (it == cached_.end()) return;
+  if (journal_) log_.push_back({Undo::MAP, it->second, 0, 0, 0, hash});
+  cached_.erase(it);
+}
+
+void BlockManager::save_seq(int64_t seq_id) {
+  if (!journal_) return;
+  auto it = seqs_.find(seq_id);
+  Undo u{it == seqs_.end() ? Undo::SEQ_CREATE : Undo::SEQ_SAVE, seq_id};
+  if (it != seqs_.end()) u.seq = std::make_unique<Seq>(it->second);
+  log_.push_back(std::move(u));
+}
+
+void BlockManager::begin() {
+  log_.clear();
+  journal_ = true;
+}
+
+void BlockManager::commit() {
+  log_.clear();
+  journal_ = false;
+}
+
+std::vector<int32_t> BlockManager::rollback() {
+  std::vector<int32_t> taken;
+  for (auto u = log_.rbegin(); u != log_.rend(); ++u) {
+    if (u->kind == Undo::FREE_POP) taken.push_back(static_cast<int32_t>(u->a));
+    switch (u->kind) {
+      case Undo::REF: ref_[u->a] = static_cast<int32_t>(u->b); break;
+      case Undo::FREE_PUSH: free_.pop_back(); break;
+      case Undo::FREE_POP: free_.push_back(static_cast<int32_t>(u->a)); break;
+      case Undo::LRU_PUSH: lru_.erase(lru_pos_[u->a]); break;
+      case Undo::LRU_ERASE:
+        lru_pos_[u->a] = lru_.insert(u->b < 0 ? lru_.end() : lru_pos_[u->b], static_cast<int32_t>(u->a));
+        break;
+      case Undo::META: {
+        const Meta& m = *u->meta;
+        cached_block_[u->a] = m.cached;
+        hash_[u->a] = m.hash;
+        ns_[u->a] = m.ns;
+        epoch_[u->a] = m.epoch;
+        parent_epoch_[u->a] = m.parent_epoch;
+        parent_[u->a] = m.parent;
+        std::copy(m.tokens.begin(), m.tokens.end(), tokens_.begin() + u->a * block_size_);
+        break;
+      }
+      case Undo::MAP:
+        if (u->a < 0) cached_.erase(u->hash); else cached_[u->hash] = static_cast<int32_t>(u->a);
+        break;
+      case Undo::SEQ_CREATE: seqs_.erase(u->a); break;
+      case Undo::SEQ_SAVE: seqs_[u->a] = *u->seq; break;
+      case Undo::SEQ_APPEND: {
+        Seq& s = seqs_.at(u->a);
+        s.blocks.resize(static_cast<size_t>(u->c));
+        if (u->c > 0) s.blocks.back() = static_cast<int32_t>(u->d);
+        s.length = u->b;
+        break;
+      }
+    }
   }
-  ref_[b] = 1;
+  commit();
+  // A block handed out during the transaction that is held or cached again now was freed or
+  // evicted and reused inside it: its KV may have been overwritten. It leaves the cache, and
+  // the caller recomputes the sequences that hold it.
+  std::vector<int32_t> clobbered;
+  std::sort(taken.begin(), taken.end());
+  taken.erase(std::unique(taken.begin(), taken.end()), taken.end());
+  for (int32_t b : taken) {
+    if (ref_[b] > 0 || cached_block_[b]) {
+      uncache(b);
+      clobbered.push_back(b);
+    }
+  }
+  return clobbered;
+}
+
+int32_t BlockManager::take_block() {
+  if (free_.empty()) uncache(lru_.front());  // evict the least recently freed cached block
+  int32_t b = free_pop();
+  set_ref(b, 1);
   return b;
 }
 
 void BlockManager::release_block(int32_t block) {
-  if (--ref_[block] != 0) return;
+  set_ref(block, ref_[block] - 1);
+  if (ref_[block] != 0) return;
   if (cached_block_[block]) {
-    lru_pos_[block] = lru_.insert(lru_.end(), block);
+    lru_push(block);
   } else {
-    free_.push_back(block);
+    free_push(block);
   }
 }
 
@@ -107,12 +226,13 @@ bool BlockManager::stale(int32_t block) const {
 
 void BlockManager::uncache(int32_t block) {
   if (!cached_block_[block]) return;
+  save_meta(block);
   auto it = cached_.find(hash_[block]);
-  if (it != cached_.end() && it->second == block) cached_.erase(it);
+  if (it != cached_.end() && it->second == block) map_erase(hash_[block]);
   cached_block_[block] = 0;
   if (ref_[block] == 0) {
-    lru_.erase(lru_pos_[block]);
-    free_.push_back(block);
+    lru_erase(block);
+    free_push(block);
   }
 }
 
@@ -129,7 +249,8 @@ int64_t BlockManager::allocate_prefix(int64_t seq_id, const std::vector<int64_t>
     int32_t parent = i ? s.canon.back() : -1;
     if (it == cached_.end() || !same_entry(it->second, ns, t, parent, i ? s.canon_epoch.back() : 0)) break;
     int32_t b = it->second;
-    if (ref_[b]++ == 0) lru_.erase(lru_pos_[b]);
+    if (ref_[b] == 0) lru_erase(b);
+    set_ref(b, ref_[b] + 1);
     s.blocks.push_back(b);
     s.chain.push_back(h);
     s.canon.push_back(b);
@@ -137,6 +258,7 @@ int64_t BlockManager::allocate_prefix(int64_t seq_id, const std::vector<int64_t>
   }
   s.length = static_cast<int64_t>(s.blocks.size()) * block_size_;
   int64_t cached = s.length;
+  save_seq(seq_id);
   seqs_.emplace(seq_id, std::move(s));
   return cached;
 }
@@ -147,6 +269,7 @@ int64_t BlockManager::num_hashed_tokens(int64_t seq_id) const {
 
 int64_t BlockManager::cache_blocks(int64_t seq_id, const std::vector<int64_t>& tokens) {
   Seq& s = get(seq_id);
+  save_seq(seq_id);
   int64_t first = static_cast<int64_t>(s.canon.size());
   int64_t count = static_cast<int64_t>(tokens.size()) / block_size_;
   if (first + count > s.length / block_size_) {
@@ -184,6 +307,7 @@ int64_t BlockManager::cache_blocks(int64_t seq_id, const std::vector<int64_t>& t
           }
           uncache(it->second);
         }
+        save_meta(b);
         cached_block_[b] = 1;
         hash_[b] = h;
         ns_[b] = s.ns;
@@ -191,7 +315,7 @@ int64_t BlockManager::cache_blocks(int64_t seq_id, const std::vector<int64_t>& t
         parent_epoch_[b] = parent_epoch;
         ++epoch_[b];
         std::copy(t, t + block_size_, tokens_.begin() + b * block_size_);
-        cached_[h] = b;
+        map_set(h, b);
         ++added;
       }
     }
@@ -210,8 +334,12 @@ int64_t BlockManager::blocks_needed(int64_t seq_id, int64_t num_tokens) const {
   return need;
 }
 
-void BlockManager::append_into(Seq& s, int64_t num_tokens, AppendResult& out) {
+void BlockManager::append_into(int64_t seq_id, Seq& s, int64_t num_tokens, AppendResult& out) {
   if (num_tokens <= 0) return;
+  if (journal_) {
+    log_.push_back({Undo::SEQ_APPEND, seq_id, s.length, static_cast<int64_t>(s.blocks.size()),
+                    s.blocks.empty() ? -1 : s.blocks.back()});
+  }
   // Only a partially filled last block can be shared with a sibling; copy it before writing.
   if (s.length % block_size_ != 0) {
     int32_t& last = s.blocks.back();
@@ -220,8 +348,13 @@ void BlockManager::append_into(Seq& s, int64_t num_tokens, AppendResult& out) {
       out.cow.emplace_back(last, fresh);
       release_block(last);
       last = fresh;
-    } else {
-      uncache(last);  // a cached block (rolled back into) is about to change
+    } else if (cached_block_[last]) {
+      // A cached block (rolled back into) is about to change: it leaves the cache for good,
+      // even if this transaction is undone (the forward may have written into it).
+      bool journal = journal_;
+      journal_ = false;
+      uncache(last);
+      journal_ = journal;
     }
   }
   int64_t new_length = s.length + num_tokens;
@@ -245,9 +378,10 @@ std::vector<int64_t> BlockManager::allocate(int64_t seq_id, int64_t num_tokens) 
                            std::to_string(need) + ", " + std::to_string(num_free_blocks()) +
                            " free");
   }
+  save_seq(seq_id);
   Seq& s = seqs_[seq_id];
   AppendResult out;
-  append_into(s, num_tokens, out);
+  append_into(seq_id, s, num_tokens, out);
   return std::move(out.slots);
 }
 
@@ -286,7 +420,7 @@ AppendResult BlockManager::append_many(const std::vector<int64_t>& seq_ids,
                            std::to_string(num_free_blocks()) + " free");
   }
   AppendResult out;
-  for (size_t i = 0; i < seq_ids.size(); ++i) append_into(seqs_[seq_ids[i]], counts[i], out);
+  for (size_t i = 0; i < seq_ids.size(); ++i) append_into(seq_ids[i], seqs_[seq_ids[i]], counts[i], out);
   return out;
 }
 
@@ -294,7 +428,8 @@ void BlockManager::fork(int64_t parent_id, int64_t child_id) {
   const Seq& parent = get(parent_id);
   if (seqs_.count(child_id)) throw SequenceIdError(seq_name(child_id) + " already exists");
   Seq child = parent;  // copies the block ids only
-  for (int32_t b : child.blocks) ++ref_[b];
+  for (int32_t b : child.blocks) set_ref(b, ref_[b] + 1);
+  save_seq(child_id);
   seqs_.emplace(child_id, std::move(child));
 }
 
@@ -304,6 +439,7 @@ void BlockManager::truncate(int64_t seq_id, int64_t length) {
     throw std::invalid_argument("cannot truncate " + seq_name(seq_id) + " of length " +
                             std::to_string(s.length) + " to " + std::to_string(length));
   }
+  save_seq(seq_id);
   int64_t keep = blocks_for(length);
   while (static_cast<int64_t>(s.blocks.size()) > keep) {
     release_block(s.blocks.back());
@@ -321,6 +457,7 @@ void BlockManager::truncate(int64_t seq_id, int64_t length) {
 
 void BlockManager::free(int64_t seq_id) {
   Seq& s = get(seq_id);
+  save_seq(seq_id);
   for (int32_t b : s.blocks) release_block(b);
   seqs_.erase(seq_id);
 }

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <list>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
@@ -55,6 +56,16 @@ class BlockManager {
   void truncate(int64_t seq_id, int64_t length);
   void free(int64_t seq_id);
 
+  // A transaction: after begin(), rollback() undoes every change since (blocks, reference
+  // counts, free and LRU lists, cache entries, sequences); commit() keeps them. A block written
+  // in place during the transaction leaves the prefix cache for good. rollback() returns the
+  // blocks that were freed or evicted and handed out again inside the transaction and are held
+  // again after it: their KV may be another sequence's now, so their holders must recompute.
+  void begin();
+  void commit();
+  std::vector<int32_t> rollback();
+  bool in_transaction() const { return journal_; }
+
   // Blocks that append(seq_id, num_tokens) would take from the pool (copy-on-write included).
   int64_t blocks_needed(int64_t seq_id, int64_t num_tokens) const;
   bool contains(int64_t seq_id) const { return seqs_.count(seq_id) != 0; }
@@ -91,7 +102,16 @@ class BlockManager {
   const Seq& get(int64_t seq_id) const;
   int32_t take_block();
   void release_block(int32_t block);
-  void append_into(Seq& seq, int64_t num_tokens, AppendResult& out);
+  void append_into(int64_t seq_id, Seq& seq, int64_t num_tokens, AppendResult& out);
+  void set_ref(int32_t block, int32_t value);
+  void free_push(int32_t block);
+  int32_t free_pop();
+  void lru_push(int32_t block);
+  void lru_erase(int32_t block);
+  void save_meta(int32_t block);
+  void map_set(uint64_t hash, int32_t block);
+  void map_erase(uint64_t hash);
+  void save_seq(int64_t seq_id);
   int64_t blocks_for(int64_t tokens) const { return (tokens + block_size_ - 1) / block_size_; }
   uint64_t block_hash(uint64_t parent, uint64_t ns, const int64_t* tokens) const;
   bool same_entry(int32_t block, uint64_t ns, const int64_t* tokens, int32_t parent,
@@ -114,6 +134,24 @@ class BlockManager {
   std::vector<int64_t> tokens_;  // [num_blocks * block_size] tokens of each cached block
   std::list<int32_t> lru_;  // evictable: cached with ref 0, least recently freed first
   std::vector<std::list<int32_t>::iterator> lru_pos_;
+
+  struct Meta {
+    char cached;
+    uint64_t hash, ns;
+    uint32_t epoch, parent_epoch;
+    int32_t parent;
+    std::vector<int64_t> tokens;
+  };
+  struct Undo {
+    enum Kind { REF, FREE_PUSH, FREE_POP, LRU_PUSH, LRU_ERASE, META, MAP, SEQ_CREATE, SEQ_SAVE, SEQ_APPEND };
+    Kind kind;
+    int64_t a = 0, b = 0, c = 0, d = 0;  // per kind: block or sequence id, old values
+    uint64_t hash = 0;
+    std::unique_ptr<Seq> seq;
+    std::unique_ptr<Meta> meta;
+  };
+  bool journal_ = false;
+  std::vector<Undo> log_;
 };
 
 }  // namespace selfeval

@@ -3,7 +3,9 @@ It tokenizes and validates; EngineCore (engine.core) runs the steps."""
 
 from __future__ import annotations
 
+import functools
 import itertools
+import threading
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 
@@ -17,13 +19,27 @@ from engine.sampling import RequestDelta, RequestOutput, SamplingParams
 Prompt = str | list[int]
 
 
+def _serialized(method):
+    """One caller at a time: a second thread waits until the first call returns (the engine's
+    state is not safe to share mid-call; an async server wants engine.async_engine instead)."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class Engine:
     """A paged-KV decoding engine with cheap fork and rollback and self-evaluation scoring.
 
     Engine(model_dir, **settings) or Engine(EngineConfig(...)); every setting is an EngineConfig
     field (engine.config): device, dtype, block_size, num_blocks, max_batch_tokens, max_num_seqs,
     max_model_len, kv_cache_memory, seed, cuda_graphs, adapter, load_format,
-    enable_prefix_caching."""
+    enable_prefix_caching.
+
+    Thread-safe by serialization: calls from several threads run one after another."""
 
     def __init__(self, model: str | EngineConfig, **settings):
         if isinstance(model, EngineConfig):
@@ -42,6 +58,7 @@ class Engine:
         self.max_model_len = self.core.max_model_len
         self.block_manager, self.runner = self.core.block_manager, self.core.runner
         self._request_ids = itertools.count()
+        self._lock = threading.RLock()
 
     @property
     def profiler(self) -> StepProfiler | None:
@@ -88,6 +105,7 @@ class Engine:
                 f"{self.block_manager.num_blocks}; raise num_blocks or lower max_tokens")
 
     # ---- stepping ------------------------------------------------------------------------
+    @_serialized
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
                     policy: Policy | None = None) -> int:
         """Queue one request; returns its id. Invalid input raises and queues nothing.
@@ -99,20 +117,24 @@ class Engine:
         self.core.add_request(request_id, ids, params, policy)
         return request_id
 
+    @_serialized
     def step_deltas(self) -> list[RequestDelta]:
         """Run one step; a delta for every request that changed (streaming)."""
         return self.core.step()
 
+    @_serialized
     def step(self) -> list[RequestOutput]:
         """Run one step; returns the requests that finished in it."""
         return [d.output for d in self.core.step() if d.finished]
 
+    @_serialized
     def abort(self, request_id: int) -> None:
         self.core.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests()
 
+    @_serialized
     def score_in_flight(self, request_id: int) -> int:
         """Score every still-generating sample of a request in place at its current length
         during the next step (the form policies use). The result lands in the sample's
@@ -124,6 +146,7 @@ class Engine:
         return self.core.score_now(request)
 
     # ---- batch entry points -------------------------------------------------------------
+    @_serialized
     def generate(self, prompts: Prompt | Iterable[Prompt],
                  params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = False, policy: Policy | Seq[Policy | None] | None = None,
@@ -144,6 +167,7 @@ class Engine:
                        for ids, sp, pol in zip(token_ids, params_list, policies)]
         return self.run_until_done(request_ids, use_tqdm)
 
+    @_serialized
     def chat(self, conversations: list[dict] | list[list[dict]],
              params: SamplingParams | Seq[SamplingParams] | None = None,
              use_tqdm: bool = False, policy: Policy | Seq[Policy | None] | None = None,
@@ -157,6 +181,7 @@ class Engine:
         ids = self.tokenizer.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True)
         return list(ids["input_ids"]) if isinstance(ids, dict) or hasattr(ids, "keys") else list(ids)
 
+    @_serialized
     def score(self, prompts: Seq[Prompt], responses: Seq[Prompt]) -> list[float]:
         """Self-evaluation score in [0, 1] of each (prompt, response): one forward over the
         suffix after the cached prompt and response."""
@@ -171,6 +196,7 @@ class Engine:
         outs = self.generate(joined, params)
         return [o.samples[0].score for o in outs]
 
+    @_serialized
     def run_until_done(self, request_ids: list[int], use_tqdm: bool = False) -> list[RequestOutput]:
         """Step until every one of these requests finished; their outputs in that order."""
         pending = set(request_ids)
@@ -180,15 +206,21 @@ class Engine:
             from tqdm import tqdm
 
             bar = tqdm(total=len(request_ids), desc="requests", unit="req")
-        while pending:
-            for out in self.step():
-                if out.request_id in pending:
-                    pending.discard(out.request_id)
-                    results[out.request_id] = out
-                    if bar is not None:
-                        bar.update(1)
-        if bar is not None:
-            bar.close()
+        try:
+            while pending:
+                for out in self.step():
+                    if out.request_id in pending:
+                        pending.discard(out.request_id)
+                        results[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:  # interrupted: this call's requests leave nothing behind
+            for request_id in pending:
+                self.abort(request_id)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
         return [results[i] for i in request_ids]
 
 

@@ -21,7 +21,7 @@ from engine.model.lora import has_adapter, load_adapter
 from engine.policies.base import Policy, PolicyRun
 from engine.policies.scorers import token_confidence
 from engine.profiler import StepProfiler
-from engine.runner import ModelRunner, kv_bytes_per_block
+from engine.runner import ModelRunner, blocks_that_fit
 from engine.sampling import RequestDelta, RequestOutput, Sample, SampleDelta, SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.selfeval import SelfEvalSpec, build_spec, score_from_logits
@@ -48,7 +48,8 @@ class EngineCore:
         cfg = self.model.config
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings,
                                  cfg.max_position_embeddings)
-        num_blocks = config.num_blocks or self._blocks_that_fit()
+        num_blocks = config.num_blocks or blocks_that_fit(self.model, config.block_size, self.dtype,
+                                                          self.device, config.kv_cache_memory)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.runner = ModelRunner(self.model, self.device, self.dtype, num_blocks, config.block_size,
                                   self.max_model_len, graphs="cuda" if config.use_cuda_graphs else None,
@@ -64,18 +65,6 @@ class EngineCore:
         self.rng = random.Random(config.seed)
         self._ready: list[Request] = []  # finished without a step (max_tokens=0, no score)
         self.profiler: StepProfiler | None = None  # attach one to time each step's phases
-
-    def _blocks_that_fit(self) -> int:
-        per_block = kv_bytes_per_block(self.model, self.config.block_size, self.dtype)
-        memory = self.config.kv_cache_memory
-        if memory is None:
-            if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                memory = int(free * 0.85)
-            else:
-                memory = 1 << 30
-        # 2^20 blocks bound the pool (int32 block ids, and a sane host-side free list).
-        return max(1, min(memory // per_block, 1 << 20))
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, request_id: int, prompt_ids: list[int], params: SamplingParams,
@@ -156,11 +145,40 @@ class EngineCore:
 
     # ---- one step -----------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
-        """Run one batch; returns a delta for every request that changed in it."""
+        """Run one batch; returns a delta for every request that changed in it. If anything
+        raises before the results are applied (Ctrl-C too), the step is undone: stepping on gives
+        the tokens an uninterrupted run gives."""
         prof = self.profiler
         phase = prof.phase if prof is not None else _no_phase
-        touched = {r.request_id: r for r in self._ready}
-        self._ready = []
+        ready, self._ready = self._ready, []
+        touched = {r.request_id: r for r in ready}
+        snapshot = self.scheduler.snapshot()
+        self.block_manager.begin()
+        try:
+            self._step_transaction(touched, phase)
+        except BaseException:  # Ctrl-C included: the step is undone, the engine stays usable
+            self.scheduler.restore(snapshot, self.block_manager.rollback())
+            self._ready = ready + self._ready
+            raise
+        self.block_manager.commit()
+        with phase("policy"):
+            for request in self.requests.values():
+                if request.policy is not None and not request.policy.done:
+                    touched[request.request_id] = request
+            for request in touched.values():
+                self._advance_text(request)
+            for request in touched.values():
+                if request.policy is not None and not request.policy.done:
+                    try:
+                        request.policy.policy.update(request.policy)
+                    except Exception as e:  # a policy's own bug fails its request only
+                        self._fail(request, f"policy {type(request.policy.policy).__name__} raised {e!r}")
+                    self._advance_text(request)  # flush the text of samples it dropped
+            return [self._delta(r) for r in touched.values() if r.request_id in self.requests]
+
+    def _step_transaction(self, touched: dict, phase) -> None:
+        """Schedule, run, sample and update: all or nothing (the caller undoes a failure)."""
+        prof = self.profiler
         with phase("schedule"):
             out = self.scheduler.schedule()
         if out.seqs:
@@ -184,17 +202,6 @@ class EngineCore:
                 touched[seq.request.request_id] = seq.request
         elif self.scheduler.has_work():
             raise RuntimeError("the scheduler could not place any sequence: KV cache too small")
-        with phase("policy"):
-            for request in self.requests.values():
-                if request.policy is not None and not request.policy.done:
-                    touched[request.request_id] = request
-            for request in touched.values():
-                self._advance_text(request)
-            for request in touched.values():
-                if request.policy is not None and not request.policy.done:
-                    request.policy.policy.update(request.policy)
-                    self._advance_text(request)  # flush the text of samples it dropped
-            return [self._delta(r) for r in touched.values() if r.request_id in self.requests]
 
     def _sample(self, out: SchedulerOutput, logits: torch.Tensor) -> tuple[list[int], list[float]]:
         seqs, dev = out.sample_seqs, logits.device
@@ -213,6 +220,18 @@ class EngineCore:
             torch.tensor([s.num_generated for s in seqs], dtype=torch.int64, device=dev),
         )
         return tokens.tolist(), logprobs.tolist()
+
+    def _fail(self, request: Request, error: str) -> None:
+        """End a request with finish reason "error" and free its blocks; others go on."""
+        request.error = error
+        request.pending_forks.clear()
+        for seq in request.seqs:
+            if seq.status is not SeqStatus.FINISHED:
+                self.scheduler.release(seq)
+            if seq.generating or seq.pending_score:
+                seq.finish_reason, seq.pending_score = "error", False
+        if request.policy is not None:
+            request.policy.done = True
 
     # ---- text and outputs -----------------------------------------------------------------
     def _advance_text(self, request: Request) -> None:
@@ -266,7 +285,7 @@ class EngineCore:
                                   value=scorer(seq) if scorer is not None else score[0]))
         request.stats.latency_s = time.perf_counter() - request.arrival
         return RequestOutput(request.request_id, request.prompt_ids, samples, request.stats,
-                             request.best_index)
+                             request.best_index, request.error)
 
 
 def _namespace(adapter: str | None) -> int:

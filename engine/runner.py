@@ -23,6 +23,19 @@ def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dt
     return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
 
 
+def blocks_that_fit(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype, device: torch.device,
+                    memory: int | None = None) -> int:
+    """KV blocks that `memory` bytes hold (None: 85% of the free CUDA memory, 1 GiB on CPU)."""
+    if memory is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            memory = int(free * 0.85)
+        else:
+            memory = 1 << 30
+    # 2^20 blocks bound the pool (int32 block ids, and a sane host-side free list).
+    return max(1, min(memory // kv_bytes_per_block(model, block_size, dtype), 1 << 20))
+
+
 class ModelRunner:
     """Runs the model over one StepInput. Owns the KV cache tensor; never decides where tokens go
     (the scheduler's block manager did). graphs: "cuda" captures decode graphs (CUDA only),

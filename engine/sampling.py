@@ -77,7 +77,7 @@ class Sample:
     index: int
     token_ids: list[int]
     text: str
-    finish_reason: str | None  # "stop", "length", "abort"
+    finish_reason: str | None  # "stop", "length", "pruned" (by a policy), "error"
     score: float | None = None
     p_yes: float | None = None
     p_no: float | None = None
@@ -110,6 +110,7 @@ class RequestOutput:
     samples: list[Sample]
     stats: RequestStats = field(default_factory=RequestStats)
     best_index: int | None = None  # set by a policy: the sample its scorer picked
+    error: str | None = None  # the request failed: its samples end with finish reason "error"
 
     @property
     def best(self) -> Sample:

@@ -6,6 +6,7 @@ update_from_output() takes the sampled tokens and scores back."""
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -205,6 +206,32 @@ class Scheduler:
         if rows:
             out.step.logit_rows = np.concatenate([np.asarray(sample_rows + rows, dtype=np.int64),
                                                   np.asarray(score_rows, dtype=np.int64)])
+
+    # ---- undoing a step -------------------------------------------------------------------
+    def snapshot(self) -> tuple:
+        """Everything a step may change on the Python side: the queues, the sequences it may
+        schedule (every running one, the waiting ones it may admit) and their requests."""
+        admit = max(self.max_num_seqs - len(self.running), 0)
+        seqs = set(self.running) | set(itertools.islice(self.waiting, admit))
+        requests = {s.request for s in seqs}
+        for request in requests:
+            seqs.update(request.seqs)
+        return (list(self.waiting), list(self.running), [(s, s.state()) for s in seqs],
+                [(r, r.state()) for r in requests])
+
+    def restore(self, snapshot: tuple, clobbered: np.ndarray) -> None:
+        """Put back a snapshot after the block manager rolled back; sequences holding a block
+        whose KV the undone step may have overwritten are recomputed (preempted)."""
+        waiting, running, seqs, requests = snapshot
+        self.waiting, self.running = deque(waiting), list(running)
+        for seq, state in seqs:
+            seq.restore(state)
+        for request, state in requests:
+            request.restore(state)
+        if len(clobbered):
+            bad = set(clobbered.tolist())
+            for seq in [s for s in self.running if bad.intersection(self.bm.block_ids(s.seq_id).tolist())]:
+                self.preempt(seq)
 
     # ---- forks --------------------------------------------------------------------------
     def fork_pending(self, request, root_computed: int | None = None) -> list[Sequence]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from dataclasses import replace
 
 from engine.sampling import RequestStats, SamplingParams
 
@@ -68,6 +69,18 @@ class Sequence:
         """Whether computing this chunk gives the next-token row this sample samples from."""
         return self.finish_reason is None and self.reaches_end(num_tokens)
 
+    def state(self) -> tuple:
+        """What one engine step may change (for undoing a step that raised)."""
+        return (self.num_computed, self.status, len(self.token_ids), len(self.logprobs),
+                len(self.confidences), len(self.checkpoint_scores), self.finish_reason,
+                self.pending_score, self.score, self.pruned_at)
+
+    def restore(self, state: tuple) -> None:
+        (self.num_computed, self.status, n_tokens, n_logprobs, n_conf, n_scores, self.finish_reason,
+         self.pending_score, self.score, self.pruned_at) = state
+        del self.token_ids[n_tokens:], self.logprobs[n_logprobs:], self.confidences[n_conf:]
+        del self.checkpoint_scores[n_scores:]
+
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, len={len(self.token_ids)}, "
                 f"computed={self.num_computed}, {self.status.value})")
@@ -91,12 +104,20 @@ class Request:
         self.policy = None  # a policy's per-request run (engine.policies), if any
         self.root: Sequence | None = None  # holds the prompt's cache; samples fork off it
         self.best_index: int | None = None
+        self.error: str | None = None  # why the request failed (finish reason "error")
 
     @property
     def finished(self) -> bool:
         if self.policy is not None and not self.policy.done:
             return False
         return not self.pending_forks and all(s.status is SeqStatus.FINISHED for s in self.seqs)
+
+    def state(self) -> tuple:
+        return len(self.seqs), list(self.pending_forks), replace(self.stats), self.best_index
+
+    def restore(self, state: tuple) -> None:
+        n_seqs, self.pending_forks, self.stats, self.best_index = state
+        del self.seqs[n_seqs:]
 
     @property
     def drawn(self) -> int:

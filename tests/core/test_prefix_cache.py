@@ -1,7 +1,10 @@
 """Prefix caching in the block manager under random operation sequences (hypothesis), against a
 model of the KV content (every slot holds the token written there) and of the LRU: a cache hit
 always holds exactly the tokens asked for, even when a narrowed hash makes every block collide;
-evictable blocks leave in least-recently-freed order and only when no uncached block is free."""
+evictable blocks leave in least-recently-freed order and only when no uncached block is free.
+Transactions: rollback() restores every observable of the block manager as it was at begin()
+(a block written in place during it may only leave the cache), while the KV written meanwhile
+stays, as it does in the engine."""
 
 from collections import Counter
 
@@ -28,6 +31,7 @@ class PrefixCacheMachine(RuleBasedStateMachine):
         self.next_id = 0
         self.clock = 0
         self.freed_at: dict[int, int] = {}  # evictable block -> when it was freed
+        self.txn = None  # (observed state, sequences, freed_at) at begin()
 
     # ---- helpers ----------------------------------------------------------------------
     def _ids(self):
@@ -62,7 +66,53 @@ class PrefixCacheMachine(RuleBasedStateMachine):
         full = len(self.seqs[seq]) // BS * BS
         self.bm.cache_blocks(seq, self.seqs[seq][done:full])
 
+    def _observe(self):
+        bm = self.bm
+        return {
+            "seqs": {s: (bm.block_ids(s).tolist(), bm.length(s), bm.num_hashed_tokens(s))
+                     for s in bm.sequence_ids()},
+            "refs": [bm.ref_count(b) for b in range(bm.num_blocks)],
+            "free": bm.num_free_blocks,
+            "lru": self._lru(),
+            "cached": {b for b in range(bm.num_blocks) if bm.is_cached(b)},
+        }
+
     # ---- rules ------------------------------------------------------------------------
+    @precondition(lambda self: self.txn is None)
+    @rule()
+    def begin(self):
+        self.bm.begin()
+        self.txn = (self._observe(), {k: list(v) for k, v in self.seqs.items()}, dict(self.freed_at))
+
+    @precondition(lambda self: self.txn is not None)
+    @rule(keep=st.booleans())
+    def end(self, keep):
+        before, seqs, freed_at = self.txn
+        self.txn = None
+        if keep:
+            self.bm.commit()
+            return
+        clobbered = set(self.bm.rollback().tolist())
+        after = self._observe()
+        assert after["cached"] <= before["cached"]
+        assert not clobbered & after["cached"]
+        # Blocks reused inside the transaction leave the cache (their KV may be overwritten).
+        before["lru"] = [b for b in before["lru"] if b not in clobbered]
+        after["cached"] = before["cached"]
+        assert after == before, "rollback did not restore the block manager"
+        self.seqs, self.freed_at = seqs, freed_at
+        for s, toks in list(self.seqs.items()):
+            blocks = self.bm.block_ids(s).tolist()
+            held = [self.kv.get(blocks[p // BS] * BS + p % BS) for p in range(len(toks))]
+            if set(blocks) & clobbered:  # the engine recomputes these: free them here
+                self.bm.free(s)
+                del self.seqs[s]
+            else:
+                assert held == toks, "KV overwritten in a rolled-back step, and not reported"
+        for b in list(self.freed_at):
+            if b in clobbered:
+                del self.freed_at[b]
+
     @rule(tokens=TOKENS, ns=st.integers(0, 1))
     def new(self, tokens, ns):
         sid = self.next_id
@@ -147,6 +197,8 @@ class PrefixCacheMachine(RuleBasedStateMachine):
         assert times == sorted(times), "the LRU list is out of order"
 
     def teardown(self):
+        if self.txn is not None:
+            self.bm.commit()
         for s in self._ids():
             self.bm.free(s)
         assert self.bm.num_free_blocks == self.bm.num_blocks

@@ -195,3 +195,26 @@ def test_in_flight_score_of_running_samples(eng):
     assert outs[0].samples[0].checkpoint_scores[0][1] == pytest.approx(direct, abs=1e-5)
     with pytest.raises(InvalidRequestError, match="not running"):
         eng.score_in_flight(rid)
+
+
+def test_concurrent_callers_are_serialized(llama_dir):
+    import threading
+
+    eng = Engine(str(llama_dir), block_size=4, num_blocks=256)
+    prompts = _prompts(eng, [5, 9, 3, 12], seed=8)
+    expected = [o.samples[0].token_ids for o in eng.generate(prompts, GREEDY)]
+    results, errors = {}, []
+
+    def call(i):
+        try:
+            results[i] = [o.samples[0].token_ids for o in eng.generate(prompts, GREEDY)]
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and all(results[i] == expected for i in range(4))
+    assert eng.num_free_blocks == 256 and not eng.has_unfinished_requests()

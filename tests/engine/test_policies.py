@@ -169,3 +169,18 @@ def test_policies_wait_for_prompts_that_are_still_queued(llama_dir, make):
         assert out.stats.samples_drawn == len(out.samples) == 3
         assert out.best.index in {s.index for s in out.samples if s.pruned_at is None}
     assert eng.num_free_blocks == free
+
+
+def test_a_policy_that_raises_fails_its_request_only(engine):
+    class Broken(BestOfN):
+        def update(self, run):
+            if any(s.num_generated >= 2 for s in run.samples):
+                raise ZeroDivisionError("bug in a user policy")
+            super().update(run)
+
+    free = engine.num_free_blocks
+    prompts = [_prompt(engine, 1), _prompt(engine, 2)]
+    bad, good = engine.generate(prompts, PARAMS, policy=[Broken(3), BestOfN(2)])
+    assert "ZeroDivisionError" in bad.error and {s.finish_reason for s in bad.samples} == {"error"}
+    assert good.error is None and all(s.finish_reason == "length" for s in good.samples)
+    assert engine.num_free_blocks == free
