@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import replace
 
 from engine.sampling import RequestStats, SamplingParams
 
@@ -113,10 +112,11 @@ class Request:
         return not self.pending_forks and all(s.status is SeqStatus.FINISHED for s in self.seqs)
 
     def state(self) -> tuple:
-        return len(self.seqs), list(self.pending_forks), replace(self.stats), self.best_index
+        return len(self.seqs), list(self.pending_forks), self.stats.__dict__.copy(), self.best_index
 
     def restore(self, state: tuple) -> None:
-        n_seqs, self.pending_forks, self.stats, self.best_index = state
+        n_seqs, self.pending_forks, stats, self.best_index = state
+        self.stats.__dict__.update(stats)
         del self.seqs[n_seqs:]
 
     @property
