@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import numbers
 import threading
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
@@ -76,8 +77,12 @@ class Engine:
     def tokenize(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt, add_special_tokens=True)
-        else:
+        elif isinstance(prompt, (list, tuple)) and all(
+                isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
             ids = [int(t) for t in prompt]
+        else:
+            raise InvalidRequestError(f"a prompt is a string or a list of int token ids, got "
+                                      f"{type(prompt).__name__} {str(prompt)[:60]}")
         if not ids:
             raise InvalidRequestError("the prompt is empty")
         vocab = self.model.config.vocab_size
@@ -88,6 +93,11 @@ class Engine:
 
     def validate(self, ids: list[int], params: SamplingParams, policy: Policy | None = None) -> None:
         """Raise InvalidRequestError for a request the engine cannot serve; queue nothing."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if policy is not None and not isinstance(policy, Policy):
+            raise InvalidRequestError(f"policy must be an engine.policies Policy (BestOfN, Adaptive, "
+                                      f"Prune) or None, got {policy!r}")
         if policy is not None and params.n != 1:
             raise InvalidRequestError("a policy draws its own samples: leave n at 1")
         scored = params.wants_score or params.score_at or policy is not None
@@ -98,11 +108,14 @@ class Engine:
                 f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} + suffix {suffix} "
                 f"= {total} exceeds max_model_len {self.max_model_len}; shorten the prompt or "
                 f"lower max_tokens")
-        blocks = -(-total // self.block_manager.block_size)
+        bs = self.block_manager.block_size
+        blocks, what = -(-total // bs), "one sample"
+        if policy is not None or params.n > 1:  # the prompt's root beside one sample at least
+            blocks, what = blocks + -(-len(ids) // bs) + 1, "one sample beside the prompt's root"
         if blocks > self.block_manager.num_blocks:
             raise InvalidRequestError(
-                f"one sample needs {blocks} KV blocks but the cache has "
-                f"{self.block_manager.num_blocks}; raise num_blocks or lower max_tokens")
+                f"{what} needs {blocks} KV blocks but the cache has {self.block_manager.num_blocks}; "
+                f"raise num_blocks or lower max_tokens")
 
     # ---- stepping ------------------------------------------------------------------------
     @_serialized
@@ -149,11 +162,11 @@ class Engine:
     @_serialized
     def generate(self, prompts: Prompt | Iterable[Prompt],
                  params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = False, policy: Policy | Seq[Policy | None] | None = None,
+                 use_tqdm: bool | str = False, policy: Policy | Seq[Policy | None] | None = None,
                  ) -> list[RequestOutput]:
         """Generate for every prompt (str tokenized as is, or token ids) in one continuous batch.
         params and policy: one for every prompt, or one per prompt (policy None: plain sampling).
-        A bad prompt raises before anything is queued."""
+        use_tqdm: a progress bar (a string names it). A bad prompt raises before anything is queued."""
         single_ids = isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         if isinstance(prompts, str) or single_ids:
             prompts = [prompts]
@@ -170,7 +183,7 @@ class Engine:
     @_serialized
     def chat(self, conversations: list[dict] | list[list[dict]],
              params: SamplingParams | Seq[SamplingParams] | None = None,
-             use_tqdm: bool = False, policy: Policy | Seq[Policy | None] | None = None,
+             use_tqdm: bool | str = False, policy: Policy | Seq[Policy | None] | None = None,
              ) -> list[RequestOutput]:
         """Like generate, with each conversation rendered by the model's chat template."""
         if conversations and isinstance(conversations[0], dict):
@@ -178,13 +191,22 @@ class Engine:
         return self.generate([self.render_chat(c) for c in conversations], params, use_tqdm, policy)
 
     def render_chat(self, conversation: list[dict]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True)
+        if not isinstance(conversation, list) or not all(isinstance(m, dict) for m in conversation):
+            raise InvalidRequestError("a conversation is a list of {'role': ..., 'content': ...} messages")
+        try:
+            ids = self.tokenizer.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True)
+        except Exception as e:  # a template error is the input's, or the checkpoint's, not ours
+            raise InvalidRequestError(f"the chat template cannot render this conversation: {e}") from e
         return list(ids["input_ids"]) if isinstance(ids, dict) or hasattr(ids, "keys") else list(ids)
 
     @_serialized
     def score(self, prompts: Seq[Prompt], responses: Seq[Prompt]) -> list[float]:
         """Self-evaluation score in [0, 1] of each (prompt, response): one forward over the
         suffix after the cached prompt and response."""
+        if isinstance(prompts, str) and isinstance(responses, str):
+            prompts, responses = [prompts], [responses]
+        if isinstance(prompts, str) or isinstance(responses, str):
+            raise InvalidRequestError("give lists of prompts and responses (or one string each)")
         if len(prompts) != len(responses):
             raise InvalidRequestError(f"{len(prompts)} prompts but {len(responses)} responses")
         params = SamplingParams(max_tokens=0, score=True)
@@ -197,7 +219,7 @@ class Engine:
         return [o.samples[0].score for o in outs]
 
     @_serialized
-    def run_until_done(self, request_ids: list[int], use_tqdm: bool = False) -> list[RequestOutput]:
+    def run_until_done(self, request_ids: list[int], use_tqdm: bool | str = False) -> list[RequestOutput]:
         """Step until every one of these requests finished; their outputs in that order."""
         pending = set(request_ids)
         results: dict[int, RequestOutput] = {}
@@ -205,7 +227,8 @@ class Engine:
         if use_tqdm:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(request_ids), desc="requests", unit="req")
+            bar = tqdm(total=len(request_ids), desc=use_tqdm if isinstance(use_tqdm, str) else "requests",
+                       unit="req")
         try:
             while pending:
                 for out in self.step():

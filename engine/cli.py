@@ -10,11 +10,44 @@ import time
 
 
 def _engine(args):
+    from pathlib import Path
+
     from engine import Engine
     from engine.config import EngineConfig
 
+    adapter = getattr(args, "adapter", None)
+    if adapter is None and (Path(args.model) / "adapter").is_dir():  # as `demo` does
+        adapter = str(Path(args.model) / "adapter")
     return Engine(EngineConfig(model=args.model, device=args.device, block_size=args.block_size,
-                               adapter=getattr(args, "adapter", None)))
+                               adapter=adapter))
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 1 << 63:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
 
 
 def cmd_generate(args) -> int:
@@ -47,9 +80,11 @@ def cmd_generate(args) -> int:
 def cmd_score(args) -> int:
     eng = _engine(args)
     if len(args.prompt) != len(args.response):
-        print("give one --response per --prompt", file=sys.stderr)
+        print("selfeval: error: give one --response per --prompt", file=sys.stderr)
         return 2
-    scores = eng.score(args.prompt, args.response)
+    prompts = [eng.render_chat([{"role": "user", "content": p}]) for p in args.prompt] if args.chat \
+        else args.prompt
+    scores = eng.score(prompts, args.response)
     print(json.dumps([{"prompt": p, "response": r, "score": s}
                       for p, r, s in zip(args.prompt, args.response, scores)], indent=2))
     return 0
@@ -111,94 +146,107 @@ def cmd_profile(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="selfeval", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
 
     def common(p):
         p.add_argument("--model", required=True, help="local Hugging Face checkpoint directory")
-        p.add_argument("--device", default="cpu")
-        p.add_argument("--block-size", type=int, default=16)
+        p.add_argument("--device", default="cpu", help="cpu or cuda")
+        p.add_argument("--block-size", type=positive_int, default=16, help="KV block size in tokens")
         p.add_argument("--prompt", action="append", required=True, help="repeat for several")
-        p.add_argument("--adapter", default=None, help="self-evaluation adapter directory")
+        p.add_argument("--adapter", default=None,
+                       help="self-evaluation adapter directory (default: the model's adapter/, if any)")
+        p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
 
-    g = sub.add_parser("generate", help="sample responses (n>1 forks samples off one prefill)")
+    g = sub.add_parser("generate", help="sample responses (n>1 forks samples off one prefill)",
+                       formatter_class=fmt)
     common(g)
-    g.add_argument("-n", type=int, default=1)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    g.add_argument("-n", type=positive_int, default=1, help="samples per prompt")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    g.add_argument("--top-k", type=nonnegative_int, default=0, help="0 disables")
+    g.add_argument("--max-tokens", type=nonnegative_int, default=64, help="tokens per sample")
+    g.add_argument("--seed", type=seed_int, default=None, help="reproducible samples")
+    g.add_argument("--ignore-eos", action="store_true", help="generate max-tokens whatever the model says")
     g.add_argument("--score", action="store_true", help="self-evaluate every sample")
     g.set_defaults(func=cmd_generate)
 
-    s = sub.add_parser("score", help="self-evaluation score of (prompt, response) pairs")
+    s = sub.add_parser("score", help="self-evaluation score of (prompt, response) pairs",
+                       formatter_class=fmt)
     common(s)
-    s.add_argument("--response", action="append", required=True)
+    s.add_argument("--response", action="append", required=True, help="one per --prompt")
     s.set_defaults(func=cmd_score)
 
-    b = sub.add_parser("build-data", help="sample, reward and target examples for the adapter")
-    b.add_argument("--model", required=True)
-    b.add_argument("--device", default="cpu")
-    b.add_argument("--block-size", type=int, default=16)
+    b = sub.add_parser("build-data", help="sample, reward and target examples for the adapter",
+                       formatter_class=fmt)
+    b.add_argument("--model", required=True, help="local Hugging Face checkpoint directory")
+    b.add_argument("--device", default="cpu", help="cpu or cuda")
+    b.add_argument("--block-size", type=positive_int, default=16, help="KV block size in tokens")
     b.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field per line")
     b.add_argument("--out", required=True, help="output JSONL")
     b.add_argument("--verifier", help="module:function(record, response_text) -> reward")
     b.add_argument("--reward-model", help="local sequence-classification checkpoint")
-    b.add_argument("-n", type=int, default=8)
+    b.add_argument("-n", type=positive_int, default=8, help="samples per prompt")
     b.add_argument("--checkpoints", default="16,32", help="mid-generation lengths, comma-separated")
-    b.add_argument("--completions", type=int, default=4, help="completions per prefix")
-    b.add_argument("--temperature", type=float, default=1.0)
-    b.add_argument("--max-tokens", type=int, default=128)
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--completions", type=positive_int, default=4, help="completions per prefix")
+    b.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    b.add_argument("--max-tokens", type=positive_int, default=128, help="tokens per sample")
+    b.add_argument("--seed", type=seed_int, default=0, help="reproducible samples")
     b.add_argument("--no-chat", action="store_true", help="prompts are raw text, no chat template")
     b.set_defaults(func=cmd_build_data)
 
-    t = sub.add_parser("train", help="train the self-evaluation adapter")
-    t.add_argument("--model", required=True)
+    t = sub.add_parser("train", help="train the self-evaluation adapter", formatter_class=fmt)
+    t.add_argument("--model", required=True, help="local Hugging Face checkpoint directory")
     t.add_argument("--data", required=True, help="JSONL from build-data")
     t.add_argument("--out", required=True, help="adapter directory")
-    t.add_argument("--device", default="cpu")
-    t.add_argument("--rank", type=int, default=16)
-    t.add_argument("--alpha", type=float, default=32.0)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--epochs", type=int, default=3)
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--eval-frac", type=float, default=0.1)
-    t.add_argument("--save-every", type=int, default=0)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu", help="cpu or cuda")
+    t.add_argument("--rank", type=positive_int, default=16, help="LoRA rank")
+    t.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (scale alpha/rank)")
+    t.add_argument("--lr", type=float, default=2e-3, help="learning rate")
+    t.add_argument("--epochs", type=positive_int, default=3, help="passes over the data")
+    t.add_argument("--batch-size", type=positive_int, default=16, help="examples per step")
+    t.add_argument("--grad-accum", type=positive_int, default=1, help="batches per optimizer step")
+    t.add_argument("--eval-frac", type=float, default=0.1, help="held-out fraction for calibration")
+    t.add_argument("--save-every", type=nonnegative_int, default=0,
+                   help="checkpoint every N steps (0: end only)")
+    t.add_argument("--seed", type=seed_int, default=0, help="data order and init")
     t.set_defaults(func=cmd_train)
 
-    d = sub.add_parser("demo", help="the paper's results in miniature on the bundled testbed model")
+    d = sub.add_parser("demo", help="the paper's results in miniature on the bundled testbed model",
+                       formatter_class=fmt)
     d.add_argument("--out", default="selfeval-demo", help="directory for results.json and plots")
     d.add_argument("--full", action="store_true", help="the larger run (more problems)")
-    d.add_argument("--problems", type=int, default=None)
+    d.add_argument("--problems", type=positive_int, default=None,
+                   help="held-out problems (default: 60, or 300 with --full)")
     d.add_argument("--model", default=None, help="default: the bundled testbed model")
     d.add_argument("--adapter", default=None, help="default: the model's adapter/ directory")
-    d.add_argument("--device", default="cpu")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", default="cpu", help="cpu or cuda")
+    d.add_argument("--seed", type=seed_int, default=0, help="sampling seed")
     d.set_defaults(func=cmd_demo)
 
-    pr = sub.add_parser("profile", help="time by phase and tokens saved for a policy workload")
-    pr.add_argument("--policy", required=True, choices=["best-of-n", "adaptive", "prune"])
+    pr = sub.add_parser("profile", help="time by phase and tokens saved for a policy workload",
+                        formatter_class=fmt)
+    pr.add_argument("--policy", required=True, choices=["best-of-n", "adaptive", "prune"],
+                    help="the policy")
     pr.add_argument("--model", default=None, help="default: the bundled testbed model")
-    pr.add_argument("--adapter", default=None)
-    pr.add_argument("--problems", type=int, default=32)
-    pr.add_argument("-n", type=int, default=8)
-    pr.add_argument("--threshold", type=float, default=0.8)
-    pr.add_argument("--checkpoint", type=int, default=16)
-    pr.add_argument("--keep", type=float, default=0.25)
-    pr.add_argument("--max-tokens", type=int, default=64)
-    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--adapter", default=None, help="default: the model's adapter/")
+    pr.add_argument("--problems", type=positive_int, default=32, help="testbed prompts")
+    pr.add_argument("-n", type=positive_int, default=8,
+                    help="samples (best-of-n, prune) or the cap (adaptive)")
+    pr.add_argument("--threshold", type=float, default=0.8, help="adaptive: stop at this score")
+    pr.add_argument("--checkpoint", type=positive_int, default=16,
+                    help="prune: score at this many tokens")
+    pr.add_argument("--keep", type=fraction, default=0.25, help="prune: fraction kept")
+    pr.add_argument("--max-tokens", type=positive_int, default=64, help="tokens per sample")
+    pr.add_argument("--device", default="cpu", help="cpu or cuda")
     pr.add_argument("--trace", action="store_true", help="also write a torch.profiler Chrome trace")
-    pr.add_argument("--out", default="selfeval-profile")
+    pr.add_argument("--out", default="selfeval-profile", help="output directory")
     pr.set_defaults(func=cmd_profile)
 
-    m = sub.add_parser("make-model", help="write a small random checkpoint (tests, examples)")
-    m.add_argument("out")
-    m.add_argument("--arch", default="llama", choices=["llama", "qwen2", "qwen3"])
-    m.add_argument("--seed", type=int, default=0)
+    m = sub.add_parser("make-model", help="write a small random checkpoint (tests, examples)",
+                       formatter_class=fmt)
+    m.add_argument("out", help="directory to write")
+    m.add_argument("--arch", default="llama", choices=["llama", "qwen2", "qwen3"], help="architecture")
+    m.add_argument("--seed", type=seed_int, default=0, help="weight init seed")
     m.set_defaults(func=lambda a: _make_model(a))
 
     args = ap.parse_args(argv)
@@ -206,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except EngineError as e:
+    except (EngineError, OSError) as e:  # the user's input or files: a message, not a traceback
         print(f"selfeval: error: {e}", file=sys.stderr)
         return 2
 

@@ -22,7 +22,7 @@ from engine.policies.base import Policy, PolicyRun
 from engine.policies.scorers import token_confidence
 from engine.profiler import StepProfiler
 from engine.runner import ModelRunner, blocks_that_fit
-from engine.sampling import RequestDelta, RequestOutput, Sample, SampleDelta, SamplingParams
+from engine.sampling import RequestDelta, RequestOutput, Sample, SampleDelta, SamplingParams, mix_seed
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.selfeval import SelfEvalSpec, build_spec, score_from_logits
 from engine.sequence import Request, SeqStatus, Sequence, sample_seed
@@ -72,6 +72,8 @@ class EngineCore:
         """Queue a validated request. n > 1 and policies fork their samples off one root that
         holds the prompt's cache; n == 1 is one sequence."""
         seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
+        if seed >= 1 << 63:  # the sampler's seeds are int64
+            seed = mix_seed(seed)
         request = Request(request_id, prompt_ids, params, seed)
         self.requests[request_id] = request
         if policy is None and params.n == 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field, replace
 
 from engine.errors import InvalidRequestError
@@ -29,10 +30,31 @@ class SamplingParams:
     confidence: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("max_tokens", "n", "top_k"):
+            _int(name, getattr(self, name))
+        for name in ("temperature", "top_p"):
+            _finite(name, getattr(self, name))
+        if self.seed is not None:
+            _int("seed", self.seed)
+            if not 0 <= self.seed < 1 << 64:
+                raise InvalidRequestError(f"seed must be in [0, 2**64), got {self.seed}")
+        for name in ("ignore_eos", "confidence"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequestError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.score is not None and not isinstance(self.score, bool):
+            raise InvalidRequestError(f"score must be True, False or None, got {self.score!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if not all(isinstance(x, str) for x in self.stop or []):
+            raise InvalidRequestError(f"stop must be a string or a list of strings, got {self.stop!r}")
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        for t in self.stop_token_ids:
+            _int("stop_token_ids entries", t)
+        if isinstance(self.score_at, int):
+            self.score_at = (self.score_at,)
+        for c in self.score_at:
+            _int("score_at checkpoints", c)
         self.score_at = tuple(sorted(set(self.score_at)))
         checks = [
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
@@ -54,6 +76,17 @@ class SamplingParams:
     @property
     def wants_score(self) -> bool:
         return self.n > 1 if self.score is None else self.score
+
+
+def _int(name: str, value) -> None:
+    """An integer, not a float or bool that would be truncated or mistaken for one."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequestError(f"{name} must be an integer, got {value!r}")
+
+
+def _finite(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidRequestError(f"{name} must be a finite number, got {value!r}")
 
 
 def mix_seed(*parts: int) -> int:

@@ -92,6 +92,15 @@ class Scheduler:
         seq.status = SeqStatus.FINISHED
 
     def schedule(self) -> SchedulerOutput:
+        out = self._schedule_once()
+        while not out.seqs and self.waiting and self.running:
+            # Nothing running has work (a root whose samples were preempted, say) yet it holds
+            # the blocks the queue's head needs: free the youngest and try again.
+            self.preempt(self.running[-1])
+            out = self._schedule_once()
+        return out
+
+    def _schedule_once(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_batch_tokens
         reserved = 0  # blocks promised to sequences already in the batch

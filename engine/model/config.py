@@ -41,6 +41,13 @@ class ModelConfig:
                 f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED)}"
             )
         num_heads = hf.num_attention_heads
+        num_kv = getattr(hf, "num_key_value_heads", None) or num_heads
+        if not getattr(hf, "head_dim", None) and hf.hidden_size % num_heads:
+            raise CheckpointError(f"hidden_size {hf.hidden_size} is not divisible by "
+                                  f"num_attention_heads {num_heads}")
+        if num_heads % num_kv:
+            raise CheckpointError(f"num_attention_heads {num_heads} is not a multiple of "
+                                  f"num_key_value_heads {num_kv}")
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
         inv_freq, rope_scaling = _rope(hf, head_dim)
         eos = getattr(hf, "eos_token_id", None)

@@ -44,7 +44,7 @@ def load_hf_config(path: str | Path, weights: bool = True):
     _check_dir(path, weights)
     try:
         return AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except (ValueError, KeyError, TypeError, OSError) as e:
+    except Exception as e:  # transformers' own validation raises several types: say which file
         raise CheckpointError(f"cannot read {path / 'config.json'}: {e}") from e
 
 
@@ -88,27 +88,13 @@ def load_model(
     params = dict(model.named_parameters())
     filled: dict[str, int] = {}  # parameter -> parts loaded
     for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                name, part = _target(key)
-                if name not in params:
-                    if "rotary_emb" in key or (key == "lm_head.weight" and model.lm_head is None):
-                        continue
-                    raise CheckpointError(f"{file.name}: unexpected tensor {key!r}")
-                tensor = f.get_tensor(key)
-                param = params[name]
-                if part is None:
-                    dest = param.data
-                else:
-                    sizes = _part_sizes(cfg, name.rsplit(".", 2)[-2])
-                    dest = param.data.narrow(0, sum(sizes[:part]), sizes[part])
-                if dest.shape != tensor.shape:
-                    raise CheckpointError(
-                        f"{file.name}: tensor {key!r} has shape {tuple(tensor.shape)}, "
-                        f"expected {tuple(dest.shape)}"
-                    )
-                dest.copy_(tensor)
-                filled[name] = filled.get(name, 0) + 1
+        try:
+            _load_file(file, params, cfg, model, filled)
+        except CheckpointError:
+            raise
+        except Exception as e:  # a truncated or corrupt file: say which one
+            raise CheckpointError(f"{file}: cannot read the weights ({type(e).__name__}: {e}); "
+                                  f"the file is truncated or not safetensors") from e
     missing = [
         n for n, p in params.items()
         if filled.get(n, 0) < (len(_part_sizes(cfg, n.rsplit(".", 2)[-2])) if _is_fused(n) else 1)
@@ -117,6 +103,31 @@ def load_model(
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise CheckpointError(f"{path}: {len(missing)} weights missing from the checkpoint: {shown}")
     return model.eval(), hf_config
+
+
+def _load_file(file: Path, params: dict, cfg: ModelConfig, model: LlamaForCausalLM,
+               filled: dict) -> None:
+    with safe_open(str(file), framework="pt") as f:
+        for key in f.keys():
+            name, part = _target(key)
+            if name not in params:
+                if "rotary_emb" in key or (key == "lm_head.weight" and model.lm_head is None):
+                    continue
+                raise CheckpointError(f"{file.name}: unexpected tensor {key!r}")
+            tensor = f.get_tensor(key)
+            param = params[name]
+            if part is None:
+                dest = param.data
+            else:
+                sizes = _part_sizes(cfg, name.rsplit(".", 2)[-2])
+                dest = param.data.narrow(0, sum(sizes[:part]), sizes[part])
+            if dest.shape != tensor.shape:
+                raise CheckpointError(
+                    f"{file.name}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(dest.shape)}"
+                )
+            dest.copy_(tensor)
+            filled[name] = filled.get(name, 0) + 1
 
 
 def _is_fused(name: str) -> bool:

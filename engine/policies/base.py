@@ -121,7 +121,14 @@ class PolicyRun:
         return round(pruned + undrawn)
 
 
-def check_positive(**values: float) -> None:
+def check_positive(**values: int) -> None:
+    """Sample counts and lengths: positive integers."""
     for name, v in values.items():
-        if not v > 0:
-            raise InvalidRequestError(f"{name} must be positive, got {v}")
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise InvalidRequestError(f"{name} must be a positive integer, got {v!r}")
+
+
+def check_finite(**values: float) -> None:
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise InvalidRequestError(f"{name} must be a finite number, got {v!r}")

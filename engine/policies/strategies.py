@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence as Seq
 
 from engine.errors import InvalidRequestError
-from engine.policies.base import Policy, PolicyRun, check_positive
+from engine.policies.base import Policy, PolicyRun, check_finite, check_positive
 from engine.policies.scorers import Scorer
 
 
@@ -40,6 +40,12 @@ class Adaptive(Policy):
             round(0.1 + 0.9 * i / max(len(rounds) - 1, 1), 3) for i in range(len(rounds)))
         if len(temperatures) != len(rounds):
             raise InvalidRequestError(f"{len(rounds)} rounds but {len(temperatures)} temperatures")
+        check_finite(threshold=threshold)
+        for r, t in zip(rounds, temperatures):
+            check_positive(round_size=r)
+            check_finite(temperature=t)
+            if t < 0:
+                raise InvalidRequestError(f"temperatures must be >= 0, got {t}")
         self.threshold, self.max_samples = threshold, max_samples
         self.rounds, self.temperatures = tuple(rounds), temperatures
         self.full_samples = max_samples
@@ -74,9 +80,13 @@ class Prune(Policy):
                  threshold: float | None = None, scorer: str | Scorer = "selfeval"):
         super().__init__(scorer)
         check_positive(n=n)
-        if threshold is None and not (keep is not None and 0 < keep <= 1):
+        if threshold is not None:
+            check_finite(threshold=threshold)
+        elif keep is None or (check_finite(keep=keep) or not 0 < keep <= 1):
             raise InvalidRequestError(f"keep must be in (0, 1], got {keep}")
-        if not checkpoints or any(c < 1 for c in checkpoints):
+        for c in checkpoints:
+            check_positive(checkpoint=c)
+        if not checkpoints:
             raise InvalidRequestError(f"checkpoints must be positive lengths, got {tuple(checkpoints)}")
         self.n = self.full_samples = n
         self.keep_frac = None if threshold is not None else keep

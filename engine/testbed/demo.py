@@ -58,14 +58,17 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
     records = [p.record() for p in problems(num_problems, HELD_OUT_SEED, DEMO_LEVELS)]
     convs = [[{"role": "user", "content": r["prompt"]}] for r in records]
 
-    greedy = eng.chat(convs, SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=use_tqdm)
+    def bar(what: str) -> str | bool:
+        return what if use_tqdm else False
+
+    greedy = eng.chat(convs, SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=bar("greedy"))
     greedy_acc = _mean(verify(r, o.samples[0].text) for r, o in zip(records, greedy))
 
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens, n=max(NS), score=True,
                             score_at=CHECKPOINTS, confidence=True, seed=seed)
     # Seeds differ per prompt (one shared seed would correlate sample i across prompts) and repeat
     # across runs, so the policy runs below draw from the same per-prompt streams as this run.
-    outs = eng.chat(convs, seeds_per_prompt(params, len(convs)), use_tqdm=use_tqdm)
+    outs = eng.chat(convs, seeds_per_prompt(params, len(convs)), use_tqdm=bar(f"{max(NS)} samples each"))
     correct = [[verify(r, s.text) for s in o.samples] for r, o in zip(records, outs)]
     sample_acc = _mean(c for row in correct for c in row)
     conf = ConfidenceScorer(window=8)
@@ -98,7 +101,7 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
     adaptive = []
     for th in thresholds:
         policy = Adaptive(th, max_samples=max(NS))
-        res = eng.chat(convs, one, use_tqdm=use_tqdm, policy=policy)
+        res = eng.chat(convs, one, use_tqdm=bar(f"adaptive, threshold {th}"), policy=policy)
         acc = _mean(verify(r, o.best.text) for r, o in zip(records, res))
         adaptive.append({"threshold": th, "avg_samples": _mean(len(o.samples) for o in res), "acc": acc,
                          "frac_gain": (acc - sample_acc) / gain if gain > 0 else None})
@@ -108,7 +111,7 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
     for c in CHECKPOINTS:
         for keep in keeps:
             policy = Prune(max(NS), checkpoints=(c,), keep=keep)
-            res = eng.chat(convs, one, use_tqdm=use_tqdm, policy=policy)
+            res = eng.chat(convs, one, use_tqdm=bar(f"prune at {c} tokens, keep {keep}"), policy=policy)
             generated = sum(o.stats.generated_tokens for o in res)
             prune.append({"checkpoint": c, "keep": keep,
                           "frac_pruned": sum(o.stats.samples_pruned for o in res) / (len(res) * max(NS)),
@@ -173,8 +176,10 @@ def _plots(r: dict, out: Path) -> None:
     fig.savefig(out / "best_of_n.png", dpi=120)
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    pts = sorted((a["avg_samples"], a["acc"]) for a in r["adaptive"])
-    ax.plot(*zip(*pts), marker="o", label="adaptive (self-eval)")
+    pts = sorted((a["avg_samples"], a["acc"], a["threshold"]) for a in r["adaptive"])
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label="adaptive (self-eval)")
+    for x, y, th in pts:
+        ax.annotate(f"{th}", (x, y), textcoords="offset points", xytext=(3, 4), fontsize=6)
     ax.plot(ns, [r["best_of_n"][str(n)]["selfeval"] for n in ns], marker="s", label="best-of-n (self-eval)")
     ax.set(xlabel="average samples per prompt", ylabel="accuracy")
     ax.legend(fontsize=7)
@@ -183,8 +188,10 @@ def _plots(r: dict, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for c in sorted({p["checkpoint"] for p in r["prune"]}):
-        pts = sorted((p["frac_pruned"], p["acc"]) for p in r["prune"] if p["checkpoint"] == c)
-        ax.plot(*zip(*pts), marker="o", label=f"pruned at {c} tokens")
+        pts = sorted((p["frac_pruned"], p["acc"], p["keep"]) for p in r["prune"] if p["checkpoint"] == c)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"pruned at {c} tokens")
+        for x, y, keep in pts:
+            ax.annotate(f"keep {keep}", (x, y), textcoords="offset points", xytext=(3, 4), fontsize=6)
     ax.axhline(r["best_of_n"]["16"]["selfeval"], color="gray", ls="--", label="best-of-16, no pruning")
     ax.set(xlabel="fraction of samples pruned", ylabel="accuracy")
     ax.legend(fontsize=7)

@@ -35,7 +35,10 @@ def load_verifier(spec: str) -> RewardFn:
     module, _, name = spec.partition(":")
     if not name:
         raise InvalidRequestError(f"a verifier is given as module:function, not {spec!r}")
-    return getattr(importlib.import_module(module), name)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise InvalidRequestError(f"cannot load the verifier {spec!r}: {e}") from e
 
 
 def reward_model_fn(path: str, device: str = "cpu") -> Callable[[list[dict], list[str]], list[float]]:
@@ -57,6 +60,8 @@ def read_prompts(path: str | Path) -> list[dict]:
         if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
             raise InvalidRequestError(f"{path} line {i + 1}: needs a string 'prompt' field")
         records.append(rec)
+    if not records:
+        raise InvalidRequestError(f"{path} holds no prompts (one JSON object with a 'prompt' per line)")
     return records
 
 

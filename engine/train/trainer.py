@@ -42,11 +42,18 @@ def load_examples(path: str | Path) -> list[dict]:
     for i, line in enumerate(Path(path).read_text().splitlines()):
         if not line.strip():
             continue
-        ex = json.loads(line)
+        try:
+            ex = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InvalidRequestError(f"{path} line {i + 1}: not JSON ({e})") from e
+        if not isinstance(ex, dict):
+            raise InvalidRequestError(f"{path} line {i + 1}: an example is a JSON object")
         missing = {"prompt_ids", "response_ids", "target"} - ex.keys()
         if missing:
             raise InvalidRequestError(f"{path} line {i + 1}: missing {sorted(missing)}")
         out.append(ex)
+    if not out:
+        raise InvalidRequestError(f"{path} holds no examples; build them with `selfeval build-data`")
     return out
 
 
