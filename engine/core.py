@@ -14,15 +14,15 @@ import torch
 import kernels
 from engine._core import BlockManager
 from engine.config import EngineConfig
-from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequestError
 from engine.model.loader import load_model, load_tokenizer
 from engine.model.lora import has_adapter, load_adapter
+from engine.outputs import OutputProcessor
 from engine.policies.base import Policy, PolicyRun
 from engine.policies.scorers import token_confidence
 from engine.profiler import StepProfiler
 from engine.runner import ModelRunner, blocks_that_fit
-from engine.sampling import RequestDelta, RequestOutput, Sample, SampleDelta, SamplingParams, mix_seed
+from engine.sampling import RequestDelta, SamplingParams, mix_seed
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.selfeval import SelfEvalSpec, build_spec, score_from_logits
 from engine.sequence import Request, SeqStatus, Sequence, sample_seed
@@ -61,6 +61,7 @@ class EngineCore:
                                    config.max_num_seqs, self.max_model_len, eos,
                                    prefix_caching=config.enable_prefix_caching,
                                    cache_namespace=_namespace(config.adapter))
+        self.outputs = OutputProcessor(self.tokenizer, self.scheduler)
         self.requests: dict[int, Request] = {}
         self.rng = random.Random(config.seed)
         self._ready: list[Request] = []  # finished without a step (max_tokens=0, no score)
@@ -154,31 +155,59 @@ class EngineCore:
         phase = prof.phase if prof is not None else _no_phase
         ready, self._ready = self._ready, []
         touched = {r.request_id: r for r in ready}
-        snapshot = self.scheduler.snapshot()
-        self.block_manager.begin()
-        try:
-            self._step_transaction(touched, phase)
-        except BaseException:  # Ctrl-C included: the step is undone, the engine stays usable
-            self.scheduler.restore(snapshot, self.block_manager.rollback())
+        error = self._transaction(lambda: self._step_transaction(touched, phase))
+        if isinstance(error, BaseException):  # undone: the engine stays usable
             self._ready = ready + self._ready
-            raise
-        self.block_manager.commit()
+            culprits = self._isolate() if isinstance(error, Exception) else []
+            if not culprits:
+                raise error
+            for request in culprits:  # their own input makes any step fail: they end, others go on
+                self._fail(request, f"a step with this request raised {error!r}")
+                touched[request.request_id] = request
         with phase("policy"):
             for request in self.requests.values():
                 if request.policy is not None and not request.policy.done:
                     touched[request.request_id] = request
             for request in touched.values():
-                self._advance_text(request)
+                self.outputs.advance_text(request)
             for request in touched.values():
                 if request.policy is not None and not request.policy.done:
                     try:
                         request.policy.policy.update(request.policy)
                     except Exception as e:  # a policy's own bug fails its request only
                         self._fail(request, f"policy {type(request.policy.policy).__name__} raised {e!r}")
-                    self._advance_text(request)  # flush the text of samples it dropped
-            return [self._delta(r) for r in touched.values() if r.request_id in self.requests]
+                    self.outputs.advance_text(request)  # flush the text of samples it dropped
+            live = [r for r in touched.values() if r.request_id in self.requests]
+            return [self.outputs.delta(r, self.requests) for r in live]
 
-    def _step_transaction(self, touched: dict, phase) -> None:
+    def _transaction(self, body) -> BaseException | None:
+        """Run body all or nothing: on any exception (Ctrl-C too) undo it and return it."""
+        snapshot = self.scheduler.snapshot()
+        self.block_manager.begin()
+        try:
+            body()
+        except BaseException as e:
+            self.scheduler.restore(snapshot, self.block_manager.rollback())
+            return e
+        self.block_manager.commit()
+        return None
+
+    def _isolate(self) -> list[Request]:
+        """After a failed step: the requests whose step fails even alone (each tried, undone)."""
+        culprits = []
+        for request in list(self.requests.values()):
+            self.scheduler.only = request
+            try:
+                error = self._transaction(lambda: self._step_transaction({}, _no_phase, probe=True))
+            finally:
+                self.scheduler.only = None
+            if isinstance(error, KeyboardInterrupt):
+                raise error
+            if error is not None and not isinstance(error, _ProbeDone):
+                culprits.append(request)
+        return culprits
+
+    def _step_transaction(self, touched: dict, phase, probe: bool = False) -> None:
         """Schedule, run, sample and update: all or nothing (the caller undoes a failure)."""
         prof = self.profiler
         with phase("schedule"):
@@ -187,7 +216,7 @@ class EngineCore:
             start = time.perf_counter()
             with phase("forward"):
                 logits = self.runner.execute(out.step, phase)
-            if prof is not None:
+            if prof is not None and not probe:
                 prof.record(out, time.perf_counter() - start)
             num_sample = len(out.sample_seqs)
             scores = []
@@ -200,9 +229,11 @@ class EngineCore:
                     tokens, logprobs = self._sample(out, logits[:num_sample])
             with phase("update"):
                 self.scheduler.update_from_output(out, tokens, logprobs, scores)
+            if probe:
+                raise _ProbeDone
             for seq in out.seqs + out.sample_seqs:
                 touched[seq.request.request_id] = seq.request
-        elif self.scheduler.has_work():
+        elif self.scheduler.has_work() and not probe:
             raise RuntimeError("the scheduler could not place any sequence: KV cache too small")
 
     def _sample(self, out: SchedulerOutput, logits: torch.Tensor) -> tuple[list[int], list[float]]:
@@ -235,59 +266,6 @@ class EngineCore:
         if request.policy is not None:
             request.policy.done = True
 
-    # ---- text and outputs -----------------------------------------------------------------
-    def _advance_text(self, request: Request) -> None:
-        """Detokenize each sample's new tokens; a stop string ends its generation."""
-        for seq in request.samples:
-            if seq.detokenizer is None:
-                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_ids,
-                                                         request.params.stop)
-            new = seq.token_ids[request.num_prompt + seq.detokenized:]
-            if not new and (seq.generating or seq.emitted_end):
-                continue
-            seq.detokenized += len(new)
-            text = seq.detokenizer.push(new, final=not seq.generating)
-            if seq.detokenizer.stopped and seq.finish_reason in (None, "length"):
-                if seq.generating:
-                    self.scheduler.finish(seq, "stop")
-                seq.finish_reason = "stop"
-            seq.pending_text += text
-
-    def _delta(self, request: Request) -> RequestDelta:
-        delta = RequestDelta(request.request_id)
-        for seq in request.samples:
-            gen = seq.token_ids[request.num_prompt + seq.emitted:]
-            d = SampleDelta(seq.index, gen, seq.pending_text, seq.logprobs[seq.emitted:],
-                            checkpoint_scores=seq.checkpoint_scores[seq.emitted_scores:])
-            seq.emitted += len(gen)
-            seq.emitted_scores = len(seq.checkpoint_scores)
-            seq.pending_text = ""
-            if not seq.generating and not seq.emitted_end:
-                d.finish_reason = seq.finish_reason
-                seq.emitted_end = True
-            if seq.score is not None and not seq.score_emitted:
-                d.score, seq.score_emitted = seq.score, True
-            if d.token_ids or d.text or d.finish_reason or d.score or d.checkpoint_scores:
-                delta.samples.append(d)
-        if request.finished:
-            del self.requests[request.request_id]
-            delta.finished, delta.output = True, self._output(request)
-        return delta
-
-    def _output(self, request: Request) -> RequestOutput:
-        samples = []
-        scorer = request.policy.scorer if request.policy is not None else None
-        for seq in request.samples:
-            score = seq.score or (None, None, None)
-            samples.append(Sample(seq.index, seq.token_ids[request.num_prompt:], seq.detokenizer.text,
-                                  seq.finish_reason, *score,
-                                  checkpoint_scores=list(seq.checkpoint_scores),
-                                  logprobs=list(seq.logprobs), confidences=list(seq.confidences),
-                                  pruned_at=seq.pruned_at, temperature=seq.temperature,
-                                  value=scorer(seq) if scorer is not None else score[0]))
-        request.stats.latency_s = time.perf_counter() - request.arrival
-        return RequestOutput(request.request_id, request.prompt_ids, samples, request.stats,
-                             request.best_index, request.error)
 
 
 def _namespace(adapter: str | None) -> int:
@@ -295,3 +273,7 @@ def _namespace(adapter: str | None) -> int:
     if adapter is None:
         return 0
     return int.from_bytes(hashlib.blake2b(str(adapter).encode(), digest_size=8).digest(), "little")
+
+
+class _ProbeDone(Exception):
+    """A probe step got through: undo it (it only tells whether the step fails)."""

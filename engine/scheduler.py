@@ -49,6 +49,7 @@ class Scheduler:
         self.eos_token_ids = eos_token_ids
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.only = None  # a Request: schedule its sequences alone (to find who makes a step fail)
         self._seq_ids = 0
 
     def new_seq_id(self) -> int:
@@ -93,7 +94,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = self._schedule_once()
-        while not out.seqs and self.waiting and self.running:
+        while not out.seqs and self.waiting and self.running and self.only is None:
             # Nothing running has work (a root whose samples were preempted, say) yet it holds
             # the blocks the queue's head needs: free the youngest and try again.
             self.preempt(self.running[-1])
@@ -107,6 +108,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if self.only is not None and seq.request is not self.only:
+                i += 1
+                continue
             n, suffix = self._plan(seq, budget)
             if n + len(suffix) == 0:
                 i += 1
@@ -121,8 +125,10 @@ class Scheduler:
             budget -= n + len(suffix)
             reserved += need
             i += 1
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        while budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self._head()
+            if seq is None:
+                break
             cached = self._admit(seq)
             n, suffix = self._plan(seq, budget)
             need = self.bm.blocks_needed(seq.seq_id, n + len(suffix))
@@ -133,7 +139,10 @@ class Scheduler:
                 break
             stats = seq.request.stats
             stats.cached_prompt_tokens = max(stats.cached_prompt_tokens, min(cached, seq.request.num_prompt))
-            self.waiting.popleft()
+            if self.waiting[0] is seq:
+                self.waiting.popleft()
+            else:
+                self.waiting.remove(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             self._take(out, seq, n, suffix)
@@ -142,6 +151,12 @@ class Scheduler:
         if out.seqs:
             self._layout(out)
         return out
+
+    def _head(self) -> Sequence | None:
+        """The next waiting sequence to admit (of `only`'s request, when set)."""
+        if self.only is None:
+            return self.waiting[0] if self.waiting else None
+        return next((s for s in self.waiting if s.request is self.only), None)
 
     def _admit(self, seq: Sequence) -> int:
         """Give a waiting sequence its cache entry, over cached blocks where its tokens start

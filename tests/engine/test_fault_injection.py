@@ -1,5 +1,6 @@
 """A step is all or nothing: an exception (or Ctrl-C) at any phase of any step, after that phase
-changed state, is undone, and stepping on gives exactly the outputs of an uninterrupted run:
+changed state, is undone (a one-off error is raised to the caller once the engine finds that no
+request fails alone), and stepping on gives exactly the outputs of an uninterrupted run:
 greedy, seeded n > 1, a pruning policy, mid-generation scores, a shared prefix (cache hits) and a
 cache small enough to preempt."""
 
@@ -44,10 +45,15 @@ def _run(llama_dir, faults=(), exc=Injected):
     outs, step, raised = {}, 0, 0
     while eng.has_unfinished_requests():
         phase = pending.pop(step, None)
-        if phase is not None:  # the phase runs (and changes state), then raises
-            def boom(*a, _f=originals[phase], **k):
-                _f(*a, **k)
-                raise exc("injected")
+        if phase is not None:  # the phase runs (and changes state), then raises, once
+            fired = []
+
+            def boom(*a, _f=originals[phase], _fired=fired, **k):
+                result = _f(*a, **k)
+                if not _fired:
+                    _fired.append(1)
+                    raise exc("injected")
+                return result
             setattr(targets[phase], names[phase], boom)
         try:
             for out in eng.step():
@@ -100,3 +106,23 @@ def test_generate_interrupted_leaves_nothing_behind(llama_dir, monkeypatch):
         eng.generate([[5, 6, 7], [8, 9]], params)
     assert not eng.has_unfinished_requests() and eng.num_free_blocks == 64
     assert [len(o.samples[0].token_ids) for o in eng.generate([[5, 6, 7]], params)] == [8]
+
+
+def test_a_request_that_makes_every_step_fail_is_failed_alone(llama_dir, monkeypatch):
+    """Its own input (here: a temperature the sampler rejects) fails it; the others go on."""
+    eng = Engine(str(llama_dir), block_size=4, num_blocks=64)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    expected = eng.generate([[5, 6, 7], [9, 10]], params)
+    real = eng.core._sample
+
+    def picky(out, logits):
+        if any(s.temperature == 0.5 for s in out.sample_seqs):
+            raise ValueError("unsupported temperature")
+        return real(out, logits)
+
+    monkeypatch.setattr(eng.core, "_sample", picky)
+    bad = SamplingParams(temperature=0.5, max_tokens=6, ignore_eos=True)
+    outs = eng.generate([[5, 6, 7], [1, 2, 3], [9, 10]], [params, bad, params])
+    assert [o.samples[0].token_ids for o in (outs[0], outs[2])] == [e.samples[0].token_ids for e in expected]
+    assert "unsupported temperature" in outs[1].error and outs[1].samples[0].finish_reason == "error"
+    assert eng.num_free_blocks == 64 and not eng.has_unfinished_requests()

@@ -14,6 +14,7 @@ ABOVE = {
     "engine.profiler": ["engine.api", "engine.core", "engine.scheduler", "engine.policies"],
     "engine.step_input": ["engine.api", "engine.core", "engine.scheduler", "engine.runner"],
     "engine.detokenizer": ["engine.api", "engine.core", "engine.scheduler"],
+    "engine.outputs": ["engine.api", "engine.core", "engine.runner", "engine.policies"],
     "engine.sequence": ["engine.api", "engine.core", "engine.scheduler", "engine.policies"],
     "engine.config": ["engine.api", "engine.core", "engine.scheduler", "engine.model"],
 }

@@ -1,0 +1,71 @@
+"""From sequences to what callers see: incremental text (stop strings end a sample's generation),
+one RequestDelta per request per step, and the final RequestOutput."""
+
+from __future__ import annotations
+
+import time
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.sampling import RequestDelta, RequestOutput, Sample, SampleDelta
+from engine.scheduler import Scheduler
+from engine.sequence import Request
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer, scheduler: Scheduler):
+        self.tokenizer, self.scheduler = tokenizer, scheduler
+
+    def advance_text(self, request: Request) -> None:
+        """Detokenize each sample's new tokens; a stop string ends its generation."""
+        for seq in request.samples:
+            if seq.detokenizer is None:
+                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_ids,
+                                                         request.params.stop)
+            new = seq.token_ids[request.num_prompt + seq.detokenized:]
+            if not new and (seq.generating or seq.emitted_end):
+                continue
+            seq.detokenized += len(new)
+            text = seq.detokenizer.push(new, final=not seq.generating)
+            if seq.detokenizer.stopped and seq.finish_reason in (None, "length"):
+                if seq.generating:
+                    self.scheduler.finish(seq, "stop")
+                seq.finish_reason = "stop"
+            seq.pending_text += text
+
+    def delta(self, request: Request, requests: dict[int, Request]) -> RequestDelta:
+        """What changed since the last delta; the last one (request finished) carries the output
+        and removes the request from `requests`."""
+        delta = RequestDelta(request.request_id)
+        for seq in request.samples:
+            gen = seq.token_ids[request.num_prompt + seq.emitted:]
+            d = SampleDelta(seq.index, gen, seq.pending_text, seq.logprobs[seq.emitted:],
+                            checkpoint_scores=seq.checkpoint_scores[seq.emitted_scores:])
+            seq.emitted += len(gen)
+            seq.emitted_scores = len(seq.checkpoint_scores)
+            seq.pending_text = ""
+            if not seq.generating and not seq.emitted_end:
+                d.finish_reason = seq.finish_reason
+                seq.emitted_end = True
+            if seq.score is not None and not seq.score_emitted:
+                d.score, seq.score_emitted = seq.score, True
+            if d.token_ids or d.text or d.finish_reason or d.score or d.checkpoint_scores:
+                delta.samples.append(d)
+        if request.finished:
+            del requests[request.request_id]
+            delta.finished, delta.output = True, self.output(request)
+        return delta
+
+    def output(self, request: Request) -> RequestOutput:
+        samples = []
+        scorer = request.policy.scorer if request.policy is not None else None
+        for seq in request.samples:
+            score = seq.score or (None, None, None)
+            samples.append(Sample(seq.index, seq.token_ids[request.num_prompt:], seq.detokenizer.text,
+                                  seq.finish_reason, *score,
+                                  checkpoint_scores=list(seq.checkpoint_scores),
+                                  logprobs=list(seq.logprobs), confidences=list(seq.confidences),
+                                  pruned_at=seq.pruned_at, temperature=seq.temperature,
+                                  value=scorer(seq) if scorer is not None else score[0]))
+        request.stats.latency_s = time.perf_counter() - request.arrival
+        return RequestOutput(request.request_id, request.prompt_ids, samples, request.stats,
+                             request.best_index, request.error)
