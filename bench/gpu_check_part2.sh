@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Part 2 of bench/gpu_check.sh (the 8B-shape benchmarks) made to fit one 600 s device call:
+# Part 2 of bench/gpu_check.sh (the 8B-shape benchmarks: prefix caching, self-evaluation cost,
+# throughput, fork) made to fit one 600 s device call:
 # each bench's timeout comes from what is left of LIMIT seconds (default 570) after install and
 # build; selfeval_cost.py and throughput.py print each row / phase as it finishes (their tables
 # come only at the end), so a bench killed at its limit still leaves its figures; everything is
@@ -20,6 +21,11 @@ trap pack EXIT
 echo "install+build: ${SECONDS}s" | tee -a $R/gpu.txt
 python -c "import engine._cuda; print('engine._cuda built')" 2>&1 | tee -a $R/gpu.txt
 left() { echo $(( LIMIT - SECONDS )); }
+# Prefix caching first (issue 13's GPU figure; about a minute): shared 1,024-token system prompt.
+T=$(( $(left) - 300 )); (( T > 120 )) && T=120
+echo "prefix_cache timeout ${T}s at ${SECONDS}s" | tee -a $R/gpu.txt
+(( T > 20 )) && timeout $T python bench/prefix_cache.py --repeats 1 --out $R > $R/prefix_cache-gpu.txt 2>&1
+echo "prefix_cache rc=$? at ${SECONDS}s" | tee -a $R/gpu.txt
 # Rows as they finish (the scripts print their tables only at the end).
 T=$(( $(left) - 200 )); (( T > 240 )) && T=240
 echo "selfeval_cost timeout ${T}s at ${SECONDS}s" | tee -a $R/gpu.txt

@@ -66,3 +66,11 @@ def test_prefix_cache_bench_measures_both_workloads(tmp_path):
     assert metrics["prefill_reduction"] > 0.7
     assert metrics["distinct_on"]["cached_prompt_tokens"] == 0
     assert json.loads(next(tmp_path.glob("prefix_cache-*.json")).read_text())["metrics"]["prefill_reduction"]
+
+
+def test_async_overhead_bench_compares_sync_and_async(tmp_path):
+    metrics = _load("async_overhead").main(["--requests", "6", "--max-tokens", "4", "--repeats", "1",
+                                            "--out", str(tmp_path)])
+    assert metrics["same_tokens"] and metrics["sync_seconds"] > 0 and metrics["async_seconds"] > 0
+    assert metrics["handoff_us"] > 0
+    assert json.loads(next(tmp_path.glob("async_overhead-*.json")).read_text())["metrics"]["same_tokens"]

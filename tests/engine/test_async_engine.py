@@ -1,0 +1,152 @@
+"""AsyncEngine: concurrent streams give the synchronous engine's outputs; a cancelled or
+abandoned consumer aborts its request and frees its blocks; bad input raises at once; a failing
+step does not hang anyone; the loop sleeps when idle and stops on shutdown."""
+
+import asyncio
+import time
+
+import pytest
+
+from engine import Engine, InvalidRequestError, SamplingParams
+from engine.async_engine import AsyncEngine, EngineDeadError
+from engine.errors import EngineError
+from engine.policies import BestOfN
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13], [20], [30, 31]]
+
+
+@pytest.fixture()
+def aeng(llama_dir):
+    engine = AsyncEngine(Engine(str(llama_dir), block_size=4, num_blocks=128))
+    yield engine
+    engine.shutdown()
+
+
+async def _collect(aeng, prompt, params=GREEDY, policy=None, request_id=None):
+    text, tokens, final = {}, {}, None
+    async for delta in aeng.generate(prompt, params, policy, request_id):
+        for d in delta.samples:
+            text[d.index] = text.get(d.index, "") + d.text
+            tokens[d.index] = tokens.get(d.index, []) + d.token_ids
+        if delta.finished:
+            final = delta.output
+    return text, tokens, final
+
+
+def test_concurrent_streams_match_the_sync_engine(llama_dir, aeng):
+    expected = Engine(str(llama_dir), block_size=4, num_blocks=128).generate(PROMPTS, GREEDY)
+
+    async def main():
+        return await asyncio.gather(*(_collect(aeng, p) for p in PROMPTS),
+                                    _collect(aeng, PROMPTS[0], SamplingParams(max_tokens=6, seed=1),
+                                             BestOfN(3)))
+
+    results = asyncio.run(main())
+    for (text, tokens, final), exp in zip(results, expected):
+        assert tokens[0] == exp.samples[0].token_ids == final.samples[0].token_ids
+        assert text[0] == final.samples[0].text
+    assert len(results[-1][2].samples) == 3 and results[-1][2].best_index is not None
+    assert aeng.engine.num_free_blocks == 128
+    stats = aeng.stats()
+    assert stats["requests_finished"] == 5 and stats["tokens_generated"] == 4 * 10 + 3 * 6
+
+
+def test_a_cancelled_consumer_aborts_its_request(aeng):
+    long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+
+    async def main():
+        seen = asyncio.Event()
+
+        async def consume():
+            async for _ in aeng.generate(PROMPTS[1], long):
+                seen.set()
+
+        task = asyncio.create_task(consume())
+        await seen.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async for _ in aeng.generate(PROMPTS[0], long):  # leaving the loop early aborts too
+            break
+        return await _collect(aeng, PROMPTS[2])  # the engine goes on serving
+
+    text, tokens, final = asyncio.run(main())
+    assert len(tokens[0]) == 10
+    deadline = time.time() + 5
+    while aeng.engine.num_free_blocks != 128 and time.time() < deadline:
+        time.sleep(0.01)
+    assert aeng.engine.num_free_blocks == 128 and not aeng.engine.has_unfinished_requests()
+
+
+def test_bad_input_raises_before_queueing(aeng):
+    async def main():
+        with pytest.raises(InvalidRequestError):
+            await _collect(aeng, [10**6])
+        with pytest.raises(InvalidRequestError, match="n at 1"):
+            await _collect(aeng, PROMPTS[0], SamplingParams(n=2), BestOfN(2))
+        return await _collect(aeng, PROMPTS[0])
+
+    assert len(asyncio.run(main())[1][0]) == 10
+    assert aeng.stats()["requests_in_flight"] == 0
+
+
+def test_a_failing_step_ends_in_flight_requests_and_the_engine_serves_on(aeng, monkeypatch):
+    real = aeng.engine.core.runner.execute
+    broken = {"on": True}
+
+    def execute(*a, **k):
+        if broken["on"]:
+            raise RuntimeError("device lost")
+        return real(*a, **k)
+
+    monkeypatch.setattr(aeng.engine.core.runner, "execute", execute)
+
+    async def main():
+        # The core undoes the step and tries each request alone: each fails, so each ends with
+        # finish reason "error" (were it one request's fault, only that one would).
+        _, _, failed = await asyncio.wait_for(_collect(aeng, PROMPTS[0]), timeout=30)
+        broken["on"] = False
+        return failed, await asyncio.wait_for(_collect(aeng, PROMPTS[1]), timeout=30)
+
+    failed, (_, tokens, _) = asyncio.run(main())
+    assert "device lost" in failed.error and failed.samples[0].finish_reason == "error"
+    assert len(tokens[0]) == 10
+    assert aeng.engine.num_free_blocks == 128
+
+
+def test_idle_loop_sleeps_and_shutdown_stops_it(llama_dir):
+    aeng = AsyncEngine(Engine(str(llama_dir), block_size=4, num_blocks=64))
+    asyncio.run(_collect(aeng, PROMPTS[0]))
+    steps = aeng.stats()["steps"]
+    time.sleep(0.2)
+    assert aeng.stats()["steps"] == steps  # no steps while idle
+    aeng.shutdown()
+    assert not aeng.is_running
+
+    async def after():
+        await _collect(aeng, PROMPTS[0])
+
+    with pytest.raises(EngineDeadError):
+        asyncio.run(after())
+
+
+def test_a_step_that_fails_only_together_ends_those_requests_not_the_engine(aeng, monkeypatch):
+    real = aeng.engine.core.runner.execute
+
+    def execute(step, *a, **k):
+        if step.num_seqs >= 2:  # no request fails alone, yet together they always do
+            raise RuntimeError("out of device memory")
+        return real(step, *a, **k)
+
+    monkeypatch.setattr(aeng.engine.core.runner, "execute", execute)
+
+    async def main():
+        results = await asyncio.wait_for(asyncio.gather(
+            _collect(aeng, PROMPTS[0]), _collect(aeng, PROMPTS[1]), return_exceptions=True), timeout=60)
+        return results, await asyncio.wait_for(_collect(aeng, PROMPTS[2]), timeout=30)
+
+    together, (_, alone, _) = asyncio.run(main())
+    assert any(isinstance(r, EngineError) and "out of device memory" in str(r) for r in together)
+    assert len(alone[0]) == 10  # served on
+    assert aeng.engine.num_free_blocks == 128
