@@ -19,7 +19,7 @@ import itertools
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine.api import Engine, Prompt
 from engine.errors import EngineError, InvalidRequestError
@@ -48,7 +48,6 @@ class _Stats:
     samples_pruned: int = 0
     requests_finished: int = 0
     requests_failed: int = 0
-    last: dict = field(default_factory=dict)
 
 
 class AsyncEngine:
@@ -127,8 +126,13 @@ class AsyncEngine:
 
     def stats(self) -> dict:
         """Counters for /metrics: requests running and waiting, KV blocks, tokens, time per step."""
-        s = self._stats
-        return {**s.last, "steps": s.steps, "step_seconds_total": s.step_seconds,
+        s, eng = self._stats, self.engine
+        bm, scheduler = eng.block_manager, eng.core.scheduler
+        live = {"kv_blocks_total": bm.num_blocks, "kv_blocks_used": bm.num_blocks - bm.num_free_blocks,
+                "kv_blocks_cached": bm.num_cached_blocks,
+                "requests_running": len({q.request.request_id for q in list(scheduler.running)}),
+                "requests_waiting": len({q.request.request_id for q in list(scheduler.waiting)})}
+        return {**live, "steps": s.steps, "step_seconds_total": s.step_seconds,
                 "tokens_generated": s.tokens_generated, "score_calls": s.score_calls,
                 "samples_pruned": s.samples_pruned, "requests_finished": s.requests_finished,
                 "requests_failed": s.requests_failed, "requests_in_flight": len(self._streams)}
@@ -189,11 +193,6 @@ class AsyncEngine:
         s = self._stats
         s.steps += 1
         s.step_seconds += time.perf_counter() - start
-        bm = eng.block_manager
-        s.last = {"kv_blocks_total": bm.num_blocks, "kv_blocks_used": bm.num_blocks - bm.num_free_blocks,
-                  "kv_blocks_cached": bm.num_cached_blocks,
-                  "requests_running": len(eng.core.scheduler.running),
-                  "requests_waiting": len(eng.core.scheduler.waiting)}
         for delta in deltas:
             request_id = self._by_engine_id.get(delta.request_id)
             if request_id is None:

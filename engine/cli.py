@@ -1,5 +1,5 @@
-"""`selfeval` command line: generate and score with a local checkpoint directory; build the
-adapter's training data and train it."""
+"""`selfeval` command line: generate and score with a local checkpoint directory; serve it over
+HTTP; build the adapter's training data and train it."""
 
 from __future__ import annotations
 
@@ -143,6 +143,22 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from engine.async_engine import AsyncEngine
+    from engine.server import build_app
+
+    engine = AsyncEngine(_engine(args))
+    name = args.served_model_name or args.model.rstrip("/").rsplit("/", 1)[-1]
+    app = build_app(engine, name, max_waiting=args.max_waiting)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.shutdown()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="selfeval", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -241,6 +257,21 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--trace", action="store_true", help="also write a torch.profiler Chrome trace")
     pr.add_argument("--out", default="selfeval-profile", help="output directory")
     pr.set_defaults(func=cmd_profile)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (FastAPI, uvicorn)", formatter_class=fmt)
+    sv.add_argument("--model", required=True, help="local Hugging Face checkpoint directory")
+    sv.add_argument("--adapter", default=None,
+                    help="self-evaluation adapter directory (default: the model's adapter/, if any)")
+    sv.add_argument("--device", default="cpu", help="cpu or cuda")
+    sv.add_argument("--block-size", type=positive_int, default=16, help="KV block size in tokens")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sv.add_argument("--port", type=positive_int, default=8000, help="port to listen on")
+    sv.add_argument("--served-model-name", default=None, help="the model name clients ask for "
+                    "(default: the model directory's name)")
+    sv.add_argument("--max-waiting", type=positive_int, default=None,
+                    help="answer 503 while this many requests wait (default: no bound)")
+    sv.add_argument("--log-level", default="warning", help="uvicorn log level")
+    sv.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("make-model", help="write a small random checkpoint (tests, examples)",
                        formatter_class=fmt)

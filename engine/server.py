@@ -1,0 +1,354 @@
+"""OpenAI-compatible HTTP server over an AsyncEngine (FastAPI). `build_app(async_engine, name)`
+returns the ASGI app, so another FastAPI or Starlette server can mount it; `selfeval serve` runs
+it with uvicorn.
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions, POST /v1/score (extension), GET
+/v1/models, GET /health, GET /metrics (Prometheus). Extensions beside the OpenAI fields: vLLM's
+`ignore_eos` and `top_k`; `policy` ({"type": "best_of_n" | "adaptive" | "prune", ...} with the
+Python API's parameter names); per choice `selfeval` ({score, p_yes, p_no, checkpoint_scores})."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from engine.async_engine import AsyncEngine, EngineDeadError
+from engine.errors import EngineError, InvalidRequestError
+from engine.policies import Adaptive, BestOfN, Policy, Prune
+from engine.sampling import RequestOutput, SamplingParams
+
+MAX_BODY_BYTES = 4 << 20
+POLICIES = {"best_of_n": BestOfN, "adaptive": Adaptive, "prune": Prune}
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    user: str | None = None
+    ignore_eos: bool = False
+    top_k: int = 0
+    policy: dict[str, Any] | None = None
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[int]
+    logprobs: int | None = None
+    max_tokens: int | None = 16
+
+
+class ChatRequest(_Common):
+    messages: list[dict[str, Any]]
+    logprobs: bool = False
+    max_completion_tokens: int | None = None
+
+
+class ScoreRequest(BaseModel):
+    model: str
+    prompt: str | list[str]
+    response: str | list[str]
+    chat: bool = True  # wrap each prompt in the chat template as a user turn
+
+
+class ServerError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 param: str | None = None, retry: bool = False):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.retry = status, message, kind, param, retry
+
+
+def _error(status: int, message: str, kind: str, param: str | None = None, retry: bool = False):
+    headers = {} if retry else {"x-should-retry": "false"}
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _param_of(message: str) -> str | None:
+    first = message.split(" ", 1)[0]
+    return first if first.replace("_", "").isalpha() and first.islower() else None
+
+
+def build_app(engine: AsyncEngine, model_name: str, max_waiting: int | None = None) -> FastAPI:
+    app = FastAPI(title="selfeval-engine")
+    created = int(time.time())
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_fields(_, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return _error(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
+                          "invalid_request_error")
+        where = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        return _error(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}",
+                      "invalid_request_error", where)
+
+    @app.exception_handler(ServerError)
+    async def server_error(_, exc: ServerError):
+        return _error(exc.status, exc.message, exc.kind, exc.param, exc.retry)
+
+    @app.exception_handler(EngineError)
+    async def engine_error(_, exc: EngineError):
+        if isinstance(exc, EngineDeadError):
+            return _error(503, str(exc), "server_error", retry=True)
+        status = 400 if isinstance(exc, InvalidRequestError) else 500
+        return _error(status, str(exc), "invalid_request_error" if status == 400 else "server_error",
+                      _param_of(str(exc)))
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
+            return _error(413, f"request body over {MAX_BODY_BYTES} bytes", "invalid_request_error")
+        return await call_next(request)
+
+    def check(req) -> None:
+        if req.model != model_name:
+            raise ServerError(404, f"model {req.model!r} is not served here; this server serves "
+                                   f"{model_name!r}", "not_found_error", "model")
+        if max_waiting is not None and engine.stats().get("requests_waiting", 0) >= max_waiting:
+            raise ServerError(503, f"over {max_waiting} requests are waiting; retry later",
+                              "server_error", retry=True)
+
+    def params_of(req, ids: list[int], max_tokens: int | None) -> SamplingParams:
+        if max_tokens is None:  # as vLLM: what the context leaves
+            max_tokens = max(engine.engine.max_model_len - len(ids), 0)
+        return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
+                              max_tokens=max_tokens, n=req.n, seed=req.seed, stop=req.stop,
+                              ignore_eos=req.ignore_eos)
+
+    def policy_of(req) -> Policy | None:
+        if req.policy is None:
+            return None
+        spec = dict(req.policy)
+        kind = spec.pop("type", None)
+        if kind not in POLICIES:
+            raise ServerError(400, f"policy.type must be one of {sorted(POLICIES)}, got {kind!r}",
+                              param="policy.type")
+        try:
+            return POLICIES[kind](**spec)
+        except TypeError as e:
+            raise ServerError(400, f"policy: {e}", param="policy") from e
+
+    async def run(req, ids: list[int], params: SamplingParams, policy, chat: bool, want_logprobs: bool):
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        stream = engine.generate(ids, params, policy, request_id=rid)
+        if not req.stream:
+            output = None
+            async for delta in stream:
+                if delta.finished:
+                    output = delta.output
+            return JSONResponse(_full_response(rid, created, model_name, output, chat, want_logprobs,
+                                               engine.engine.tokenizer))
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        first = await _first(stream)  # errors before the first byte become HTTP errors
+        lp = (lambda ids, lps: _logprobs(engine.engine.tokenizer, ids, lps, chat)) if want_logprobs else None
+        return StreamingResponse(_sse(rid, created, model_name, first, stream, chat, lp,
+                                      include_usage, policy is not None, len(ids)),
+                                 media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        check(req)
+        ids = engine.engine.tokenize(req.prompt)
+        params = params_of(req, ids, req.max_tokens)
+        return await run(req, ids, params, policy_of(req), False, req.logprobs is not None)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest):
+        check(req)
+        ids = engine.engine.render_chat(req.messages)
+        params = params_of(req, ids, req.max_completion_tokens or req.max_tokens)
+        return await run(req, ids, params, policy_of(req), True, req.logprobs)
+
+    @app.post("/v1/score")
+    async def score(req: ScoreRequest):
+        check(req)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        responses = [req.response] if isinstance(req.response, str) else req.response
+        if req.chat:
+            prompts = [engine.engine.render_chat([{"role": "user", "content": p}]) for p in prompts]
+        scores = await engine.score(prompts, responses)
+        return {"object": "list", "model": model_name,
+                "data": [{"index": i, "score": s} for i, s in enumerate(scores)]}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "selfeval-engine",
+                                            "max_model_len": engine.engine.max_model_len}]}
+
+    @app.get("/health")
+    async def health():
+        if not engine.is_running:
+            raise ServerError(503, "the engine loop is not running", "server_error")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(_prometheus(engine.stats()), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+async def _first(stream):
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+def _selfeval(sample) -> dict | None:
+    if sample.score is None and not sample.checkpoint_scores:
+        return None
+    return {"score": sample.score, "p_yes": sample.p_yes, "p_no": sample.p_no,
+            "checkpoint_scores": [list(c) for c in sample.checkpoint_scores]}
+
+
+def _reason(reason: str | None) -> str | None:
+    return "stop" if reason == "pruned" else reason
+
+
+def _choices(output: RequestOutput) -> list:
+    """The samples a response shows: a policy's pick alone, else every sample."""
+    if output.best_index is not None:
+        return [output.best]
+    return output.samples
+
+
+def _logprobs(tokenizer, token_ids: list[int], logprobs: list[float], chat: bool) -> dict:
+    """The sampled tokens' log-probabilities (under the untempered model), in OpenAI's shape."""
+    tokens = [tokenizer.decode([t]) for t in token_ids]
+    if chat:
+        return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
+                            for t, lp in zip(tokens, logprobs)]}
+    return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": None, "text_offset": None}
+
+
+def _full_response(rid: str, created: int, model: str, output: RequestOutput, chat: bool,
+                   want_logprobs: bool, tokenizer) -> dict:
+    if output.error is not None:
+        raise EngineError(output.error)
+    choices = []
+    for i, s in enumerate(_choices(output)):
+        choice = {"index": i, "finish_reason": _reason(s.finish_reason),
+                  "logprobs": _logprobs(tokenizer, s.token_ids, s.logprobs, chat) if want_logprobs else None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": s.text}
+        else:
+            choice["text"] = s.text
+        if _selfeval(s) is not None:
+            choice["selfeval"] = _selfeval(s)
+        choices.append(choice)
+    completion = sum(len(s.token_ids) for s in output.samples)
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": model, "choices": choices,
+            "usage": {"prompt_tokens": len(output.prompt_token_ids), "completion_tokens": completion,
+                      "total_tokens": len(output.prompt_token_ids) + completion}}
+
+
+async def _sse(rid, created, model, first, stream, chat, logprobs, include_usage, policy, prompt_len):
+    """Server-sent events: text pieces as they come (a policy's pick once known), finish_reason
+    only on each choice's last chunk, then usage if asked, then [DONE]."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(choices, usage=None):
+        body = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    try:
+        async for event in _events(first, stream, chat, logprobs, include_usage, policy, prompt_len, chunk):
+            yield event
+    finally:  # the client left (or anything failed): the request must not run on
+        await stream.aclose()
+
+
+async def _events(first, stream, chat, logprobs, include_usage, policy, prompt_len, chunk):
+    started, completion = set(), 0
+    delta = first
+    while delta is not None:
+        if delta.finished:
+            output = delta.output
+            if output.error is not None:
+                yield f"data: {json.dumps({'error': {'message': output.error, 'type': 'server_error'}})}\n\n"
+                break
+            completion = sum(len(s.token_ids) for s in output.samples)
+            if policy:  # the pick is known only now: its whole text in one chunk
+                s = output.best
+                yield chunk([_piece(0, s.text, chat, 0 not in started)])
+                started.add(0)
+            tail = {} if policy else {d.index: d.text for d in delta.samples}  # text flushed at the end
+            last = [dict(_piece(i, tail.get(s.index, ""), chat, not policy and s.index not in started),
+                         finish_reason=_reason(s.finish_reason))
+                    for i, s in enumerate(_choices(output))]
+            for c, s in zip(last, _choices(output)):
+                if _selfeval(s) is not None:
+                    c["selfeval"] = _selfeval(s)
+            yield chunk(last)
+            break
+        if not policy:
+            pieces = []
+            for d in delta.samples:
+                if d.text or d.token_ids or d.index not in started:
+                    piece = _piece(d.index, d.text, chat, d.index not in started)
+                    if logprobs is not None and d.token_ids:
+                        piece["logprobs"] = logprobs(d.token_ids, d.logprobs)
+                    pieces.append(piece)
+                    started.add(d.index)
+            if pieces:
+                yield chunk(pieces)
+        try:
+            delta = await stream.__anext__()
+        except StopAsyncIteration:
+            delta = None
+    if include_usage:
+        yield chunk([], {"prompt_tokens": prompt_len, "completion_tokens": completion,
+                         "total_tokens": prompt_len + completion})
+    yield "data: [DONE]\n\n"
+
+
+def _piece(index: int, text: str, chat: bool, first: bool) -> dict:
+    if chat:
+        delta = {"role": "assistant", "content": text} if first else {"content": text}
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": None}
+
+
+def _prometheus(stats: dict) -> str:
+    """Prometheus text exposition of the engine's counters (prometheus_client's format)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    gauges = {"requests_running": "requests with a sequence running", "requests_waiting":
+              "requests waiting to start", "kv_blocks_used": "KV blocks in use", "kv_blocks_cached":
+              "KV blocks holding cached prefixes", "kv_blocks_total": "KV blocks in the pool"}
+    counters = {"tokens_generated": "tokens generated", "score_calls": "self-evaluation scores",
+                "samples_pruned": "samples pruned by policies", "steps": "engine steps",
+                "step_seconds_total": "seconds spent in steps", "requests_finished": "requests finished"}
+
+    class Collector:
+        def collect(self):
+            for name, text in gauges.items():
+                yield GaugeMetricFamily(f"selfeval_{name}", text, value=stats.get(name, 0))
+            for name, text in counters.items():
+                yield CounterMetricFamily(f"selfeval_{name.removesuffix('_total')}", text,
+                                          value=stats.get(name, 0))
+
+    registry = CollectorRegistry()
+    registry.register(Collector())
+    return generate_latest(registry).decode()

@@ -1,0 +1,186 @@
+"""`selfeval serve` against the official openai client (a live server subprocess on 127.0.0.1):
+completions and chat, streaming and not, n > 1, stop, seeds, logprobs, usage, a policy, /v1/score,
+the error shapes, a client that leaves mid-stream; and the app mounted inside another app."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+openai = pytest.importorskip("openai")
+
+from engine import Engine, SamplingParams  # noqa: E402
+from engine.async_engine import AsyncEngine  # noqa: E402
+from engine.server import build_app  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(llama_dir):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--model", str(llama_dir),
+                             "--port", str(port), "--served-model-name", "m", "--block-size", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"the server did not start: {proc.stdout.read().decode()[-2000:]}")
+        time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0)
+
+
+def _metrics(url) -> dict:
+    text = httpx.get(f"{url}/metrics").text
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def test_completion_equals_the_engine_and_streams_the_same_text(server, client, llama_dir):
+    eng = Engine(str(llama_dir), block_size=4)
+    ref = eng.generate(["Hello there"], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0]
+    prompt_tokens, ref = len(ref.prompt_token_ids), ref.samples[0]
+    out = client.completions.create(model="m", prompt="Hello there", max_tokens=12, temperature=0,
+                                    extra_body={"ignore_eos": True}, logprobs=1)
+    assert out.choices[0].text == ref.text and out.choices[0].finish_reason == "length"
+    assert out.usage.completion_tokens == 12 and out.usage.prompt_tokens == prompt_tokens
+    assert out.choices[0].logprobs.token_logprobs == pytest.approx(ref.logprobs, abs=1e-4)
+    chunks = list(client.completions.create(model="m", prompt="Hello there", max_tokens=12, temperature=0,
+                                            extra_body={"ignore_eos": True}, stream=True,
+                                            stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert text == ref.text and reasons[-1] == "length" and not any(reasons[:-1])
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_chat_n_streams_are_told_apart_by_index_and_seeds_repeat(client):
+    kw = dict(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, n=3, seed=7,
+              temperature=1.0, extra_body={"ignore_eos": True})
+    full = client.chat.completions.create(**kw)
+    again = client.chat.completions.create(**kw)
+    assert [c.message.content for c in full.choices] == [c.message.content for c in again.choices]
+    assert len({c.message.content for c in full.choices}) > 1
+    texts, reasons = {}, {}
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+            if c.finish_reason:
+                assert c.index not in reasons, "finish_reason twice"
+                reasons[c.index] = c.finish_reason
+    assert [texts[i] for i in range(3)] == [c.message.content for c in full.choices]
+    assert reasons == {0: "length", 1: "length", 2: "length"}
+
+
+def test_stop_policy_and_score_extensions(server, client):
+    free = client.completions.create(model="m", prompt="abc", max_tokens=12, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = free[4:6]
+    cut = client.completions.create(model="m", prompt="abc", max_tokens=12, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True}).choices[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text and free.startswith(cut.text)
+    picked = client.completions.create(model="m", prompt="abc", max_tokens=6, seed=1,
+                                       extra_body={"policy": {"type": "best_of_n", "n": 3}})
+    assert len(picked.choices) == 1 and 0 <= picked.choices[0].model_extra["selfeval"]["score"] <= 1
+    scores = httpx.post(f"{server}/v1/score", json={"model": "m", "prompt": ["a", "b"],
+                                                     "response": ["c", "d"]}).json()
+    assert [d["index"] for d in scores["data"]] == [0, 1]
+    assert all(0 <= d["score"] <= 1 for d in scores["data"])
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"model": "nope", "prompt": "a"}, 404, "model"),
+    ({"model": "m", "prompt": "a", "temperature": -1}, 400, "temperature"),
+    ({"model": "m", "prompt": "a", "top_p": "high"}, 400, "top_p"),
+    ({"model": "m", "prompt": "a", "n": 0}, 400, "n"),
+    ({"model": "m", "prompt": "a", "max_tokens": -5}, 400, "max_tokens"),
+    ({"model": "m", "prompt": [1] * 5000}, 400, "prompt"),
+    ({"model": "m", "prompt": "a", "policy": {"type": "magic"}}, 400, "policy.type"),
+    ({"model": "m", "prompt": "a", "policy": {"type": "best_of_n", "m": 3}}, 400, "policy"),
+    ({"model": "m"}, 400, "prompt"),
+    ({"model": "m", "prompt": "a", "seed": 2**70}, 400, "seed"),
+])
+def test_bad_requests_get_openai_errors(server, body, status, param):
+    r = httpx.post(f"{server}/v1/completions", json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] and r.headers["x-should-retry"] == "false"
+
+
+def test_malformed_and_huge_bodies_and_the_server_is_unharmed(server, client):
+    as_json = {"content-type": "application/json"}
+    r = httpx.post(f"{server}/v1/completions", content=b"{not json", headers=as_json)
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = httpx.post(f"{server}/v1/completions", content=b"x" * (5 << 20), headers=as_json)
+    assert r.status_code == 413
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="m", prompt="a", temperature=-3)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="other", messages=[{"role": "user", "content": "x"}])
+    assert client.completions.create(model="m", prompt="a", max_tokens=3).usage.completion_tokens <= 3
+    assert client.models.list().data[0].id == "m"
+
+
+def test_a_client_leaving_mid_stream_frees_its_blocks(server):
+    body = {"model": "m", "prompt": "long", "max_tokens": 400, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=30) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i >= 3:
+                break
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        m = _metrics(server)
+        if m["selfeval_kv_blocks_used"] == 0 and m["selfeval_requests_running"] == 0:
+            break
+        time.sleep(0.1)
+    m = _metrics(server)
+    assert m["selfeval_kv_blocks_used"] == 0 and m["selfeval_requests_running"] == 0
+    assert m["selfeval_tokens_generated_total"] < 400 * 2  # it stopped, not ran to the end
+
+
+def test_the_app_mounts_inside_another_app(llama_dir):
+    engine = AsyncEngine(Engine(str(llama_dir), block_size=4, num_blocks=128))
+    outer = FastAPI()
+
+    @outer.get("/")
+    def home():
+        return {"app": "outer"}
+
+    outer.mount("/llm", build_app(engine, "m"))
+    try:
+        with TestClient(outer) as c:
+            assert c.get("/").json() == {"app": "outer"}
+            assert c.get("/llm/health").json() == {"status": "ok"}
+            r = c.post("/llm/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 4})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 4
+            lines = [json.loads(x[6:]) for x in c.post("/llm/v1/completions", json={
+                "model": "m", "prompt": "hi", "max_tokens": 4, "stream": True}).text.splitlines()
+                if x.startswith("data: {")]
+            assert lines and lines[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+    finally:
+        engine.shutdown()
