@@ -124,8 +124,10 @@ def build_app(engine: AsyncEngine, model_name: str, max_waiting: int | None = No
                               "server_error", retry=True)
 
     def params_of(req, ids: list[int], max_tokens: int | None) -> SamplingParams:
-        if max_tokens is None:  # as vLLM: what the context leaves
-            max_tokens = max(engine.engine.max_model_len - len(ids), 0)
+        if max_tokens is None:  # as vLLM: what the context leaves (and the score's suffix, if scored)
+            scored = req.n > 1 or req.policy is not None
+            suffix = len(engine.engine.spec.suffix_ids) if scored else 0
+            max_tokens = max(engine.engine.max_model_len - len(ids) - suffix, 0)
         return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
                               max_tokens=max_tokens, n=req.n, seed=req.seed, stop=req.stop,
                               ignore_eos=req.ignore_eos)

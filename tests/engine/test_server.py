@@ -96,6 +96,12 @@ def test_chat_n_streams_are_told_apart_by_index_and_seeds_repeat(client):
     assert reasons == {0: "length", 1: "length", 2: "length"}
 
 
+def test_chat_without_max_tokens_fills_what_the_context_leaves(client):
+    out = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], n=2,
+                                         seed=2, extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens > 100 and {c.finish_reason for c in out.choices} == {"length"}
+
+
 def test_stop_policy_and_score_extensions(server, client):
     free = client.completions.create(model="m", prompt="abc", max_tokens=12, temperature=0,
                                      extra_body={"ignore_eos": True}).choices[0].text
