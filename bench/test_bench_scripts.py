@@ -74,3 +74,13 @@ def test_async_overhead_bench_compares_sync_and_async(tmp_path):
     assert metrics["same_tokens"] and metrics["sync_seconds"] > 0 and metrics["async_seconds"] > 0
     assert metrics["handoff_us"] > 0
     assert json.loads(next(tmp_path.glob("async_overhead-*.json")).read_text())["metrics"]["same_tokens"]
+
+
+def test_serve_load_bench_runs_a_live_server_without_errors(tmp_path):
+    pytest.importorskip("fastapi")
+    metrics = _load("serve_load").main(["--requests", "9", "--concurrency", "3", "--max-tokens", "10",
+                                        "--out", str(tmp_path)])
+    assert metrics["errors"] == 0 and metrics["kv_blocks_used_after"] == 0
+    assert metrics["tokens_per_s"] > 0 and metrics["offline_tokens_per_s"] > 0
+    assert set(metrics["ttft_p50_s_by_kind"]) == {"plain", "best_of_4", "prune"}
+    assert json.loads(next(tmp_path.glob("serve_load-*.json")).read_text())["metrics"]["errors"] == 0

@@ -1,0 +1,166 @@
+"""The HTTP server under load: requests from an async client on loopback, a fixed number in flight,
+mixed plain sampling, best-of-4 and prune policies; a bounded run that ends by itself. Reports
+errors (0 required), p50/p99 time to first token and latency, output tokens/s, that KV blocks
+return to their baseline, and the engine's offline throughput on the same work in the same run
+(target: server >= 90% of offline). Offline runs every request at once on a fresh engine after
+the same warm-up; the server sees at most `--concurrency` at a time, so batch sizes differ.
+
+    python bench/serve_load.py [--requests 1000] [--concurrency 64] [--max-tokens 32] [--model DIR]
+
+Writes bench/results/serve_load-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+if sys.path and Path(sys.path[0] or ".").resolve() == _HERE:
+    sys.path.pop(0)
+sys.path.append(str(_HERE))
+import httpx  # noqa: E402
+import torch  # noqa: E402
+from benchlib import model_dir, print_table, write_results  # noqa: E402
+
+from engine import Engine, SamplingParams  # noqa: E402
+from engine.policies import BestOfN, Prune  # noqa: E402
+
+KINDS = ("plain", "best_of_4", "prune")
+
+
+def workload(n: int, max_tokens: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing".split()
+    out = []
+    for i in range(n):
+        prompt = " ".join(rng.choice(words) for _ in range(rng.randint(4, 40)))
+        out.append({"kind": KINDS[i % 3], "prompt": prompt, "seed": i, "max_tokens": max_tokens})
+    return out
+
+
+def body(item: dict, stream: bool = True) -> dict:
+    b = {"model": "m", "prompt": item["prompt"], "max_tokens": item["max_tokens"], "seed": item["seed"],
+         "temperature": 1.0, "ignore_eos": True, "stream": stream}
+    if item["kind"] == "best_of_4":
+        b["policy"] = {"type": "best_of_n", "n": 4}
+    elif item["kind"] == "prune":
+        b["policy"] = {"type": "prune", "n": 4, "checkpoints": [8], "keep": 0.5}
+    return b
+
+
+async def drive(url: str, work: list[dict], concurrency: int) -> list[dict]:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(item):
+            async with gate:
+                start, first, ok = time.perf_counter(), None, False
+                try:
+                    async with client.stream("POST", "/v1/completions", json=body(item)) as r:
+                        async for line in r.aiter_lines():
+                            if first is None and line.startswith("data: {"):
+                                first = time.perf_counter()
+                            if line == "data: [DONE]":
+                                ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                end = time.perf_counter()
+                return {"ok": ok, "ttft": (first or end) - start, "latency": end - start,
+                        "kind": item["kind"]}
+
+        return await asyncio.gather(*(one(item) for item in work))
+
+
+def offline_seconds(path: str, work: list[dict], device: str) -> tuple[float, int]:
+    eng = Engine(path, device=device)
+    prompts = [it["prompt"] for it in work]
+    params = [SamplingParams(temperature=1.0, max_tokens=it["max_tokens"], ignore_eos=True, seed=it["seed"])
+              for it in work]
+    policies = [None if it["kind"] == "plain" else BestOfN(4) if it["kind"] == "best_of_4"
+                else Prune(4, checkpoints=(8,), keep=0.5) for it in work]
+    eng.generate(prompts[:8], params[:8], policy=policies[:8])  # warm-up
+    start = time.perf_counter()
+    outs = eng.generate(prompts, params, policy=policies)
+    return time.perf_counter() - start, sum(o.stats.generated_tokens for o in outs)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    work = workload(args.requests, args.max_tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.model or str(model_dir(Path(tmp), toy=True))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--model", path, "--port",
+                                 str(port), "--served-model-name", "m", "--device", args.device],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(600):
+                try:
+                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.2)
+            asyncio.run(drive(url, work[:8], 8))  # warm-up
+            before = httpx.get(f"{url}/metrics").text
+            start = time.perf_counter()
+            results = asyncio.run(drive(url, work, args.concurrency))
+            seconds = time.perf_counter() - start
+            after = httpx.get(f"{url}/metrics").text
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+        offline_s, offline_tokens = offline_seconds(path, work, args.device)
+
+    def metric(text, name):
+        return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
+
+    name = "selfeval_tokens_generated_total"
+    tokens = metric(after, name) - metric(before, name)
+    ttft = sorted(r["ttft"] for r in results)
+    lat = sorted(r["latency"] for r in results)
+    pct = lambda xs, q: xs[min(int(q * len(xs)), len(xs) - 1)]  # noqa: E731
+    metrics = {
+        "requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+        "errors": sum(not r["ok"] for r in results), "seconds": seconds,
+        "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": pct(ttft, 0.99),
+        "latency_p50_s": statistics.median(lat), "latency_p99_s": pct(lat, 0.99),
+        "tokens_per_s": tokens / seconds, "offline_tokens_per_s": offline_tokens / offline_s,
+        "server_over_offline": (tokens / seconds) / (offline_tokens / offline_s),
+        "kv_blocks_used_after": metric(after, "selfeval_kv_blocks_used"),
+        # A policy's pick streams once it is known: its first token comes at its end.
+        "ttft_p50_s_by_kind": {k: statistics.median(r["ttft"] for r in results if r["kind"] == k)
+                               for k in KINDS if any(r["kind"] == k for r in results)},
+    }
+    print_table([metrics], ["requests", "errors", "ttft_p50_s", "ttft_p99_s", "latency_p50_s",
+                            "latency_p99_s", "tokens_per_s", "offline_tokens_per_s", "server_over_offline"])
+    print(json.dumps({k: metrics[k] for k in ("errors", "kv_blocks_used_after", "server_over_offline",
+                                              "ttft_p50_s_by_kind")}))
+    out = write_results("serve_load", torch.device(args.device), metrics, args.out,
+                        model=args.model or "random toy")
+    print(f"-> {out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
