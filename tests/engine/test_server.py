@@ -190,3 +190,18 @@ def test_the_app_mounts_inside_another_app(llama_dir):
             assert lines and lines[-1]["choices"][0]["finish_reason"] in ("length", "stop")
     finally:
         engine.shutdown()
+
+
+def test_over_the_queue_bound_is_503_with_a_retry(llama_dir, monkeypatch):
+    engine = AsyncEngine(Engine(str(llama_dir), block_size=4, num_blocks=64))
+    try:
+        with TestClient(build_app(engine, "m", max_waiting=2)) as c:
+            body = {"model": "m", "prompt": "a", "max_tokens": 2}
+            assert c.post("/v1/completions", json=body).status_code == 200
+            real = engine.stats
+            monkeypatch.setattr(engine, "stats", lambda: {**real(), "requests_waiting": 2})
+            r = c.post("/v1/completions", json={"model": "m", "prompt": "a", "max_tokens": 2})
+            assert r.status_code == 503 and "waiting" in r.json()["error"]["message"]
+            assert "x-should-retry" not in r.headers  # retrying later can help
+    finally:
+        engine.shutdown()
