@@ -107,11 +107,13 @@ void BlockManager::save_seq(int64_t seq_id) {
 
 void BlockManager::begin() {
   log_.clear();
+  written_.clear();
   journal_ = true;
 }
 
 void BlockManager::commit() {
   log_.clear();
+  written_.clear();
   journal_ = false;
 }
 
@@ -152,7 +154,8 @@ std::vector<int32_t> BlockManager::rollback() {
       }
     }
   }
-  commit();
+  log_.clear();
+  journal_ = false;  // what follows is not undone
   // A block handed out during the transaction that is held or cached again now was freed or
   // evicted and reused inside it: its KV may have been overwritten. It leaves the cache, and
   // the caller recomputes the sequences that hold it.
@@ -165,6 +168,20 @@ std::vector<int32_t> BlockManager::rollback() {
       clobbered.push_back(b);
     }
   }
+  // Blocks written in place whose holders, restored, count written positions as valid.
+  for (const auto& kv : seqs_) {
+    const Seq& s = kv.second;
+    for (size_t i = 0; i < s.blocks.size(); ++i) {
+      auto it = written_.find(s.blocks[i]);
+      if (it != written_.end() && s.length > static_cast<int64_t>(i) * block_size_ + it->second) {
+        uncache(s.blocks[i]);
+        clobbered.push_back(s.blocks[i]);
+      }
+    }
+  }
+  written_.clear();
+  std::sort(clobbered.begin(), clobbered.end());
+  clobbered.erase(std::unique(clobbered.begin(), clobbered.end()), clobbered.end());
   return clobbered;
 }
 
@@ -360,6 +377,14 @@ void BlockManager::append_into(int64_t seq_id, Seq& s, int64_t num_tokens, Appen
   int64_t new_length = s.length + num_tokens;
   while (static_cast<int64_t>(s.blocks.size()) < blocks_for(new_length)) {
     s.blocks.push_back(take_block());
+  }
+  if (journal_ && s.length % block_size_ != 0) {
+    // Written in place: if this transaction is undone, positions from here on may be valid again
+    // (a truncate earlier in it), and their KV is now this append's.
+    int32_t last = s.blocks[s.length / block_size_];
+    int32_t offset = static_cast<int32_t>(s.length % block_size_);
+    auto it = written_.find(last);
+    if (it == written_.end() || it->second > offset) written_[last] = offset;
   }
   out.slots.reserve(out.slots.size() + num_tokens);
   for (int64_t p = s.length; p < new_length; ++p) {

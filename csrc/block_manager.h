@@ -152,6 +152,7 @@ class BlockManager {
   };
   bool journal_ = false;
   std::vector<Undo> log_;
+  std::unordered_map<int32_t, int32_t> written_;  // block -> first offset written in place
 };
 
 }  // namespace selfeval

@@ -100,6 +100,10 @@ class Engine:
                                       f"Prune) or None, got {policy!r}")
         if policy is not None and params.n != 1:
             raise InvalidRequestError("a policy draws its own samples: leave n at 1")
+        samples = policy.full_samples if policy is not None else params.n
+        if samples > self.block_manager.num_blocks:  # each sample writes a block of its own
+            raise InvalidRequestError(f"n={samples} samples cannot fit {self.block_manager.num_blocks} "
+                                      f"KV blocks; lower n")
         scored = params.wants_score or params.score_at or policy is not None
         suffix = len(self.spec.suffix_ids) if scored else 0
         total = len(ids) + params.max_tokens + suffix
@@ -170,6 +174,9 @@ class Engine:
         single_ids = isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         if isinstance(prompts, str) or single_ids:
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise InvalidRequestError(f"prompts must be a string, a list of token ids, or a list of "
+                                      f"those; got {type(prompts).__name__}")
         prompts = list(prompts)
         params_list = _per_prompt(params or SamplingParams(), len(prompts), "sampling params")
         policies = _per_prompt(policy, len(prompts), "policies")
@@ -205,7 +212,7 @@ class Engine:
         suffix after the cached prompt and response."""
         if isinstance(prompts, str) and isinstance(responses, str):
             prompts, responses = [prompts], [responses]
-        if isinstance(prompts, str) or isinstance(responses, str):
+        if not (isinstance(prompts, (list, tuple)) and isinstance(responses, (list, tuple))):
             raise InvalidRequestError("give lists of prompts and responses (or one string each)")
         if len(prompts) != len(responses):
             raise InvalidRequestError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -213,7 +220,7 @@ class Engine:
         joined = []
         for prompt, response in zip(prompts, responses):
             resp = (self.tokenizer.encode(response, add_special_tokens=False)
-                    if isinstance(response, str) else [int(t) for t in response])
+                    if isinstance(response, str) else self.tokenize(response))
             joined.append(self.tokenize(prompt) + resp)
         outs = self.generate(joined, params)
         return [o.samples[0].score for o in outs]

@@ -39,6 +39,20 @@ class EngineConfig:
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.dtype, str):
+            names = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16,
+                     "half": torch.float16, "bfloat16": torch.bfloat16}
+            if self.dtype not in names:
+                raise InvalidRequestError(f"dtype must be one of {sorted(names)} or a torch.dtype, "
+                                          f"got {self.dtype!r}")
+            self.dtype = names[self.dtype]
+        if self.dtype is not None and not isinstance(self.dtype, torch.dtype):
+            raise InvalidRequestError(f"dtype must be a torch.dtype or its name, got {self.dtype!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise InvalidRequestError(f"enable_prefix_caching must be True or False, "
+                                      f"got {self.enable_prefix_caching!r}")
+        if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
+            raise InvalidRequestError(f"cuda_graphs must be True, False or None, got {self.cuda_graphs!r}")
         def positive_int(name: str, allow_none: bool = False) -> None:
             v = getattr(self, name)
             if v is None and allow_none:

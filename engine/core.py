@@ -71,7 +71,16 @@ class EngineCore:
     def add_request(self, request_id: int, prompt_ids: list[int], params: SamplingParams,
                     policy: Policy | None = None) -> Request:
         """Queue a validated request. n > 1 and policies fork their samples off one root that
-        holds the prompt's cache; n == 1 is one sequence."""
+        holds the prompt's cache; n == 1 is one sequence. All or nothing (a policy's begin may
+        raise)."""
+        try:
+            return self._add_request(request_id, prompt_ids, params, policy)
+        except BaseException:
+            self.abort(request_id)
+            raise
+
+    def _add_request(self, request_id: int, prompt_ids: list[int], params: SamplingParams,
+                     policy: Policy | None) -> Request:
         seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
         if seed >= 1 << 63:  # the sampler's seeds are int64
             seed = mix_seed(seed)
@@ -112,6 +121,7 @@ class EngineCore:
     def abort(self, request_id: int) -> None:
         """Drop a request and free its blocks; it yields no output."""
         request = self.requests.pop(request_id, None)
+        self._ready = [r for r in self._ready if r.request_id != request_id]
         if request is None:
             return
         request.pending_forks.clear()
@@ -255,8 +265,12 @@ class EngineCore:
         return tokens.tolist(), logprobs.tolist()
 
     def _fail(self, request: Request, error: str) -> None:
-        """End a request with finish reason "error" and free its blocks; others go on."""
+        """End a request with finish reason "error" and free its blocks; others go on. Samples
+        it asked for and never drew are reported too, so a failed n-sample request has n."""
         request.error = error
+        for temperature in request.pending_forks or ([] if request.samples else [request.params.temperature]):
+            seq = self._new_sample(request, request.prompt_ids, len(request.samples), request.seed)
+            seq.temperature, seq.status = temperature, SeqStatus.FINISHED
         request.pending_forks.clear()
         for seq in request.seqs:
             if seq.status is not SeqStatus.FINISHED:

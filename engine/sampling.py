@@ -45,14 +45,19 @@ class SamplingParams:
             raise InvalidRequestError(f"score must be True, False or None, got {self.score!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if not all(isinstance(x, str) for x in self.stop or []):
+        if not (self.stop is None or isinstance(self.stop, (list, tuple))) or not all(
+                isinstance(x, str) for x in self.stop or []):
             raise InvalidRequestError(f"stop must be a string or a list of strings, got {self.stop!r}")
         self.stop = list(self.stop or [])
+        if not (self.stop_token_ids is None or isinstance(self.stop_token_ids, (list, tuple))):
+            raise InvalidRequestError(f"stop_token_ids must be a list of ints, got {self.stop_token_ids!r}")
         self.stop_token_ids = list(self.stop_token_ids or [])
         for t in self.stop_token_ids:
             _int("stop_token_ids entries", t)
         if isinstance(self.score_at, int):
             self.score_at = (self.score_at,)
+        if not isinstance(self.score_at, (list, tuple)):
+            raise InvalidRequestError(f"score_at must be a tuple of generated lengths, got {self.score_at!r}")
         for c in self.score_at:
             _int("score_at checkpoints", c)
         self.score_at = tuple(sorted(set(self.score_at)))

@@ -235,8 +235,11 @@ class Scheduler:
     def snapshot(self) -> tuple:
         """Everything a step may change on the Python side: the queues, the sequences it may
         schedule (every running one, the waiting ones it may admit) and their requests."""
-        admit = max(self.max_num_seqs - len(self.running), 0)
-        seqs = set(self.running) | set(itertools.islice(self.waiting, admit))
+        # A step admits at most max_num_seqs (after preempting running ones, which are saved as
+        # running); a probe (`only`) may admit any of its request's sequences.
+        seqs = set(self.running) | set(itertools.islice(self.waiting, self.max_num_seqs))
+        if self.only is not None:
+            seqs.update(self.only.seqs)
         requests = {s.request for s in seqs}
         for request in requests:
             seqs.update(request.seqs)

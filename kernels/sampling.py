@@ -48,6 +48,7 @@ def logit_cutoff(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     keep = ~(k_on[:, None] & (ranks >= top_k[:, None]))
     probs = sorted_logits.softmax(dim=-1)
     keep &= ~(p_on[:, None] & ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]))
+    keep[:, 0] = True  # the top token always stays (a top_p that rounds to 0 in float32 included)
     last_kept = keep.sum(dim=-1) - 1  # keep is a prefix of the sorted row
     kth = sorted_logits.gather(1, last_kept[:, None]).squeeze(1)
     return torch.where(k_on | p_on, kth, cutoff)

@@ -35,7 +35,10 @@ class Policy:
     full_samples: int = 1
 
     def __init__(self, scorer: str | Scorer = "selfeval"):
-        self.scorer = make_scorer(scorer)
+        try:
+            self.scorer = make_scorer(scorer)
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from e
 
     def begin(self, run: PolicyRun) -> None:
         raise NotImplementedError
@@ -132,3 +135,10 @@ def check_finite(**values: float) -> None:
     for name, v in values.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise InvalidRequestError(f"{name} must be a finite number, got {v!r}")
+
+
+def check_sequence(**values) -> None:
+    """Lists of numbers (rounds, temperatures, checkpoints): a list or tuple."""
+    for name, v in values.items():
+        if not isinstance(v, (list, tuple)):
+            raise InvalidRequestError(f"{name} must be a list or tuple, got {v!r}")

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence as Seq
 
 from engine.errors import InvalidRequestError
-from engine.policies.base import Policy, PolicyRun, check_finite, check_positive
+from engine.policies.base import Policy, PolicyRun, check_finite, check_positive, check_sequence
 from engine.policies.scorers import Scorer
 
 
@@ -34,6 +34,9 @@ class Adaptive(Policy):
                  temperatures: Seq[float] | None = None, scorer: str | Scorer = "selfeval"):
         super().__init__(scorer)
         check_positive(max_samples=max_samples)
+        check_sequence(rounds=rounds)
+        if temperatures is not None:
+            check_sequence(temperatures=temperatures)
         if not rounds or any(r < 1 for r in rounds):
             raise InvalidRequestError(f"rounds must be positive sample counts, got {tuple(rounds)}")
         temperatures = tuple(temperatures) if temperatures is not None else tuple(
@@ -80,6 +83,7 @@ class Prune(Policy):
                  threshold: float | None = None, scorer: str | Scorer = "selfeval"):
         super().__init__(scorer)
         check_positive(n=n)
+        check_sequence(checkpoints=checkpoints)
         if threshold is not None:
             check_finite(threshold=threshold)
         elif keep is None or (check_finite(keep=keep) or not 0 < keep <= 1):

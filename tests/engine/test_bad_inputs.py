@@ -85,6 +85,18 @@ API_CASES = {
     "score: a string and a list": lambda e: e.score("a", ["b", "c"]),
     "chat: not a message list": lambda e: e.chat(["hello"], REF),
     "score_in_flight of an unknown request": lambda e: e.score_in_flight(10**9),
+    "score: float response ids": lambda e: e.score(["hi"], [[1.7, 2.2]]),
+    "score: None": lambda e: e.score(None, None),
+    "score: None response": lambda e: e.score(["hi"], [None]),
+    "generate(5)": lambda e: e.generate(5, REF),
+    "stop=5": lambda e: SP(stop=5),
+    "stop_token_ids=5": lambda e: SP(stop_token_ids=5),
+    "score_at=None": lambda e: SP(score_at=None),
+    "Prune checkpoints None": lambda e: Prune(3, checkpoints=None),
+    "Adaptive rounds None": lambda e: Adaptive(0.5, rounds=None),
+    "unknown scorer": lambda e: BestOfN(2, scorer="nope"),
+    "n=2**63": lambda e: e.generate([P], SP(n=2**63)),
+    "BestOfN(2**63)": lambda e: e.generate([P], REF, policy=BestOfN(2**63)),
 }
 
 ENGINE_CASES = {
@@ -96,6 +108,8 @@ ENGINE_CASES = {
     "unknown setting": (dict(blocksize=4), InvalidRequestError),
     "bad load_format": (dict(load_format="gguf"), InvalidRequestError),
     "max_batch_tokens below the suffix": (dict(max_batch_tokens=4), InvalidRequestError),
+    "unknown dtype name": (dict(dtype="float8"), InvalidRequestError),
+    "string enable_prefix_caching": (dict(enable_prefix_caching="no"), InvalidRequestError),
 } | ({} if torch.cuda.is_available() else {"cuda without a GPU": (dict(device="cuda"), InvalidRequestError)})
 
 

@@ -218,3 +218,11 @@ def test_concurrent_callers_are_serialized(llama_dir):
         t.join()
     assert not errors and all(results[i] == expected for i in range(4))
     assert eng.num_free_blocks == 256 and not eng.has_unfinished_requests()
+
+
+def test_a_top_p_that_rounds_to_zero_keeps_the_top_token(eng):
+    prompt = _prompts(eng, [6], seed=9)[0]
+    greedy = eng.generate([prompt], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
+    tiny = eng.generate([prompt], SamplingParams(temperature=1.0, top_p=1e-300, max_tokens=5,
+                                                 ignore_eos=True, seed=1))
+    assert tiny[0].samples[0].token_ids == greedy[0].samples[0].token_ids

@@ -126,3 +126,28 @@ def test_a_request_that_makes_every_step_fail_is_failed_alone(llama_dir, monkeyp
     assert [o.samples[0].token_ids for o in (outs[0], outs[2])] == [e.samples[0].token_ids for e in expected]
     assert "unsupported temperature" in outs[1].error and outs[1].samples[0].finish_reason == "error"
     assert eng.num_free_blocks == 64 and not eng.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("max_num_seqs", [1, 2, 256])
+def test_a_poisoned_request_fails_alone_whatever_the_queue(llama_dir, max_num_seqs):
+    """Requests queued past max_num_seqs are put back exactly after the probes that find it."""
+    def run(poison):
+        eng = Engine(str(llama_dir), block_size=4, num_blocks=64, max_num_seqs=max_num_seqs)
+        real = eng.core.runner.execute
+
+        def execute(step, *a, **k):
+            if poison and 299 in step.token_ids.tolist():
+                raise RuntimeError("poisoned batch")
+            return real(step, *a, **k)
+
+        eng.core.runner.execute = execute
+        prompts = [[10, 11, 12], [299, 5, 6], [20, 21], [30, 31, 32, 33]]
+        params = [SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, n=2 if i == 3 else 1)
+                  for i in range(4)]
+        outs = eng.generate(prompts, params)
+        assert eng.num_free_blocks == 64 and not eng.has_unfinished_requests()
+        return [(o.error, [(s.token_ids, s.finish_reason) for s in o.samples]) for o in outs]
+
+    clean, poisoned = run(False), run(True)
+    assert [poisoned[i] for i in (0, 2, 3)] == [clean[i] for i in (0, 2, 3)]
+    assert "poisoned batch" in poisoned[1][0] and poisoned[1][1] == [([], "error")]
