@@ -4,8 +4,10 @@ stream each request's deltas with `async for`, and may add or abort requests at 
 Why a thread and not a process: the model, its KV cache and the step loop stay in this process,
 so nothing is pickled or copied between processes per step; torch releases the GIL inside its
 kernels, so the event loop keeps serving while a step runs. What the thread costs is one
-`call_soon_threadsafe` hand-off per request per step (bench/async_overhead.py measures it; see
-README "Serve").
+`call_soon_threadsafe` wake-up per event loop per step, and the consumers' coroutine switches,
+which compete with the step for the CPU. bench/async_overhead.py measures it against
+Engine.generate on the same work: on 2 CPU cores with the toy model (steps of ~5 ms), 64 requests
+x 32 tokens took 1.1-1.9x as long through AsyncEngine (the same 33 steps; one hand-off 6-15 us).
 
     engine = AsyncEngine(Engine(model_dir))
     async for delta in engine.generate(prompt, SamplingParams(max_tokens=32)):
@@ -62,6 +64,7 @@ class AsyncEngine:
         self._stats = _Stats()
         self._stopped = False
         self._failures = 0  # consecutive failed steps
+        self._batch: dict | None = None  # a step's deliveries, by event loop
         self._thread = threading.Thread(target=self._run, name="selfeval-engine-loop", daemon=True)
         self._thread.start()
 
@@ -193,6 +196,7 @@ class AsyncEngine:
         s = self._stats
         s.steps += 1
         s.step_seconds += time.perf_counter() - start
+        self._batch = {}
         for delta in deltas:
             request_id = self._by_engine_id.get(delta.request_id)
             if request_id is None:
@@ -208,10 +212,19 @@ class AsyncEngine:
                 self._finish(request_id, delta)
             else:
                 self._send(request_id, delta)
+        batch, self._batch = self._batch, None
+        for loop, items in batch.items():  # one wake-up per event loop per step, not per request
+            loop.call_soon_threadsafe(_deliver, items)
 
     def _send(self, request_id: str, item) -> None:
         stream = self._streams.get(request_id)
         if stream is not None:
+            self._post(stream, item)
+
+    def _post(self, stream: _Stream, item) -> None:
+        if self._batch is not None:
+            self._batch.setdefault(stream.loop, []).append((stream.queue, item))
+        else:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
     def _finish(self, request_id: str, item) -> None:
@@ -220,7 +233,7 @@ class AsyncEngine:
             if stream is None:
                 return
             stream.done = True
-        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        self._post(stream, item)
 
     def _fail_all(self, error: BaseException, abort: bool = False) -> None:
         for request_id in list(self._streams):
@@ -229,3 +242,8 @@ class AsyncEngine:
                 self.engine.abort(stream.engine_id)
                 self._by_engine_id.pop(stream.engine_id, None)
             self._finish(request_id, error)
+
+
+def _deliver(items: list) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
