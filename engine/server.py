@@ -9,6 +9,7 @@ Python API's parameter names); per choice `selfeval` ({score, p_yes, p_no, check
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -46,7 +47,7 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[int]
+    prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = None
     max_tokens: int | None = 16
 
@@ -165,9 +166,34 @@ def build_app(engine: AsyncEngine, model_name: str, max_waiting: int | None = No
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         check(req)
-        ids = engine.engine.tokenize(req.prompt)
-        params = params_of(req, ids, req.max_tokens)
-        return await run(req, ids, params, policy_of(req), False, req.logprobs is not None)
+        batch = isinstance(req.prompt, list) and bool(req.prompt) and isinstance(req.prompt[0], (str, list))
+        if not batch:
+            ids = engine.engine.tokenize(req.prompt)
+            params = params_of(req, ids, req.max_tokens)
+            return await run(req, ids, params, policy_of(req), False, req.logprobs is not None)
+        if req.stream:
+            raise ServerError(400, "a list of prompts does not stream here; send one request per "
+                                   "prompt to stream", param="prompt")
+        jobs = []
+        for prompt in req.prompt:  # every prompt is validated before any is queued
+            ids = engine.engine.tokenize(prompt)
+            params = params_of(req, ids, req.max_tokens)
+            policy = policy_of(req)
+            engine.engine.validate(ids, params, policy)
+            jobs.append((ids, params, policy))
+
+        async def one(ids, params, policy):
+            async for delta in engine.generate(ids, params, policy):
+                if delta.finished:
+                    return delta.output
+
+        outputs = await asyncio.gather(*(one(*job) for job in jobs))
+        parts = [_full_response("", created, model_name, o, False, req.logprobs is not None,
+                                engine.engine.tokenizer) for o in outputs]
+        choices = [dict(c, index=i) for i, c in enumerate(c for p in parts for c in p["choices"])]
+        usage = {k: sum(p["usage"][k] for p in parts) for k in parts[0]["usage"]}
+        return JSONResponse({**parts[0], "id": f"cmpl-{uuid.uuid4().hex}", "choices": choices,
+                             "usage": usage})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):

@@ -96,6 +96,16 @@ def test_chat_n_streams_are_told_apart_by_index_and_seeds_repeat(client):
     assert reasons == {0: "length", 1: "length", 2: "length"}
 
 
+def test_a_list_of_prompts_gives_their_choices_in_order(client):
+    kw = dict(model="m", max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    one = [client.completions.create(prompt=p, **kw).choices[0].text for p in ("ab", "cd")]
+    both = client.completions.create(prompt=["ab", "cd"], **kw)
+    assert [c.text for c in both.choices] == one and [c.index for c in both.choices] == [0, 1]
+    assert both.usage.completion_tokens == 10
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(prompt=["ab", "cd"], stream=True, **kw)
+
+
 def test_chat_without_max_tokens_fills_what_the_context_leaves(client):
     out = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], n=2,
                                          seed=2, extra_body={"ignore_eos": True})
