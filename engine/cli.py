@@ -144,10 +144,15 @@ def cmd_profile(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import uvicorn
+    try:
+        import uvicorn
 
+        from engine.server import build_app
+    except ImportError as e:
+        print(f"selfeval: error: serving needs FastAPI and uvicorn ({e}); "
+              f"pip install -e '.[serve]'", file=sys.stderr)
+        return 2
     from engine.async_engine import AsyncEngine
-    from engine.server import build_app
 
     engine = AsyncEngine(_engine(args))
     name = args.served_model_name or args.model.rstrip("/").rsplit("/", 1)[-1]
