@@ -198,8 +198,10 @@ class Engine:
         return self.generate([self.render_chat(c) for c in conversations], params, use_tqdm, policy)
 
     def render_chat(self, conversation: list[dict]) -> list[int]:
-        if not isinstance(conversation, list) or not all(isinstance(m, dict) for m in conversation):
-            raise InvalidRequestError("a conversation is a list of {'role': ..., 'content': ...} messages")
+        if not isinstance(conversation, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in conversation):
+            raise InvalidRequestError("messages: a conversation is a list of {'role': str, 'content': str}")
         try:
             ids = self.tokenizer.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True)
         except Exception as e:  # a template error is the input's, or the checkpoint's, not ours

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from typing import Any
@@ -78,9 +79,14 @@ def _error(status: int, message: str, kind: str, param: str | None = None, retry
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+FIELDS = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+          "top_k", "n", "seed", "stop", "stop_token_ids", "logprobs", "ignore_eos", "policy", "score_at"}
+
+
 def _param_of(message: str) -> str | None:
-    first = message.split(" ", 1)[0]
-    return first if first.replace("_", "").isalpha() and first.islower() else None
+    """The request field an engine error message starts with ("top_p must be ...", "n=9 ...")."""
+    first = re.split(r"[^a-z_]", message, maxsplit=1)[0]
+    return first if first in FIELDS else None
 
 
 def build_app(engine: AsyncEngine, model_name: str, max_waiting: int | None = None) -> FastAPI:
@@ -93,7 +99,8 @@ def build_app(engine: AsyncEngine, model_name: str, max_waiting: int | None = No
         if first.get("type") == "json_invalid":
             return _error(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
                           "invalid_request_error")
-        where = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        loc = first.get("loc", ())
+        where = str(loc[1]) if len(loc) > 1 else None  # the field, not the union member tried
         return _error(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}",
                       "invalid_request_error", where)
 

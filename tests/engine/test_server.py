@@ -139,12 +139,21 @@ def test_stop_policy_and_score_extensions(server, client):
     ({"model": "m", "prompt": "a", "policy": {"type": "best_of_n", "m": 3}}, 400, "policy"),
     ({"model": "m"}, 400, "prompt"),
     ({"model": "m", "prompt": "a", "seed": 2**70}, 400, "seed"),
+    ({"model": "m", "prompt": None}, 400, "prompt"),
+    ({"model": "m", "prompt": "a", "n": 10**9}, 400, "n"),
 ])
 def test_bad_requests_get_openai_errors(server, body, status, param):
     r = httpx.post(f"{server}/v1/completions", json=body)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["message"] and r.headers["x-should-retry"] == "false"
+
+
+@pytest.mark.parametrize("messages", [[], [{"role": "user", "content": 5}], [{"role": "user"}], "hi"])
+def test_bad_chat_messages_get_400(server, messages):
+    body = {"model": "m", "messages": messages, "max_tokens": 2}
+    r = httpx.post(f"{server}/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["message"], r.text
 
 
 def test_malformed_and_huge_bodies_and_the_server_is_unharmed(server, client):
