@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import socket
 import statistics
@@ -82,17 +83,36 @@ async def drive(url: str, work: list[dict], concurrency: int) -> list[dict]:
         return await asyncio.gather(*(one(item) for item in work))
 
 
-def offline_seconds(path: str, work: list[dict], device: str) -> tuple[float, int]:
+def offline_seconds(path: str, work: list[dict], device: str, concurrency: int | None) -> tuple[float, int]:
+    """Engine.add_request/step on the same work, in this process (no HTTP): every request at
+    once (concurrency None), or at most `concurrency` in flight as the server sees them."""
     eng = Engine(path, device=device)
-    prompts = [it["prompt"] for it in work]
-    params = [SamplingParams(temperature=1.0, max_tokens=it["max_tokens"], ignore_eos=True, seed=it["seed"])
-              for it in work]
-    policies = [None if it["kind"] == "plain" else BestOfN(4) if it["kind"] == "best_of_4"
-                else Prune(4, checkpoints=(8,), keep=0.5) for it in work]
-    eng.generate(prompts[:8], params[:8], policy=policies[:8])  # warm-up
+
+    def add(it):
+        params = SamplingParams(temperature=1.0, max_tokens=it["max_tokens"], ignore_eos=True, seed=it["seed"])
+        policy = (None if it["kind"] == "plain" else BestOfN(4) if it["kind"] == "best_of_4"
+                  else Prune(4, checkpoints=(8,), keep=0.5))
+        return eng.add_request(it["prompt"], params, policy)
+
+    eng.run_until_done([add(it) for it in work[:8]])  # warm-up
+    pending, live, tokens = list(reversed(work)), set(), 0
+    limit = concurrency or len(work)
     start = time.perf_counter()
-    outs = eng.generate(prompts, params, policy=policies)
-    return time.perf_counter() - start, sum(o.stats.generated_tokens for o in outs)
+    while pending or live:
+        while pending and len(live) < limit:
+            live.add(add(pending.pop()))
+        for out in eng.step():
+            live.discard(out.request_id)
+            tokens += out.stats.generated_tokens
+    return time.perf_counter() - start, tokens
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU time of a process (this one if None), from /proc."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -102,8 +122,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--model", default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--engine-threads", type=int, default=None,
+                    help="torch threads of the engine, in the server and offline alike (default: torch's)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.engine_threads:
+        torch.set_num_threads(args.engine_threads)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.engine_threads)} if args.engine_threads else {}))
     work = workload(args.requests, args.max_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or str(model_dir(Path(tmp), toy=True))
@@ -112,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
             port = s.getsockname()[1]
         proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--model", path, "--port",
                                  str(port), "--served-model-name", "m", "--device", args.device],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         url = f"http://127.0.0.1:{port}"
         try:
             for _ in range(600):
@@ -123,14 +148,17 @@ def main(argv: list[str] | None = None) -> dict:
                     time.sleep(0.2)
             asyncio.run(drive(url, work[:8], 8))  # warm-up
             before = httpx.get(f"{url}/metrics").text
+            cpu_server, cpu_client = cpu_seconds(proc.pid), cpu_seconds()
             start = time.perf_counter()
             results = asyncio.run(drive(url, work, args.concurrency))
             seconds = time.perf_counter() - start
+            cpu_server, cpu_client = cpu_seconds(proc.pid) - cpu_server, cpu_seconds() - cpu_client
             after = httpx.get(f"{url}/metrics").text
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-        offline_s, offline_tokens = offline_seconds(path, work, args.device)
+        offline_s, offline_tokens = offline_seconds(path, work, args.device, None)
+        same_s, same_tokens = offline_seconds(path, work, args.device, args.concurrency)
 
     def metric(text, name):
         return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
@@ -147,14 +175,24 @@ def main(argv: list[str] | None = None) -> dict:
         "latency_p50_s": statistics.median(lat), "latency_p99_s": pct(lat, 0.99),
         "tokens_per_s": tokens / seconds, "offline_tokens_per_s": offline_tokens / offline_s,
         "server_over_offline": (tokens / seconds) / (offline_tokens / offline_s),
+        "offline_same_concurrency_tokens_per_s": same_tokens / same_s,
+        "server_over_offline_same_concurrency": (tokens / seconds) / (same_tokens / same_s),
+        "engine_steps": metric(after, "selfeval_steps_total") - metric(before, "selfeval_steps_total"),
+        "engine_step_seconds": (metric(after, "selfeval_step_seconds_total")
+                                - metric(before, "selfeval_step_seconds_total")),
+        "cpu_seconds_server_process": cpu_server, "cpu_seconds_client": cpu_client,
+        "cpu_cores": os.cpu_count(), "engine_threads": torch.get_num_threads(),
         "kv_blocks_used_after": metric(after, "selfeval_kv_blocks_used"),
         # A policy's pick streams once it is known: its first token comes at its end.
         "ttft_p50_s_by_kind": {k: statistics.median(r["ttft"] for r in results if r["kind"] == k)
                                for k in KINDS if any(r["kind"] == k for r in results)},
     }
     print_table([metrics], ["requests", "errors", "ttft_p50_s", "ttft_p99_s", "latency_p50_s",
-                            "latency_p99_s", "tokens_per_s", "offline_tokens_per_s", "server_over_offline"])
+                            "latency_p99_s", "tokens_per_s", "offline_tokens_per_s", "server_over_offline",
+                            "server_over_offline_same_concurrency"])
     print(json.dumps({k: metrics[k] for k in ("errors", "kv_blocks_used_after", "server_over_offline",
+                                              "server_over_offline_same_concurrency", "engine_step_seconds",
+                                              "cpu_seconds_server_process", "cpu_seconds_client",
                                               "ttft_p50_s_by_kind")}))
     out = write_results("serve_load", torch.device(args.device), metrics, args.out,
                         model=args.model or "random toy")

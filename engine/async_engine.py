@@ -72,7 +72,8 @@ class AsyncEngine:
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        policy: Policy | None = None, request_id: str | None = None,
                        ) -> AsyncIterator[RequestDelta]:
-        """Stream one request's deltas; the last has finished=True and the full output. Bad
+        """Stream one request's deltas; the last has finished=True and the full output. A consumer
+        slower than the steps gets the steps it missed merged into one delta. Bad
         input raises InvalidRequestError before anything is queued. Cancelling the consumer (or
         leaving the loop early) aborts the request and frees its blocks."""
         params = params or SamplingParams()
@@ -91,6 +92,9 @@ class AsyncEngine:
         try:
             while True:
                 item = await stream.queue.get()
+                while not isinstance(item, BaseException) and not stream.queue.empty():
+                    later = stream.queue.get_nowait()  # fell behind: the steps missed, as one
+                    item = later if isinstance(later, BaseException) else item.merge(later)
                 if isinstance(item, BaseException):
                     raise item
                 yield item

@@ -254,6 +254,13 @@ class EngineCore:
             for i, c in zip(confident, conf):
                 seqs[i].confidences.append(c)
         params = [s.request.params for s in seqs]
+        alternatives = [i for i, p in enumerate(params) if p.logprobs]
+        if alternatives:  # the most likely tokens under the untempered model, as the logprobs
+            rows = logits[torch.tensor(alternatives, device=dev)].float().log_softmax(dim=-1)
+            k = min(max(params[i].logprobs for i in alternatives), rows.shape[-1])
+            values, ids = rows.topk(k, dim=-1)
+            for i, v, t in zip(alternatives, values.tolist(), ids.tolist()):
+                seqs[i].top_logprobs.append(list(zip(t, v))[:params[i].logprobs])
         tokens, logprobs = kernels.sample(
             logits,
             torch.tensor([s.temperature for s in seqs], dtype=torch.float32, device=dev),

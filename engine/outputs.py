@@ -39,7 +39,8 @@ class OutputProcessor:
         for seq in request.samples:
             gen = seq.token_ids[request.num_prompt + seq.emitted:]
             d = SampleDelta(seq.index, gen, seq.pending_text, seq.logprobs[seq.emitted:],
-                            checkpoint_scores=seq.checkpoint_scores[seq.emitted_scores:])
+                            checkpoint_scores=seq.checkpoint_scores[seq.emitted_scores:],
+                            top_logprobs=seq.top_logprobs[seq.emitted:])
             seq.emitted += len(gen)
             seq.emitted_scores = len(seq.checkpoint_scores)
             seq.pending_text = ""
@@ -64,6 +65,7 @@ class OutputProcessor:
                                   seq.finish_reason, *score,
                                   checkpoint_scores=list(seq.checkpoint_scores),
                                   logprobs=list(seq.logprobs), confidences=list(seq.confidences),
+                                  top_logprobs=list(seq.top_logprobs),
                                   pruned_at=seq.pruned_at, temperature=seq.temperature,
                                   value=scorer(seq) if scorer is not None else score[0]))
         request.stats.latency_s = time.perf_counter() - request.arrival

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, replace
 
 from engine.errors import InvalidRequestError
 
+MAX_LOGPROBS = 20  # most alternatives per position a request may ask for (OpenAI's and vLLM's bound)
+
 
 @dataclass
 class SamplingParams:
@@ -28,10 +30,15 @@ class SamplingParams:
     score_at: tuple[int, ...] = ()
     # Record each token's DeepConf confidence (minus the mean top-20 log-probability).
     confidence: bool = False
+    # Record the most likely `logprobs` tokens and their log-probabilities at every generated
+    # position (vLLM's logprobs); the sampled token's own log-probability is always recorded.
+    logprobs: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("max_tokens", "n", "top_k"):
+        for name in ("max_tokens", "n", "top_k", "logprobs"):
             _int(name, getattr(self, name))
+        if not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         for name in ("temperature", "top_p"):
             _finite(name, getattr(self, name))
         if self.seed is not None:
@@ -122,6 +129,8 @@ class Sample:
     checkpoint_scores: list[tuple[int, float]] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     confidences: list[float] = field(default_factory=list)
+    # per generated token, the most likely (token id, log-probability) pairs (params.logprobs)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     pruned_at: int | None = None  # generated tokens when a policy pruned it
     temperature: float | None = None
     value: float | None = None  # the policy scorer's value (self-evaluation score by default)
@@ -177,6 +186,17 @@ class SampleDelta:
     finish_reason: str | None = None
     score: tuple[float, float, float] | None = None
     checkpoint_scores: list[tuple[int, float]] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+
+    def extend(self, later: SampleDelta) -> None:
+        """Append what the same sample added in a later step."""
+        self.token_ids += later.token_ids
+        self.text += later.text
+        self.logprobs += later.logprobs
+        self.top_logprobs += later.top_logprobs
+        self.checkpoint_scores += later.checkpoint_scores
+        self.finish_reason = later.finish_reason or self.finish_reason
+        self.score = later.score or self.score
 
 
 @dataclass
@@ -187,3 +207,16 @@ class RequestDelta:
     samples: list[SampleDelta] = field(default_factory=list)
     finished: bool = False
     output: RequestOutput | None = None
+
+    def merge(self, later: RequestDelta) -> RequestDelta:
+        """One delta with this one's changes then a later step's (a consumer that fell behind
+        takes the steps it missed at once); `later` is consumed."""
+        mine = {d.index: d for d in self.samples}
+        for d in later.samples:
+            if d.index in mine:
+                mine[d.index].extend(d)
+            else:
+                self.samples.append(d)
+                mine[d.index] = d
+        self.finished, self.output = later.finished, later.output
+        return self

@@ -31,6 +31,7 @@ class Sequence:
         self.checkpoint_scores: list[tuple[int, float]] = []  # (generated tokens, score)
         self.logprobs: list[float] = []
         self.confidences: list[float] = []  # DeepConf token confidence, when the scorer wants it
+        self.top_logprobs: list[list[tuple[int, float]]] = []  # when params.logprobs asks for them
         self.temperature = request.params.temperature  # a policy may anneal it per sample
         self.is_root = False  # a policy's prompt holder: never samples, only forked from
         self.pruned_at: int | None = None  # generated tokens when a policy dropped it
@@ -71,13 +72,14 @@ class Sequence:
     def state(self) -> tuple:
         """What one engine step may change (for undoing a step that raised)."""
         return (self.num_computed, self.status, len(self.token_ids), len(self.logprobs),
-                len(self.confidences), len(self.checkpoint_scores), self.finish_reason,
-                self.pending_score, self.score, self.pruned_at)
+                len(self.confidences), len(self.top_logprobs), len(self.checkpoint_scores),
+                self.finish_reason, self.pending_score, self.score, self.pruned_at)
 
     def restore(self, state: tuple) -> None:
-        (self.num_computed, self.status, n_tokens, n_logprobs, n_conf, n_scores, self.finish_reason,
+        (self.num_computed, self.status, n_tokens, n_logprobs, n_conf, n_top, n_scores, self.finish_reason,
          self.pending_score, self.score, self.pruned_at) = state
         del self.token_ids[n_tokens:], self.logprobs[n_logprobs:], self.confidences[n_conf:]
+        del self.top_logprobs[n_top:]
         del self.checkpoint_scores[n_scores:]
 
     def __repr__(self) -> str:

@@ -16,7 +16,7 @@ import time
 import uuid
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
@@ -56,6 +56,7 @@ class CompletionRequest(_Common):
 class ChatRequest(_Common):
     messages: list[dict[str, Any]]
     logprobs: bool = False
+    top_logprobs: int | None = None
     max_completion_tokens: int | None = None
 
 
@@ -89,6 +90,23 @@ def _param_of(message: str) -> str | None:
     return first if first in FIELDS else None
 
 
+class _LimitBody:
+    """413 for a declared body over MAX_BODY_BYTES. Plain ASGI, not @app.middleware("http"):
+    Starlette's BaseHTTPMiddleware relays every streamed chunk through an extra task and stream,
+    which showed in the server's profile under load."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            size = dict(scope["headers"]).get(b"content-length", b"")
+            if size.isdigit() and int(size) > MAX_BODY_BYTES:
+                response = _error(413, f"request body over {MAX_BODY_BYTES} bytes", "invalid_request_error")
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def build_app(engine: AsyncEngine, model_name: str, max_waiting: int | None = None) -> FastAPI:
     app = FastAPI(title="selfeval-engine")
     created = int(time.time())
@@ -116,12 +134,7 @@ def build_app(engine: AsyncEngine, model_name: str, max_waiting: int | None = No
         return _error(status, str(exc), "invalid_request_error" if status == 400 else "server_error",
                       _param_of(str(exc)))
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
-            return _error(413, f"request body over {MAX_BODY_BYTES} bytes", "invalid_request_error")
-        return await call_next(request)
+    app.add_middleware(_LimitBody)
 
     def check(req) -> None:
         if req.model != model_name:
@@ -136,9 +149,15 @@ def build_app(engine: AsyncEngine, model_name: str, max_waiting: int | None = No
             scored = req.n > 1 or req.policy is not None
             suffix = len(engine.engine.spec.suffix_ids) if scored else 0
             max_tokens = max(engine.engine.max_model_len - len(ids) - suffix, 0)
+        if isinstance(req, ChatRequest):
+            if req.top_logprobs is not None and not req.logprobs:
+                raise ServerError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+            alternatives = req.top_logprobs or 0
+        else:
+            alternatives = req.logprobs or 0
         return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
                               max_tokens=max_tokens, n=req.n, seed=req.seed, stop=req.stop,
-                              ignore_eos=req.ignore_eos)
+                              ignore_eos=req.ignore_eos, logprobs=alternatives)
 
     def policy_of(req) -> Policy | None:
         if req.policy is None:
@@ -153,61 +172,56 @@ def build_app(engine: AsyncEngine, model_name: str, max_waiting: int | None = No
         except TypeError as e:
             raise ServerError(400, f"policy: {e}", param="policy") from e
 
-    async def run(req, ids: list[int], params: SamplingParams, policy, chat: bool, want_logprobs: bool):
+    async def run(req, jobs: list[tuple], chat: bool, want_logprobs: bool):
+        """Generate each (ids, params, policy) job; one response, choices in job order."""
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        stream = engine.generate(ids, params, policy, request_id=rid)
-        if not req.stream:
-            output = None
-            async for delta in stream:
-                if delta.finished:
-                    output = delta.output
-            return JSONResponse(_full_response(rid, created, model_name, output, chat, want_logprobs,
-                                               engine.engine.tokenizer))
+        rids = [rid] if len(jobs) == 1 else [f"{rid}-{j}" for j in range(len(jobs))]
+        streams = [engine.generate(*job, request_id=r) for job, r in zip(jobs, rids)]
+        tokenizer = engine.engine.tokenizer
+        try:
+            if not req.stream:
+                outputs = await asyncio.gather(*(_last(s) for s in streams), return_exceptions=True)
+                outputs = _raise_first(outputs)
+                parts = [_full_response(rid, created, model_name, o, chat, want_logprobs, tokenizer)
+                         for o in outputs]
+                choices = [dict(c, index=i) for i, c in enumerate(c for p in parts for c in p["choices"])]
+                usage = {k: sum(p["usage"][k] for p in parts) for k in parts[0]["usage"]}
+                return JSONResponse({**parts[0], "choices": choices, "usage": usage})
+            # errors before the first byte become HTTP errors
+            firsts = _raise_first(await asyncio.gather(*(_first(s) for s in streams), return_exceptions=True))
+        except BaseException:
+            for stream in streams:
+                await stream.aclose()
+            raise
         include_usage = bool((req.stream_options or {}).get("include_usage"))
-        first = await _first(stream)  # errors before the first byte become HTTP errors
-        lp = (lambda ids, lps: _logprobs(engine.engine.tokenizer, ids, lps, chat)) if want_logprobs else None
-        return StreamingResponse(_sse(rid, created, model_name, first, stream, chat, lp,
-                                      include_usage, policy is not None, len(ids)),
+        lp = None
+        if want_logprobs:
+            lp = lambda d: _logprobs(tokenizer, d.token_ids, d.logprobs, d.top_logprobs, chat)  # noqa: E731
+        policy = jobs[0][2] is not None
+        width = 1 if policy else req.n
+        return StreamingResponse(_sse(rid, created, model_name, firsts, streams, chat, lp, include_usage,
+                                      policy, sum(len(job[0]) for job in jobs), width),
                                  media_type="text/event-stream")
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         check(req)
         batch = isinstance(req.prompt, list) and bool(req.prompt) and isinstance(req.prompt[0], (str, list))
-        if not batch:
-            ids = engine.engine.tokenize(req.prompt)
-            params = params_of(req, ids, req.max_tokens)
-            return await run(req, ids, params, policy_of(req), False, req.logprobs is not None)
-        if req.stream:
-            raise ServerError(400, "a list of prompts does not stream here; send one request per "
-                                   "prompt to stream", param="prompt")
         jobs = []
-        for prompt in req.prompt:  # every prompt is validated before any is queued
+        for prompt in req.prompt if batch else [req.prompt]:  # all validated before any is queued
             ids = engine.engine.tokenize(prompt)
             params = params_of(req, ids, req.max_tokens)
             policy = policy_of(req)
             engine.engine.validate(ids, params, policy)
             jobs.append((ids, params, policy))
-
-        async def one(ids, params, policy):
-            async for delta in engine.generate(ids, params, policy):
-                if delta.finished:
-                    return delta.output
-
-        outputs = await asyncio.gather(*(one(*job) for job in jobs))
-        parts = [_full_response("", created, model_name, o, False, req.logprobs is not None,
-                                engine.engine.tokenizer) for o in outputs]
-        choices = [dict(c, index=i) for i, c in enumerate(c for p in parts for c in p["choices"])]
-        usage = {k: sum(p["usage"][k] for p in parts) for k in parts[0]["usage"]}
-        return JSONResponse({**parts[0], "id": f"cmpl-{uuid.uuid4().hex}", "choices": choices,
-                             "usage": usage})
+        return await run(req, jobs, False, req.logprobs is not None)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
         check(req)
         ids = engine.engine.render_chat(req.messages)
         params = params_of(req, ids, req.max_completion_tokens or req.max_tokens)
-        return await run(req, ids, params, policy_of(req), True, req.logprobs)
+        return await run(req, [(ids, params, policy_of(req))], True, req.logprobs)
 
     @app.post("/v1/score")
     async def score(req: ScoreRequest):
@@ -239,6 +253,21 @@ def build_app(engine: AsyncEngine, model_name: str, max_waiting: int | None = No
     return app
 
 
+def _raise_first(results: list) -> list:
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results
+
+
+async def _last(stream):
+    output = None
+    async for delta in stream:
+        if delta.finished:
+            output = delta.output
+    return output
+
+
 async def _first(stream):
     try:
         return await stream.__anext__()
@@ -264,13 +293,21 @@ def _choices(output: RequestOutput) -> list:
     return output.samples
 
 
-def _logprobs(tokenizer, token_ids: list[int], logprobs: list[float], chat: bool) -> dict:
-    """The sampled tokens' log-probabilities (under the untempered model), in OpenAI's shape."""
+def _logprobs(tokenizer, token_ids: list[int], logprobs: list[float], tops: list, chat: bool) -> dict:
+    """The sampled tokens' log-probabilities (under the untempered model) and, when asked, the
+    most likely alternatives at each position, in OpenAI's shapes."""
     tokens = [tokenizer.decode([t]) for t in token_ids]
+    tops = [[(tokenizer.decode([t]), v) for t, v in top] for top in tops] if tops else [[] for _ in tokens]
     if chat:
-        return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
-                            for t, lp in zip(tokens, logprobs)]}
-    return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": None, "text_offset": None}
+        return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()),
+                             "top_logprobs": [{"token": a, "logprob": v, "bytes": list(a.encode())}
+                                              for a, v in top]}
+                            for t, lp, top in zip(tokens, logprobs, tops)]}
+    alternatives = None  # as vLLM: the alternatives and the sampled token, by text
+    if any(tops):
+        alternatives = [{**dict(top), t: lp} for t, lp, top in zip(tokens, logprobs, tops)]
+    return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": alternatives,
+            "text_offset": None}
 
 
 def _full_response(rid: str, created: int, model: str, output: RequestOutput, chat: bool,
@@ -280,7 +317,8 @@ def _full_response(rid: str, created: int, model: str, output: RequestOutput, ch
     choices = []
     for i, s in enumerate(_choices(output)):
         choice = {"index": i, "finish_reason": _reason(s.finish_reason),
-                  "logprobs": _logprobs(tokenizer, s.token_ids, s.logprobs, chat) if want_logprobs else None}
+                  "logprobs": (_logprobs(tokenizer, s.token_ids, s.logprobs, s.top_logprobs, chat)
+                               if want_logprobs else None)}
         if chat:
             choice["message"] = {"role": "assistant", "content": s.text}
         else:
@@ -295,10 +333,13 @@ def _full_response(rid: str, created: int, model: str, output: RequestOutput, ch
                       "total_tokens": len(output.prompt_token_ids) + completion}}
 
 
-async def _sse(rid, created, model, first, stream, chat, logprobs, include_usage, policy, prompt_len):
+async def _sse(rid, created, model, firsts, streams, chat, logprobs, include_usage, policy, prompt_tokens,
+               width):
     """Server-sent events: text pieces as they come (a policy's pick once known), finish_reason
-    only on each choice's last chunk, then usage if asked, then [DONE]."""
+    only on each choice's last chunk, then usage if asked, then [DONE]. Several prompts stream
+    interleaved in one response, prompt j's choices at indexes j * width + i (as vLLM)."""
     kind = "chat.completion.chunk" if chat else "text_completion"
+    totals = {"completion": 0}
 
     def chunk(choices, usage=None):
         body = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
@@ -306,44 +347,79 @@ async def _sse(rid, created, model, first, stream, chat, logprobs, include_usage
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
 
+    def events(j):
+        return _events(firsts[j], streams[j], chat, logprobs, policy, chunk, j * width, totals)
+
+    tasks = []
     try:
-        async for event in _events(first, stream, chat, logprobs, include_usage, policy, prompt_len, chunk):
-            yield event
-    finally:  # the client left (or anything failed): the request must not run on
-        await stream.aclose()
+        if len(streams) == 1:
+            async for event in events(0):
+                yield event
+        else:
+            queue: asyncio.Queue = asyncio.Queue()
+
+            async def pump(j):
+                try:
+                    async for event in events(j):
+                        queue.put_nowait(event)
+                finally:
+                    queue.put_nowait(None)
+
+            tasks = [asyncio.create_task(pump(j)) for j in range(len(streams))]
+            for _ in tasks:
+                while (event := await queue.get()) is not None:
+                    yield event
+        if include_usage:
+            yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": totals["completion"],
+                             "total_tokens": prompt_tokens + totals["completion"]})
+        yield "data: [DONE]\n\n"
+    finally:  # the client left (or anything failed): no request may run on
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            await stream.aclose()
 
 
-async def _events(first, stream, chat, logprobs, include_usage, policy, prompt_len, chunk):
-    started, completion = set(), 0
+async def _events(first, stream, chat, logprobs, policy, chunk, offset, totals):
+    """One request's chunks; its choice indexes start at `offset`."""
+    started = set()
     delta = first
+
+    def piece(index, text, new):
+        return _piece(offset + index, text, chat, new)
+
     while delta is not None:
         if delta.finished:
             output = delta.output
             if output.error is not None:
                 yield f"data: {json.dumps({'error': {'message': output.error, 'type': 'server_error'}})}\n\n"
                 break
-            completion = sum(len(s.token_ids) for s in output.samples)
+            totals["completion"] += sum(len(s.token_ids) for s in output.samples)
             if policy:  # the pick is known only now: its whole text in one chunk
                 s = output.best
-                yield chunk([_piece(0, s.text, chat, 0 not in started)])
+                yield chunk([piece(0, s.text, 0 not in started)])
                 started.add(0)
-            tail = {} if policy else {d.index: d.text for d in delta.samples}  # text flushed at the end
-            last = [dict(_piece(i, tail.get(s.index, ""), chat, not policy and s.index not in started),
-                         finish_reason=_reason(s.finish_reason))
-                    for i, s in enumerate(_choices(output))]
-            for c, s in zip(last, _choices(output)):
+            tail = {} if policy else {d.index: d for d in delta.samples}  # what the last step added
+            last = []
+            for i, s in enumerate(_choices(output)):
+                d = tail.get(s.index)
+                p = piece(i, d.text if d else "", not policy and s.index not in started)
+                if logprobs is not None and d is not None and d.token_ids:
+                    p["logprobs"] = logprobs(d)
+                p["finish_reason"] = _reason(s.finish_reason)
                 if _selfeval(s) is not None:
-                    c["selfeval"] = _selfeval(s)
+                    p["selfeval"] = _selfeval(s)
+                last.append(p)
             yield chunk(last)
             break
         if not policy:
             pieces = []
             for d in delta.samples:
                 if d.text or d.token_ids or d.index not in started:
-                    piece = _piece(d.index, d.text, chat, d.index not in started)
+                    p = piece(d.index, d.text, d.index not in started)
                     if logprobs is not None and d.token_ids:
-                        piece["logprobs"] = logprobs(d.token_ids, d.logprobs)
-                    pieces.append(piece)
+                        p["logprobs"] = logprobs(d)
+                    pieces.append(p)
                     started.add(d.index)
             if pieces:
                 yield chunk(pieces)
@@ -351,10 +427,6 @@ async def _events(first, stream, chat, logprobs, include_usage, policy, prompt_l
             delta = await stream.__anext__()
         except StopAsyncIteration:
             delta = None
-    if include_usage:
-        yield chunk([], {"prompt_tokens": prompt_len, "completion_tokens": completion,
-                         "total_tokens": prompt_len + completion})
-    yield "data: [DONE]\n\n"
 
 
 def _piece(index: int, text: str, chat: bool, first: bool) -> dict:

@@ -150,3 +150,25 @@ def test_a_step_that_fails_only_together_ends_those_requests_not_the_engine(aeng
     assert any(isinstance(r, EngineError) and "out of device memory" in str(r) for r in together)
     assert len(alone[0]) == 10  # served on
     assert aeng.engine.num_free_blocks == 128
+
+
+def test_a_slow_consumer_gets_the_steps_it_missed_merged(aeng):
+    """Deltas queued while the consumer was busy arrive as one: same tokens, text, logprobs."""
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
+
+    async def main():
+        deltas = []
+        async for delta in aeng.generate(PROMPTS[1], params):
+            deltas.append(delta)
+            time.sleep(0.05)  # blocks the event loop: several steps land meanwhile
+        return deltas
+
+    deltas = asyncio.run(main())
+    final = deltas[-1].output.samples[0]
+    assert len(deltas) < 12, "no step was merged"
+    joined = [d for delta in deltas for d in delta.samples]
+    assert [t for d in joined for t in d.token_ids] == final.token_ids
+    assert "".join(d.text for d in joined) == final.text
+    assert [x for d in joined for x in d.logprobs] == final.logprobs
+    assert [x for d in joined for x in d.top_logprobs] == final.top_logprobs
+    assert [d.finish_reason for d in joined if d.finish_reason] == ["length"]

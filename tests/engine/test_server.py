@@ -73,9 +73,15 @@ def test_completion_equals_the_engine_and_streams_the_same_text(server, client, 
                                             extra_body={"ignore_eos": True}, stream=True,
                                             stream_options={"include_usage": True}))
     text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert not any(c.choices[0].logprobs for c in chunks if c.choices), "logprobs only when asked"
     reasons = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert text == ref.text and reasons[-1] == "length" and not any(reasons[:-1])
     assert chunks[-1].usage.completion_tokens == 12
+    chunks = list(client.completions.create(model="m", prompt="Hello there", max_tokens=12, temperature=0,
+                                            extra_body={"ignore_eos": True}, stream=True, logprobs=1))
+    streamed = [lp for c in chunks if c.choices and c.choices[0].logprobs
+                for lp in c.choices[0].logprobs.token_logprobs]
+    assert streamed == pytest.approx(ref.logprobs, abs=1e-4)  # every token's, the last one's too
 
 
 def test_chat_n_streams_are_told_apart_by_index_and_seeds_repeat(client):
@@ -102,8 +108,44 @@ def test_a_list_of_prompts_gives_their_choices_in_order(client):
     both = client.completions.create(prompt=["ab", "cd"], **kw)
     assert [c.text for c in both.choices] == one and [c.index for c in both.choices] == [0, 1]
     assert both.usage.completion_tokens == 10
-    with pytest.raises(openai.BadRequestError):
-        client.completions.create(prompt=["ab", "cd"], stream=True, **kw)
+    # Streamed: prompt j's sample i is choice j * n + i; usage sums every prompt's.
+    kw = dict(kw, n=2, temperature=1.0, seed=3)
+    full = client.completions.create(prompt=["ab", "cd"], **kw)
+    texts, reasons, usage = {}, {}, None
+    for chunk in client.completions.create(prompt=["ab", "cd"], stream=True,
+                                           stream_options={"include_usage": True}, **kw):
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            if c.finish_reason:
+                assert c.index not in reasons, "finish_reason twice"
+                reasons[c.index] = c.finish_reason
+    assert [texts[i] for i in range(4)] == [c.text for c in full.choices]
+    assert reasons == dict.fromkeys(range(4), "length") and usage.completion_tokens == 20
+    assert usage.prompt_tokens == full.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError):  # a bad prompt in the list: nothing streams
+        client.completions.create(prompt=["ab", [10**9]], stream=True, **kw)
+
+
+def test_top_logprobs_in_completions_and_chat(client):
+    kw = dict(model="m", max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    out = client.completions.create(prompt="ab", logprobs=3, **kw).choices[0].logprobs
+    assert len(out.top_logprobs) == 4
+    for token, lp, top in zip(out.tokens, out.token_logprobs, out.top_logprobs):
+        assert token in top and top[token] == pytest.approx(lp) and lp == pytest.approx(max(top.values()))
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = client.chat.completions.create(messages=messages, logprobs=True, top_logprobs=2, **kw)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(c.top_logprobs[0].logprob == pytest.approx(c.logprob) for c in content)  # greedy
+    chunks = client.chat.completions.create(messages=messages, logprobs=True, top_logprobs=2, stream=True,
+                                            **kw)
+    streamed = [c for chunk in chunks for ch in chunk.choices if ch.logprobs for c in ch.logprobs.content]
+    assert [(c.token, [t.token for t in c.top_logprobs]) for c in streamed] == \
+        [(c.token, [t.token for t in c.top_logprobs]) for c in content]
+    for bad in ({"top_logprobs": 2}, {"logprobs": True, "top_logprobs": 21}):
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(messages=messages, **bad, **kw)
 
 
 def test_chat_without_max_tokens_fills_what_the_context_leaves(client):

@@ -5,6 +5,7 @@ import random
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from engine import Engine, SamplingParams
 from engine.detokenizer import IncrementalDetokenizer
@@ -108,3 +109,31 @@ def test_policy_samples_stream_with_pruning(eng):
     for s in out.samples:
         assert joined[(out.request_id, s.index)] == (s.text, s.token_ids)
     assert eng.num_free_blocks == 512
+
+
+def test_top_logprobs_are_the_models_most_likely_tokens(eng, llama_dir):
+    """logprobs=k: at every position the k most likely tokens under the untempered model, from
+    the same logits a full forward of the sampled text gives; the sampled token's log-probability
+    sits among them when it is likely enough (greedy: it is the first)."""
+    prompt = [5, 6, 7, 8]
+    greedy = eng.generate([prompt], SamplingParams(temperature=0.0, max_tokens=6, logprobs=3,
+                                                   ignore_eos=True))[0].samples[0]
+    assert len(greedy.top_logprobs) == 6 and all(len(top) == 3 for top in greedy.top_logprobs)
+    hf = AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=torch.float32).eval()  # the oracle
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + greedy.token_ids[:-1]])).logits[0, len(prompt) - 1:]
+    want = ref.float().log_softmax(-1).topk(3, dim=-1)
+    for top, values, ids, token, lp in zip(greedy.top_logprobs, want.values, want.indices,
+                                            greedy.token_ids, greedy.logprobs):
+        assert [t for t, _ in top] == ids.tolist() and top[0][0] == token
+        assert [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-4)
+        assert top[0][1] == pytest.approx(lp, abs=1e-5)
+    plain = eng.generate([prompt], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))[0]
+    assert plain.samples[0].top_logprobs == [] and plain.samples[0].token_ids == greedy.token_ids
+    finals, _, _ = _stream(eng, [prompt], SamplingParams(temperature=1.0, max_tokens=5, n=2, seed=4,
+                                                          logprobs=2))
+    for s in next(iter(finals.values())).samples:
+        assert len(s.top_logprobs) == len(s.token_ids) == len(s.logprobs)
+        for top, token, lp in zip(s.top_logprobs, s.token_ids, s.logprobs):
+            assert top[0][1] >= top[1][1]
+            assert dict(top).get(token, lp) == pytest.approx(lp, abs=1e-5)  # sampled: the same value
