@@ -4,7 +4,8 @@
 # caching, self-evaluation cost, throughput and fork at the 8B shape (part 2: gpu_check_part2.sh,
 # one 600 s call). Run the two parts as two device calls; `all` runs both. Results land in $OUT
 # (or bench/results); copy them into the repository afterwards.
-#   bash bench/gpu_check.sh 1|2|all
+# Part 3 (its own call): the HTTP server under load at the 8B shape (bench/serve_load.py).
+#   bash bench/gpu_check.sh 1|2|3|all
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART="${1:-all}"
@@ -31,6 +32,10 @@ fi
 if [[ "$PART" == 2 || "$PART" == all ]]; then
   # The 8B-shaped benchmarks (random bf16 weights), with timeouts fitted to one device call.
   SKIP_INSTALL=1 OUT="$OUT" bash bench/gpu_check_part2.sh
+fi
+if [[ "$PART" == 3 ]]; then
+  # The HTTP server under load at the 8B shape vs offline at the same concurrency (issue 14).
+  timeout 420 python bench/serve_load.py --out "$OUT" 2>&1 | tee "$OUT/serve_load-gpu.txt" | tail -8
 fi
 if [[ -n "${GPU_CHECK_TAR:-}" ]]; then
   # The device returns at most 8 files: pack everything into one archive.

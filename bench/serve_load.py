@@ -69,11 +69,12 @@ async def drive(url: str, work: list[dict], concurrency: int) -> list[dict]:
                 start, first, ok = time.perf_counter(), None, False
                 try:
                     async with client.stream("POST", "/v1/completions", json=body(item)) as r:
-                        async for line in r.aiter_lines():
-                            if first is None and line.startswith("data: {"):
+                        tail = b""  # raw chunks, not lines: the client's CPU is the server's too here
+                        async for chunk in r.aiter_raw():
+                            if first is None and b"data: {" in chunk:
                                 first = time.perf_counter()
-                            if line == "data: [DONE]":
-                                ok = r.status_code == 200
+                            tail = (tail + chunk)[-32:]
+                        ok = r.status_code == 200 and tail.endswith(b"data: [DONE]\n\n")
                 except httpx.HTTPError:
                     ok = False
                 end = time.perf_counter()
@@ -83,13 +84,15 @@ async def drive(url: str, work: list[dict], concurrency: int) -> list[dict]:
         return await asyncio.gather(*(one(item) for item in work))
 
 
-def offline_seconds(path: str, work: list[dict], device: str, concurrency: int | None) -> tuple[float, int]:
+def offline_seconds(path: str, work: list[dict], device: str, concurrency: int | None,
+                    load_format: str = "auto") -> tuple[float, int]:
     """Engine.add_request/step on the same work, in this process (no HTTP): every request at
     once (concurrency None), or at most `concurrency` in flight as the server sees them."""
-    eng = Engine(path, device=device)
+    eng = Engine(path, device=device, load_format=load_format)
 
     def add(it):
-        params = SamplingParams(temperature=1.0, max_tokens=it["max_tokens"], ignore_eos=True, seed=it["seed"])
+        params = SamplingParams(temperature=1.0, max_tokens=it["max_tokens"], ignore_eos=True,
+                                seed=it["seed"])
         policy = (None if it["kind"] == "plain" else BestOfN(4) if it["kind"] == "best_of_4"
                   else Prune(4, checkpoints=(8,), keep=0.5))
         return eng.add_request(it["prompt"], params, policy)
@@ -107,12 +110,18 @@ def offline_seconds(path: str, work: list[dict], device: str, concurrency: int |
     return time.perf_counter() - start, tokens
 
 
-def cpu_seconds(pid: int | None = None) -> float:
-    """User + system CPU time of a process (this one if None), from /proc."""
+def cpu_seconds(pid: int | None = None) -> dict[str, float]:
+    """User + system CPU seconds of a process (this one if None) and of each of its children
+    (the server's engine process), by name, from /proc (Linux)."""
     if pid is None:
-        return time.process_time()
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return {"client": time.process_time()}
+    out = {}
+    for p in [pid] + [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]:
+        stat = Path(f"/proc/{p}/stat").read_text()
+        fields = stat.rsplit(")", 1)[1].split()
+        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        out["server" if p == pid else "engine_process"] = seconds
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -121,9 +130,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--model", default=None)
+    ap.add_argument("--toy", action="store_true", help="a small random model (the default on a CPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--engine-threads", type=int, default=None,
                     help="torch threads of the engine, in the server and offline alike (default: torch's)")
+    ap.add_argument("--engine-thread", action="store_true",
+                    help="run the engine loop in a thread of the HTTP process (default: its own process)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.engine_threads:
@@ -131,12 +143,15 @@ def main(argv: list[str] | None = None) -> dict:
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.engine_threads)} if args.engine_threads else {}))
     work = workload(args.requests, args.max_tokens)
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.model or str(model_dir(Path(tmp), toy=True))
+        toy = args.toy or args.device == "cpu"
+        path = args.model or str(model_dir(Path(tmp), toy=toy))
+        load_format = "dummy" if args.model is None and not toy else "auto"  # the 8B shape, random weights
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--model", path, "--port",
-                                 str(port), "--served-model-name", "m", "--device", args.device],
+        cmd = [sys.executable, "-m", "engine.cli", "serve", "--model", path, "--port", str(port),
+               "--served-model-name", "m", "--device", args.device, "--load-format", load_format]
+        proc = subprocess.Popen(cmd + (["--no-engine-process"] if args.engine_thread else []),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         url = f"http://127.0.0.1:{port}"
         try:
@@ -152,13 +167,14 @@ def main(argv: list[str] | None = None) -> dict:
             start = time.perf_counter()
             results = asyncio.run(drive(url, work, args.concurrency))
             seconds = time.perf_counter() - start
-            cpu_server, cpu_client = cpu_seconds(proc.pid) - cpu_server, cpu_seconds() - cpu_client
+            cpu_server = {k: v - cpu_server.get(k, 0.0) for k, v in cpu_seconds(proc.pid).items()}
+            cpu_client = cpu_seconds()["client"] - cpu_client["client"]
             after = httpx.get(f"{url}/metrics").text
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-        offline_s, offline_tokens = offline_seconds(path, work, args.device, None)
-        same_s, same_tokens = offline_seconds(path, work, args.device, args.concurrency)
+        offline_s, offline_tokens = offline_seconds(path, work, args.device, None, load_format)
+        same_s, same_tokens = offline_seconds(path, work, args.device, args.concurrency, load_format)
 
     def metric(text, name):
         return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
@@ -180,8 +196,10 @@ def main(argv: list[str] | None = None) -> dict:
         "engine_steps": metric(after, "selfeval_steps_total") - metric(before, "selfeval_steps_total"),
         "engine_step_seconds": (metric(after, "selfeval_step_seconds_total")
                                 - metric(before, "selfeval_step_seconds_total")),
-        "cpu_seconds_server_process": cpu_server, "cpu_seconds_client": cpu_client,
+        "cpu_seconds_http_server": cpu_server["server"],
+        "cpu_seconds_engine_process": cpu_server.get("engine_process"), "cpu_seconds_client": cpu_client,
         "cpu_cores": os.cpu_count(), "engine_threads": torch.get_num_threads(),
+        "engine_loop": "thread" if args.engine_thread else "process",
         "kv_blocks_used_after": metric(after, "selfeval_kv_blocks_used"),
         # A policy's pick streams once it is known: its first token comes at its end.
         "ttft_p50_s_by_kind": {k: statistics.median(r["ttft"] for r in results if r["kind"] == k)
@@ -192,10 +210,11 @@ def main(argv: list[str] | None = None) -> dict:
                             "server_over_offline_same_concurrency"])
     print(json.dumps({k: metrics[k] for k in ("errors", "kv_blocks_used_after", "server_over_offline",
                                               "server_over_offline_same_concurrency", "engine_step_seconds",
-                                              "cpu_seconds_server_process", "cpu_seconds_client",
+                                              "cpu_seconds_http_server", "cpu_seconds_engine_process",
+                                              "cpu_seconds_client",
                                               "ttft_p50_s_by_kind")}))
     out = write_results("serve_load", torch.device(args.device), metrics, args.out,
-                        model=args.model or "random toy")
+                        model=args.model or ("random toy" if toy else "llama-3.1-8b shape, random weights"))
     print(f"-> {out}")
     return metrics
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import numbers
 import threading
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
@@ -13,11 +12,10 @@ from collections.abc import Sequence as Seq
 from engine.config import EngineConfig
 from engine.core import EngineCore
 from engine.errors import InvalidRequestError
+from engine.inputs import InputProcessor, Limits, Prompt
 from engine.policies.base import Policy
 from engine.profiler import StepProfiler
 from engine.sampling import RequestDelta, RequestOutput, SamplingParams
-
-Prompt = str | list[int]
 
 
 def _serialized(method):
@@ -58,6 +56,9 @@ class Engine:
         self.device, self.dtype = self.core.device, self.core.dtype
         self.max_model_len = self.core.max_model_len
         self.block_manager, self.runner = self.core.block_manager, self.core.runner
+        self.inputs = InputProcessor(self.tokenizer, Limits(
+            self.model.config.vocab_size, self.max_model_len, self.block_manager.num_blocks,
+            self.block_manager.block_size, len(self.spec.suffix_ids)))
         self._request_ids = itertools.count()
         self._lock = threading.RLock()
 
@@ -73,53 +74,13 @@ class Engine:
     def num_free_blocks(self) -> int:
         return self.block_manager.num_free_blocks
 
-    # ---- validation ---------------------------------------------------------------------
+    # ---- validation (engine.inputs) ------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
-        elif isinstance(prompt, (list, tuple)) and all(
-                isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
-            ids = [int(t) for t in prompt]
-        else:
-            raise InvalidRequestError(f"a prompt is a string or a list of int token ids, got "
-                                      f"{type(prompt).__name__} {str(prompt)[:60]}")
-        if not ids:
-            raise InvalidRequestError("the prompt is empty")
-        vocab = self.model.config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        return ids
+        return self.inputs.tokenize(prompt)
 
     def validate(self, ids: list[int], params: SamplingParams, policy: Policy | None = None) -> None:
         """Raise InvalidRequestError for a request the engine cannot serve; queue nothing."""
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError(f"params must be a SamplingParams, got {type(params).__name__}")
-        if policy is not None and not isinstance(policy, Policy):
-            raise InvalidRequestError(f"policy must be an engine.policies Policy (BestOfN, Adaptive, "
-                                      f"Prune) or None, got {policy!r}")
-        if policy is not None and params.n != 1:
-            raise InvalidRequestError("a policy draws its own samples: leave n at 1")
-        samples = policy.full_samples if policy is not None else params.n
-        if samples > self.block_manager.num_blocks:  # each sample writes a block of its own
-            raise InvalidRequestError(f"n={samples} samples cannot fit {self.block_manager.num_blocks} "
-                                      f"KV blocks; lower n")
-        scored = params.wants_score or params.score_at or policy is not None
-        suffix = len(self.spec.suffix_ids) if scored else 0
-        total = len(ids) + params.max_tokens + suffix
-        if total > self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} + suffix {suffix} "
-                f"= {total} exceeds max_model_len {self.max_model_len}; shorten the prompt or "
-                f"lower max_tokens")
-        bs = self.block_manager.block_size
-        blocks, what = -(-total // bs), "one sample"
-        if policy is not None or params.n > 1:  # the prompt's root beside one sample at least
-            blocks, what = blocks + -(-len(ids) // bs) + 1, "one sample beside the prompt's root"
-        if blocks > self.block_manager.num_blocks:
-            raise InvalidRequestError(
-                f"{what} needs {blocks} KV blocks but the cache has {self.block_manager.num_blocks}; "
-                f"raise num_blocks or lower max_tokens")
+        self.inputs.validate(ids, params, policy)
 
     # ---- stepping ------------------------------------------------------------------------
     @_serialized
@@ -198,15 +159,7 @@ class Engine:
         return self.generate([self.render_chat(c) for c in conversations], params, use_tqdm, policy)
 
     def render_chat(self, conversation: list[dict]) -> list[int]:
-        if not isinstance(conversation, list) or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in conversation):
-            raise InvalidRequestError("messages: a conversation is a list of {'role': str, 'content': str}")
-        try:
-            ids = self.tokenizer.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True)
-        except Exception as e:  # a template error is the input's, or the checkpoint's, not ours
-            raise InvalidRequestError(f"the chat template cannot render this conversation: {e}") from e
-        return list(ids["input_ids"]) if isinstance(ids, dict) or hasattr(ids, "keys") else list(ids)
+        return self.inputs.render_chat(conversation)
 
     @_serialized
     def score(self, prompts: Seq[Prompt], responses: Seq[Prompt]) -> list[float]:

@@ -1,43 +1,55 @@
-"""AsyncEngine: the engine for asyncio servers. A dedicated thread runs the step loop; callers
+"""AsyncEngine: the engine for asyncio servers. A step loop runs beside the event loop; callers
 stream each request's deltas with `async for`, and may add or abort requests at any step.
 
-Why a thread and not a process: the model, its KV cache and the step loop stay in this process,
-so nothing is pickled or copied between processes per step; torch releases the GIL inside its
-kernels, so the event loop keeps serving while a step runs. What the thread costs is one
-`call_soon_threadsafe` wake-up per event loop per step, and the consumers' coroutine switches,
-which compete with the step for the CPU. bench/async_overhead.py measures it against
-Engine.generate on the same work: on 2 CPU cores with the toy model (steps of ~5 ms), 64 requests
-x 32 tokens took 1.1-1.9x as long through AsyncEngine (the same 33 steps; one hand-off 6-15 us).
+Where the step loop runs:
+- `AsyncEngine.start(config)` (what `selfeval serve` uses): in a child process of its own, as
+  vLLM V1 runs its EngineCore. Requests go to it and each step's deltas come back over pipes
+  (pickled: ~40 bytes a token); a reader thread hands them to the event loops. The child holds
+  the model, KV cache and scheduler, so the server's Python (HTTP, JSON, SSE) never takes the GIL
+  from a step: a pure-Python thread busy 30% of the time slowed the engine's steps by 17-21% from
+  inside its process and by 2% from another (2 CPU cores, toy model). Under bench/serve_load.py
+  (1,000 requests, 64 in flight) the server gave 4,592 tok/s this way and 4,154 tok/s with the
+  loop in a thread; starting the process takes a few seconds (it imports torch and loads the model).
+- `AsyncEngine(engine)`: in a thread of this process, on an Engine the caller built (tests,
+  notebooks, embedding without a second process). Nothing is pickled; the event loop and the
+  step compete for the GIL (torch releases it inside kernels only).
 
-    engine = AsyncEngine(Engine(model_dir))
+Either way a step's deltas reach each event loop in one wake-up, a consumer that fell behind
+gets the steps it missed merged into one delta, and the loop sleeps when idle.
+
+    engine = AsyncEngine.start(EngineConfig(model=model_dir))
     async for delta in engine.generate(prompt, SamplingParams(max_tokens=32)):
         ...                             # delta.samples: new tokens/text per sample; .finished
+    engine.shutdown()
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import multiprocessing
+import multiprocessing.connection
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from engine.api import Engine, Prompt
+from engine.api import Engine
+from engine.config import EngineConfig
 from engine.errors import EngineError, InvalidRequestError
+from engine.inputs import InputProcessor, Limits, Prompt
 from engine.policies.base import Policy
 from engine.sampling import RequestDelta, SamplingParams
 
 
 class EngineDeadError(EngineError):
-    """The step loop is not running (shut down, or a step failed for every request)."""
+    """The step loop is not running (shut down, its process exited, or it failed to start)."""
 
 
 @dataclass
 class _Stream:
     queue: asyncio.Queue
     loop: asyncio.AbstractEventLoop
-    engine_id: int | None = None
     done: bool = False
 
 
@@ -52,33 +64,154 @@ class _Stats:
     requests_failed: int = 0
 
 
+# Messages to the step loop: ("add", request_id, ids, params, policy), ("abort", request_id),
+# ("stop",). Back from it, per step: (events, step_seconds or None, live stats), where an event
+# is (request_id, RequestDelta or the exception that ended the request).
+
+
+def _live_stats(eng: Engine) -> dict:
+    bm, scheduler = eng.block_manager, eng.core.scheduler
+    return {"kv_blocks_total": bm.num_blocks, "kv_blocks_used": bm.num_blocks - bm.num_free_blocks,
+            "kv_blocks_cached": bm.num_cached_blocks,
+            "requests_running": len({q.request.request_id for q in scheduler.running}),
+            "requests_waiting": len({q.request.request_id for q in scheduler.waiting})}
+
+
+def _core_loop(eng: Engine, receive: Callable[[bool], list], emit: Callable[[list, float | None, dict], None],
+               ) -> None:
+    """Take messages, step while anything is unfinished, emit each step's events. `receive(True)`
+    blocks until a message comes (the loop is idle); `receive(False)` takes what is there."""
+    ids: dict[str, int] = {}  # caller's request id -> engine's
+    names: dict[int, str] = {}
+    failures = 0  # consecutive failed steps
+    while True:
+        events: list = []
+        messages = receive(not eng.has_unfinished_requests())
+        for message in messages:
+            if message[0] == "stop":
+                return
+            if message[0] == "add":
+                _, rid, prompt, params, policy = message
+                try:
+                    ids[rid] = eng.add_request(prompt, params, policy)
+                    names[ids[rid]] = rid
+                except Exception as e:  # noqa: BLE001 - the caller gets it
+                    events.append((rid, e))
+            elif message[0] == "abort" and message[1] in ids:
+                eng.abort(ids[message[1]])
+                names.pop(ids.pop(message[1]), None)
+        step_seconds = None
+        if eng.has_unfinished_requests():
+            start = time.perf_counter()
+            try:
+                deltas = eng.step_deltas()
+            except Exception as e:  # noqa: BLE001 - undone by the core, and no one request causes it
+                deltas, failures = [], failures + 1
+                if failures >= 2:  # not a one-off: end what is in flight rather than spin
+                    failures = 0
+                    error = EngineError(f"a step failed twice running and was undone: {e!r}")
+                    for rid, eid in ids.items():
+                        eng.abort(eid)
+                        events.append((rid, error))
+                    ids.clear()
+                    names.clear()
+            else:
+                failures, step_seconds = 0, time.perf_counter() - start
+            for delta in deltas:
+                rid = names.get(delta.request_id)
+                if rid is None:
+                    continue
+                if delta.finished:
+                    del names[delta.request_id], ids[rid]
+                events.append((rid, delta))
+        if events or messages or step_seconds is not None:
+            emit(events, step_seconds, _live_stats(eng))
+
+
+def _child_main(config: EngineConfig, inbox, outbox) -> None:
+    """The engine process: build the engine, say it is ready, run the loop until told to stop or
+    the parent goes (its end of the pipe closes)."""
+    try:
+        eng = Engine(config)
+    except BaseException as e:  # noqa: BLE001 - the parent raises it
+        outbox.send(("failed", f"{type(e).__name__}: {e}"))
+        return
+    limits = eng.inputs.limits
+    outbox.send(("ready", limits, _live_stats(eng)))
+
+    def receive(block: bool) -> list:
+        messages = [inbox.recv()] if block else []
+        while inbox.poll():
+            messages.append(inbox.recv())
+        return messages
+
+    try:
+        _core_loop(eng, receive, lambda *event: outbox.send(event))
+    except (EOFError, OSError):  # the parent is gone
+        pass
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine):
+        """Run the step loop in a thread of this process, on `engine` (see the module doc)."""
         self.engine = engine
-        self._cond = threading.Condition()
-        self._adds: list[tuple[str, list[int], SamplingParams, Policy | None]] = []
-        self._aborts: list[str] = []
-        self._streams: dict[str, _Stream] = {}
-        self._by_engine_id: dict[int, str] = {}
-        self._ids = itertools.count()
-        self._stats = _Stats()
-        self._stopped = False
-        self._failures = 0  # consecutive failed steps
-        self._batch: dict | None = None  # a step's deliveries, by event loop
-        self._thread = threading.Thread(target=self._run, name="selfeval-engine-loop", daemon=True)
+        self._setup(engine.inputs, _live_stats(engine))
+        self._inbox: list = []
+        self._thread = threading.Thread(target=self._run_thread, name="selfeval-engine-loop", daemon=True)
         self._thread.start()
+
+    @classmethod
+    def start(cls, config: EngineConfig | str, **settings) -> AsyncEngine:
+        """Build the engine in a child process of its own and run the step loop there. Returns
+        once the engine is ready; an engine that fails to build raises here."""
+        from engine.model.loader import load_tokenizer
+
+        config = config if isinstance(config, EngineConfig) else EngineConfig(model=str(config), **settings)
+        self = cls.__new__(cls)
+        self.engine = None
+        ctx = multiprocessing.get_context("spawn")  # no forked CUDA or thread state
+        to_child, self._to_child = ctx.Pipe(duplex=False)
+        self._from_child, from_child = ctx.Pipe(duplex=False)
+        self._process = ctx.Process(target=_child_main, args=(config, to_child, from_child),
+                                    name="selfeval-engine", daemon=True)
+        self._process.start()
+        to_child.close()
+        from_child.close()
+        while not self._from_child.poll(0.1):
+            if not self._process.is_alive():
+                raise EngineDeadError(f"the engine process exited with code {self._process.exitcode} "
+                                      f"before it was ready")
+        message = self._from_child.recv()
+        if message[0] == "failed":
+            self._process.join()
+            raise EngineDeadError(f"the engine process could not build the engine: {message[1]}")
+        self._setup(InputProcessor(load_tokenizer(config.model), message[1]), message[2])
+        self._send_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run_reader, name="selfeval-engine-reader", daemon=True)
+        self._thread.start()
+        return self
+
+    def _setup(self, inputs: InputProcessor, live: dict) -> None:
+        self.inputs, self.tokenizer = inputs, inputs.tokenizer
+        self.limits: Limits = inputs.limits
+        self.max_model_len = self.limits.max_model_len
+        self._cond = threading.Condition()
+        self._streams: dict[str, _Stream] = {}
+        self._ids = itertools.count()
+        self._stats, self._live = _Stats(), live
+        self._stopped = False
 
     # ---- the caller's side ------------------------------------------------------------------
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        policy: Policy | None = None, request_id: str | None = None,
                        ) -> AsyncIterator[RequestDelta]:
         """Stream one request's deltas; the last has finished=True and the full output. A consumer
-        slower than the steps gets the steps it missed merged into one delta. Bad
-        input raises InvalidRequestError before anything is queued. Cancelling the consumer (or
-        leaving the loop early) aborts the request and frees its blocks."""
+        slower than the steps gets the steps it missed merged into one delta. Bad input raises
+        InvalidRequestError before anything is queued. Cancelling the consumer (or leaving the
+        loop early) aborts the request and frees its blocks."""
         params = params or SamplingParams()
-        ids = self.engine.tokenize(prompt)
-        self.engine.validate(ids, params, policy)
+        ids = self.inputs.tokenize(prompt)
+        self.inputs.validate(ids, params, policy)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         stream = _Stream(asyncio.Queue(), asyncio.get_running_loop())
         with self._cond:
@@ -87,8 +220,7 @@ class AsyncEngine:
             if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already running")
             self._streams[request_id] = stream
-            self._adds.append((request_id, ids, params, policy))
-            self._cond.notify()
+        self._submit(("add", request_id, ids, params, policy))
         try:
             while True:
                 item = await stream.queue.get()
@@ -108,8 +240,8 @@ class AsyncEngine:
         """Self-evaluation scores of (prompt, response) pairs, batched with running requests."""
         if len(prompts) != len(responses):
             raise InvalidRequestError(f"{len(prompts)} prompts but {len(responses)} responses")
-        joined = [self.engine.tokenize(p) + (self.engine.tokenizer.encode(r, add_special_tokens=False)
-                                             if isinstance(r, str) else self.engine.tokenize(r))
+        joined = [self.inputs.tokenize(p) + (self.tokenizer.encode(r, add_special_tokens=False)
+                                             if isinstance(r, str) else self.inputs.tokenize(r))
                   for p, r in zip(prompts, responses)]
 
         async def one(ids):
@@ -124,128 +256,123 @@ class AsyncEngine:
 
     def _abort_now(self, request_id: str) -> None:
         with self._cond:
-            stream = self._streams.get(request_id)
+            stream = self._streams.pop(request_id, None)
             if stream is None or stream.done:
                 return
             stream.done = True
-            self._aborts.append(request_id)
-            self._cond.notify()
+        self._submit(("abort", request_id))
 
     def stats(self) -> dict:
         """Counters for /metrics: requests running and waiting, KV blocks, tokens, time per step."""
-        s, eng = self._stats, self.engine
-        bm, scheduler = eng.block_manager, eng.core.scheduler
-        live = {"kv_blocks_total": bm.num_blocks, "kv_blocks_used": bm.num_blocks - bm.num_free_blocks,
-                "kv_blocks_cached": bm.num_cached_blocks,
-                "requests_running": len({q.request.request_id for q in list(scheduler.running)}),
-                "requests_waiting": len({q.request.request_id for q in list(scheduler.waiting)})}
-        return {**live, "steps": s.steps, "step_seconds_total": s.step_seconds,
+        s = self._stats
+        return {**self._live, "steps": s.steps, "step_seconds_total": s.step_seconds,
                 "tokens_generated": s.tokens_generated, "score_calls": s.score_calls,
                 "samples_pruned": s.samples_pruned, "requests_finished": s.requests_finished,
                 "requests_failed": s.requests_failed, "requests_in_flight": len(self._streams)}
 
     def shutdown(self) -> None:
-        """Stop the loop (requests still streaming get EngineDeadError) and join the thread."""
+        """Stop the loop (requests still streaming get EngineDeadError); join its thread, and its
+        process if it has one."""
         with self._cond:
-            self._stopped = True
-            self._cond.notify()
+            already, self._stopped = self._stopped, True
+        if not already:
+            self._submit(("stop",))
+        if self.engine is None:
+            self._process.join(timeout=30)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join()
+            self._to_child.close()
         self._thread.join()
+        self._fail_all(EngineDeadError("the engine is shut down"))
 
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive()
+        alive = self._thread.is_alive()
+        return alive and (self.engine is not None or self._process.is_alive())
 
-    # ---- the loop thread ---------------------------------------------------------------------
-    def _run(self) -> None:
-        eng = self.engine
-        while True:
+    # ---- between the caller and the loop ----------------------------------------------------
+    def _submit(self, message: tuple) -> None:
+        if self.engine is not None:
             with self._cond:
-                while not (self._stopped or self._adds or self._aborts or eng.has_unfinished_requests()):
+                self._inbox.append(message)
+                self._cond.notify()
+            return
+        try:
+            with self._send_lock:
+                self._to_child.send(message)
+        except (OSError, ValueError) as e:  # the process is gone: the reader fails every stream
+            if message[0] == "add":
+                raise EngineDeadError(f"the engine process is not running ({e})") from e
+
+    def _run_thread(self) -> None:
+        def receive(block: bool) -> list:
+            with self._cond:
+                while block and not self._inbox:
                     self._cond.wait()  # idle: no spinning
-                if self._stopped:
-                    break
-                adds, self._adds = self._adds, []
-                aborts, self._aborts = self._aborts, []
-            for request_id, ids, params, policy in adds:
-                stream = self._streams.get(request_id)
-                if stream is None or stream.done:
-                    continue
-                try:
-                    stream.engine_id = eng.add_request(ids, params, policy)
-                    self._by_engine_id[stream.engine_id] = request_id
-                except Exception as e:  # noqa: BLE001 - the caller gets it
-                    self._finish(request_id, e)
-            for request_id in aborts:
-                stream = self._streams.pop(request_id, None)
-                if stream is not None and stream.engine_id is not None:
-                    eng.abort(stream.engine_id)
-                    self._by_engine_id.pop(stream.engine_id, None)
-            if eng.has_unfinished_requests():
-                self._step()
+                messages, self._inbox = self._inbox, []
+            return messages
+
+        _core_loop(self.engine, receive, self._on_events)
         self._fail_all(EngineDeadError("the engine is shut down"))
 
-    def _step(self) -> None:
-        eng = self.engine
-        start = time.perf_counter()
+    def _run_reader(self) -> None:
+        # Wait on the pipe and on the process: a killed process's pipe may stay open in a
+        # process it started, so its end is seen by its sentinel, not by EOF alone.
+        conn, sentinel = self._from_child, self._process.sentinel
         try:
-            deltas = eng.step_deltas()
-        except Exception as e:  # noqa: BLE001 - undone by the core, and no one request causes it
-            self._failures += 1
-            if self._failures >= 2:  # not a one-off: end what is in flight rather than spin
-                self._failures = 0
-                self._fail_all(EngineError(f"a step failed twice running and was undone: {e!r}"),
-                               abort=True)
-            return
-        self._failures = 0
-        s = self._stats
-        s.steps += 1
-        s.step_seconds += time.perf_counter() - start
-        self._batch = {}
-        for delta in deltas:
-            request_id = self._by_engine_id.get(delta.request_id)
-            if request_id is None:
-                continue
-            if delta.finished:
-                self._by_engine_id.pop(delta.request_id, None)
-                st = delta.output.stats
+            while True:
+                ready = multiprocessing.connection.wait([conn, sentinel])
+                if conn in ready:
+                    self._on_events(*conn.recv())
+                elif not conn.poll():
+                    break
+        except (EOFError, OSError):
+            pass
+        self._process.join(timeout=5)
+        code = self._process.exitcode
+        with self._cond:
+            self._stopped = True
+        self._fail_all(EngineDeadError("the engine is shut down" if code == 0 else
+                                       f"the engine process exited (code {code})"))
+
+    def _on_events(self, events: list, step_seconds: float | None, live: dict) -> None:
+        """Hand a step's events to their streams: one wake-up per event loop."""
+        s, batch = self._stats, {}
+        self._live = live
+        if step_seconds is not None:
+            s.steps += 1
+            s.step_seconds += step_seconds
+        for request_id, item in events:
+            final = isinstance(item, BaseException) or item.finished
+            if isinstance(item, RequestDelta) and item.finished:
+                st = item.output.stats
                 s.tokens_generated += st.generated_tokens
                 s.score_calls += st.score_calls
                 s.samples_pruned += st.samples_pruned
                 s.requests_finished += 1
-                s.requests_failed += delta.output.error is not None
-                self._finish(request_id, delta)
-            else:
-                self._send(request_id, delta)
-        batch, self._batch = self._batch, None
-        for loop, items in batch.items():  # one wake-up per event loop per step, not per request
-            loop.call_soon_threadsafe(_deliver, items)
+                s.requests_failed += item.output.error is not None
+            with self._cond:
+                stream = self._streams.pop(request_id, None) if final else self._streams.get(request_id)
+                if stream is None:
+                    continue
+                stream.done = stream.done or final
+            batch.setdefault(stream.loop, []).append((stream.queue, item))
+        for loop, items in batch.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that event loop is closed: no one is listening
+                pass
 
-    def _send(self, request_id: str, item) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            self._post(stream, item)
-
-    def _post(self, stream: _Stream, item) -> None:
-        if self._batch is not None:
-            self._batch.setdefault(stream.loop, []).append((stream.queue, item))
-        else:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
-
-    def _finish(self, request_id: str, item) -> None:
+    def _fail_all(self, error: BaseException) -> None:
         with self._cond:
-            stream = self._streams.pop(request_id, None)
-            if stream is None:
-                return
+            streams, self._streams = self._streams, {}
+        for stream in streams.values():
             stream.done = True
-        self._post(stream, item)
-
-    def _fail_all(self, error: BaseException, abort: bool = False) -> None:
-        for request_id in list(self._streams):
-            stream = self._streams.get(request_id)
-            if abort and stream is not None and stream.engine_id is not None:
-                self.engine.abort(stream.engine_id)
-                self._by_engine_id.pop(stream.engine_id, None)
-            self._finish(request_id, error)
+            try:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+            except RuntimeError:  # that event loop is closed: no one is listening
+                pass
 
 
 def _deliver(items: list) -> None:

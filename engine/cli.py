@@ -9,17 +9,22 @@ import sys
 import time
 
 
-def _engine(args):
+def _config(args):
     from pathlib import Path
 
-    from engine import Engine
     from engine.config import EngineConfig
 
     adapter = getattr(args, "adapter", None)
     if adapter is None and (Path(args.model) / "adapter").is_dir():  # as `demo` does
         adapter = str(Path(args.model) / "adapter")
-    return Engine(EngineConfig(model=args.model, device=args.device, block_size=args.block_size,
-                               adapter=adapter))
+    return EngineConfig(model=args.model, device=args.device, block_size=args.block_size, adapter=adapter,
+                        load_format=getattr(args, "load_format", "auto"))
+
+
+def _engine(args):
+    from engine import Engine
+
+    return Engine(_config(args))
 
 
 def positive_int(text: str) -> int:
@@ -154,7 +159,7 @@ def cmd_serve(args) -> int:
         return 2
     from engine.async_engine import AsyncEngine
 
-    engine = AsyncEngine(_engine(args))
+    engine = AsyncEngine.start(_config(args)) if args.engine_process else AsyncEngine(_engine(args))
     name = args.served_model_name or args.model.rstrip("/").rsplit("/", 1)[-1]
     app = build_app(engine, name, max_waiting=args.max_waiting)
     try:
@@ -273,9 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--port", type=positive_int, default=8000, help="port to listen on")
     sv.add_argument("--served-model-name", default=None, help="the model name clients ask for "
                     "(default: the model directory's name)")
+    sv.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                    help="dummy: random weights of the checkpoint's shape (benchmarks without weights)")
     sv.add_argument("--max-waiting", type=positive_int, default=None,
                     help="answer 503 while this many requests wait (default: no bound)")
     sv.add_argument("--log-level", default="warning", help="uvicorn log level")
+    sv.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the engine's step loop in a process of its own (else a thread of the "
+                         "server's: the HTTP handlers then compete with it for the GIL)")
     sv.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("make-model", help="write a small random checkpoint (tests, examples)",

@@ -146,9 +146,7 @@ def build_app(engine: AsyncEngine, model_name: str, max_waiting: int | None = No
 
     def params_of(req, ids: list[int], max_tokens: int | None) -> SamplingParams:
         if max_tokens is None:  # as vLLM: what the context leaves (and the score's suffix, if scored)
-            scored = req.n > 1 or req.policy is not None
-            suffix = len(engine.engine.spec.suffix_ids) if scored else 0
-            max_tokens = max(engine.engine.max_model_len - len(ids) - suffix, 0)
+            max_tokens = engine.inputs.default_max_tokens(ids, scored=req.n > 1 or req.policy is not None)
         if isinstance(req, ChatRequest):
             if req.top_logprobs is not None and not req.logprobs:
                 raise ServerError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -177,7 +175,7 @@ def build_app(engine: AsyncEngine, model_name: str, max_waiting: int | None = No
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         rids = [rid] if len(jobs) == 1 else [f"{rid}-{j}" for j in range(len(jobs))]
         streams = [engine.generate(*job, request_id=r) for job, r in zip(jobs, rids)]
-        tokenizer = engine.engine.tokenizer
+        tokenizer = engine.tokenizer
         try:
             if not req.stream:
                 outputs = await asyncio.gather(*(_last(s) for s in streams), return_exceptions=True)
@@ -209,17 +207,17 @@ def build_app(engine: AsyncEngine, model_name: str, max_waiting: int | None = No
         batch = isinstance(req.prompt, list) and bool(req.prompt) and isinstance(req.prompt[0], (str, list))
         jobs = []
         for prompt in req.prompt if batch else [req.prompt]:  # all validated before any is queued
-            ids = engine.engine.tokenize(prompt)
+            ids = engine.inputs.tokenize(prompt)
             params = params_of(req, ids, req.max_tokens)
             policy = policy_of(req)
-            engine.engine.validate(ids, params, policy)
+            engine.inputs.validate(ids, params, policy)
             jobs.append((ids, params, policy))
         return await run(req, jobs, False, req.logprobs is not None)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
         check(req)
-        ids = engine.engine.render_chat(req.messages)
+        ids = engine.inputs.render_chat(req.messages)
         params = params_of(req, ids, req.max_completion_tokens or req.max_tokens)
         return await run(req, [(ids, params, policy_of(req))], True, req.logprobs)
 
@@ -229,7 +227,7 @@ def build_app(engine: AsyncEngine, model_name: str, max_waiting: int | None = No
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         responses = [req.response] if isinstance(req.response, str) else req.response
         if req.chat:
-            prompts = [engine.engine.render_chat([{"role": "user", "content": p}]) for p in prompts]
+            prompts = [engine.inputs.render_chat([{"role": "user", "content": p}]) for p in prompts]
         scores = await engine.score(prompts, responses)
         return {"object": "list", "model": model_name,
                 "data": [{"index": i, "score": s} for i, s in enumerate(scores)]}
@@ -238,7 +236,7 @@ def build_app(engine: AsyncEngine, model_name: str, max_waiting: int | None = No
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "selfeval-engine",
-                                            "max_model_len": engine.engine.max_model_len}]}
+                                            "max_model_len": engine.max_model_len}]}
 
     @app.get("/health")
     async def health():

@@ -3,12 +3,16 @@ abandoned consumer aborts its request and frees its blocks; bad input raises at 
 step does not hang anyone; the loop sleeps when idle and stops on shutdown."""
 
 import asyncio
+import os
+import signal
 import time
+from pathlib import Path
 
 import pytest
 
 from engine import Engine, InvalidRequestError, SamplingParams
 from engine.async_engine import AsyncEngine, EngineDeadError
+from engine.config import EngineConfig
 from engine.errors import EngineError
 from engine.policies import BestOfN
 
@@ -172,3 +176,82 @@ def test_a_slow_consumer_gets_the_steps_it_missed_merged(aeng):
     assert [x for d in joined for x in d.logprobs] == final.logprobs
     assert [x for d in joined for x in d.top_logprobs] == final.top_logprobs
     assert [d.finish_reason for d in joined if d.finish_reason] == ["length"]
+
+
+@pytest.fixture(scope="module")
+def proc_engine(llama_dir):
+    engine = AsyncEngine.start(EngineConfig(model=str(llama_dir), block_size=4, num_blocks=128))
+    yield engine
+    engine.shutdown()
+
+
+def _wait_for(check, seconds=10.0):
+    deadline = time.time() + seconds
+    while not check() and time.time() < deadline:
+        time.sleep(0.02)
+    return check()
+
+
+def test_the_engine_process_streams_what_the_sync_engine_gives(llama_dir, proc_engine):
+    expected = Engine(str(llama_dir), block_size=4, num_blocks=128).generate(PROMPTS, GREEDY)
+
+    async def main():
+        results = await asyncio.gather(*(_collect(proc_engine, p) for p in PROMPTS),
+                                       _collect(proc_engine, PROMPTS[0], SamplingParams(max_tokens=6, seed=1),
+                                                BestOfN(3)))
+        with pytest.raises(InvalidRequestError):  # checked in this process, before anything is sent
+            await _collect(proc_engine, [10**6])
+
+        async def leave_early():
+            async for _ in proc_engine.generate(PROMPTS[1], SamplingParams(max_tokens=200, ignore_eos=True)):
+                break
+
+        await leave_early()
+        return results
+
+    results = asyncio.run(main())
+    for (text, tokens, final), exp in zip(results, expected):
+        assert tokens[0] == exp.samples[0].token_ids == final.samples[0].token_ids
+        assert text[0] == final.samples[0].text
+    assert len(results[-1][2].samples) == 3 and results[-1][2].best_index is not None
+    assert _wait_for(lambda: proc_engine.stats()["kv_blocks_used"] == 0)  # the abandoned one freed
+    assert proc_engine.stats()["requests_finished"] >= 5 and proc_engine.engine is None
+
+
+def test_a_killed_engine_process_fails_streams_fast_and_shutdown_leaves_nothing(llama_dir):
+    aeng = AsyncEngine.start(EngineConfig(model=str(llama_dir), block_size=4, num_blocks=64))
+    pid = aeng._process.pid
+    long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)  # 51 of its 64 blocks
+
+    async def main():
+        seen = asyncio.Event()
+
+        async def consume():
+            async for _ in aeng.generate(PROMPTS[0], long):
+                seen.set()
+
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(seen.wait(), timeout=30)
+        os.kill(pid, signal.SIGKILL)
+        start = time.perf_counter()
+        with pytest.raises(EngineDeadError, match="exited"):
+            await asyncio.wait_for(task, timeout=10)
+        return time.perf_counter() - start
+
+    assert asyncio.run(main()) < 5
+    assert not aeng.is_running
+    with pytest.raises(EngineDeadError):
+        asyncio.run(_collect(aeng, PROMPTS[0]))
+    aeng.shutdown()
+    assert not aeng._thread.is_alive()
+
+    aeng = AsyncEngine.start(EngineConfig(model=str(llama_dir), block_size=4, num_blocks=64))
+    pid = aeng._process.pid
+    asyncio.run(_collect(aeng, PROMPTS[0]))
+    aeng.shutdown()
+    assert not aeng.is_running and aeng._process.exitcode == 0 and not Path(f"/proc/{pid}").exists()
+
+
+def test_an_engine_that_cannot_be_built_raises_at_start(tmp_path):
+    with pytest.raises(EngineDeadError, match="could not build the engine"):
+        AsyncEngine.start(EngineConfig(model=str(tmp_path)))

@@ -17,6 +17,7 @@ ABOVE = {
     "engine.outputs": ["engine.api", "engine.core", "engine.runner", "engine.policies"],
     "engine.sequence": ["engine.api", "engine.core", "engine.scheduler", "engine.policies"],
     "engine.config": ["engine.api", "engine.core", "engine.scheduler", "engine.model"],
+    "engine.inputs": ["engine.api", "engine.core", "engine.scheduler", "engine.runner", "engine.model"],
 }
 
 

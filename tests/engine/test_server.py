@@ -3,10 +3,13 @@ completions and chat, streaming and not, n > 1, stop, seeds, logprobs, usage, a 
 the error shapes, a client that leaves mid-stream; and the app mounted inside another app."""
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -26,8 +29,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(llama_dir):
+def _launch(llama_dir):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--model", str(llama_dir),
                              "--port", str(port), "--served-model-name", "m", "--block-size", "4"],
@@ -44,9 +46,22 @@ def server(llama_dir):
             proc.kill()
             pytest.fail(f"the server did not start: {proc.stdout.read().decode()[-2000:]}")
         time.sleep(0.2)
+    return proc, url
+
+
+@pytest.fixture(scope="module")
+def server(llama_dir):
+    proc, url = _launch(llama_dir)
     yield url
     proc.terminate()
     proc.wait(timeout=30)
+
+
+def _engine_process(pid: int) -> int:
+    """The pid of the engine's process among the server's children (not the resource tracker)."""
+    (child,) = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+                if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    return child
 
 
 @pytest.fixture(scope="module")
@@ -267,3 +282,29 @@ def test_over_the_queue_bound_is_503_with_a_retry(llama_dir, monkeypatch):
             assert "x-should-retry" not in r.headers  # retrying later can help
     finally:
         engine.shutdown()
+
+
+def test_the_engine_process_dying_makes_the_server_answer_503_and_nothing_is_left(llama_dir):
+    proc, url = _launch(llama_dir)
+    try:
+        engine_pid = _engine_process(proc.pid)  # `selfeval serve` runs the engine in a process of its own
+        body = {"model": "m", "prompt": "hi", "max_tokens": 4}
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=30).status_code == 200
+        os.kill(engine_pid, signal.SIGKILL)
+        deadline = time.time() + 10
+        while httpx.get(f"{url}/health", timeout=5).status_code != 503 and time.time() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 503
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    proc, url = _launch(llama_dir)  # a clean stop stops the engine process too
+    engine_pid = _engine_process(proc.pid)
+    proc.terminate()
+    proc.wait(timeout=30)
+    deadline = time.time() + 10
+    while Path(f"/proc/{engine_pid}").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{engine_pid}").exists()
