@@ -25,9 +25,7 @@ if [[ "$PART" == 1 || "$PART" == all ]]; then
   timeout 360 python -m pytest tests bench -q -p no:cacheprovider -rs --durations=15 2>&1 | tee "$OUT/pytest-gpu.txt" | tail -45
   echo "pytest: ${SECONDS}s"
   timeout 150 python bench/kernel_bench.py --out "$OUT" 2>&1 | tee "$OUT/kernels-gpu.txt" | tail -30
-  for p in best-of-n adaptive prune; do
-    timeout 60 selfeval profile --policy "$p" --device cuda --problems 256 -n 16 --out "$OUT/profile-$p" 2>&1 | tail -12
-  done
+  timeout 150 selfeval profile --device cuda --problems 256 -n 16 --out "$OUT/profile" 2>&1 | tail -12
 fi
 if [[ "$PART" == 2 || "$PART" == all ]]; then
   # The 8B-shaped benchmarks (random bf16 weights), with timeouts fitted to one device call.

@@ -86,3 +86,11 @@ def test_serve_load_bench_runs_a_live_server_without_errors(tmp_path):
     assert metrics["engine_loop"] == "process" and metrics["cpu_seconds_engine_process"] > 0
     assert set(metrics["ttft_p50_s_by_kind"]) == {"plain", "best_of_4", "prune"}
     assert json.loads(next(tmp_path.glob("serve_load-*.json")).read_text())["metrics"]["errors"] == 0
+
+
+def test_scoring_overhead_bench_keeps_tokens_identical(tmp_path):
+    argv = ["--prompts", "2", "-n", "2", "--max-tokens", "24", "--reps", "1", "--hidden", "32",
+            "--stagger", "3"]
+    metrics = _load("scoring_overhead").main(argv + ["--out", str(tmp_path)])
+    assert metrics["identical_tokens"] and metrics["suffix_tokens"] > 0
+    assert metrics["scored_over_plain"] > 0 and metrics["scored_steps"] >= metrics["plain_steps"]

@@ -27,6 +27,14 @@ def _engine(args):
     return Engine(_config(args))
 
 
+def policy_list(text: str) -> str:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in names if p not in ("best-of-n", "prune", "adaptive")]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"policies are among best-of-n, prune, adaptive; got {text!r}")
+    return ",".join(names)
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -142,8 +150,11 @@ def cmd_profile(args) -> int:
     from engine.testbed import BUNDLED
     from engine.testbed.profile import run_profile
 
-    run_profile(args.model or str(BUNDLED), args.policy, args.out, args.problems, args.n, args.threshold,
-                args.checkpoint, args.keep, args.max_tokens, args.device, args.adapter, trace=args.trace)
+    policies = [p.strip() for p in (args.policies or args.policy or "best-of-n,prune,adaptive").split(",")]
+    run_profile(args.model or str(BUNDLED), policies, args.out, args.problems, args.n, args.threshold,
+                args.checkpoint, args.keep, args.max_tokens, args.device, args.adapter, seed=args.seed,
+                trace=args.trace, prompts=args.prompts, verifier=args.verifier, ignore_eos=args.ignore_eos,
+                temperature=args.temperature)
     print(f"profile.json and profile.png written to {args.out}")
     return 0
 
@@ -249,13 +260,23 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--seed", type=seed_int, default=0, help="sampling seed")
     d.set_defaults(func=cmd_demo)
 
-    pr = sub.add_parser("profile", help="time by phase and tokens saved for a policy workload",
-                        formatter_class=fmt)
-    pr.add_argument("--policy", required=True, choices=["best-of-n", "adaptive", "prune"],
-                    help="the policy")
+    pr = sub.add_parser("profile", help="policies side by side against best-of-n on the same prompts and "
+                        "seeds: measured savings, time by phase, the cost of scoring", formatter_class=fmt)
+    pr.add_argument("--policies", default=None, type=policy_list,
+                    help="comma-separated, among best-of-n, prune, adaptive (best-of-n, the baseline, "
+                         "always runs) [default: all three]")
+    pr.add_argument("--policy", default=None, choices=["best-of-n", "adaptive", "prune"],
+                    help="one policy beside the baseline (same as --policies POLICY)")
     pr.add_argument("--model", default=None, help="default: the bundled testbed model")
     pr.add_argument("--adapter", default=None, help="default: the model's adapter/")
+    pr.add_argument("--prompts", default=None, help="a JSONL file, one {\"prompt\": ...} per line "
+                    "(default: testbed problems)")
+    pr.add_argument("--verifier", default=None, help="module:function(record, text) -> float for "
+                    "accuracy (default: the testbed's, with testbed prompts)")
     pr.add_argument("--problems", type=positive_int, default=32, help="testbed prompts")
+    pr.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    pr.add_argument("--ignore-eos", action="store_true", help="every sample runs to --max-tokens")
+    pr.add_argument("--seed", type=seed_int, default=0, help="seed of the per-sample seeds")
     pr.add_argument("-n", type=positive_int, default=8,
                     help="samples (best-of-n, prune) or the cap (adaptive)")
     pr.add_argument("--threshold", type=float, default=0.8, help="adaptive: stop at this score")

@@ -28,11 +28,13 @@ class StepRecord:
     suffix_tokens: int
     context_tokens: int  # sum of the sequences' cached lengths after the step
     seconds: float
+    blocks_used: int = 0  # KV blocks in use during the step (when the profiler has the block manager)
 
 
 class StepProfiler:
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, device: torch.device | str = "cpu", block_manager=None):
         self.device = torch.device(device)
+        self.block_manager = block_manager
         self.phase_seconds: dict[str, float] = defaultdict(float)
         self.steps: list[StepRecord] = []
         self._current: str | None = None
@@ -59,7 +61,9 @@ class StepProfiler:
         prefill = sum(real) - decode
         kind = "prefill" if prefill else ("score" if suffix else "decode")
         context = sum(s.num_computed + n for s, n in zip(out.seqs, real))
-        self.steps.append(StepRecord(kind, len(out.seqs), prefill, decode, suffix, context, seconds))
+        bm = self.block_manager
+        used = bm.num_blocks - bm.num_free_blocks if bm is not None else 0
+        self.steps.append(StepRecord(kind, len(out.seqs), prefill, decode, suffix, context, seconds, used))
 
     def summary(self) -> dict:
         steps = self.steps

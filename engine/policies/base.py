@@ -113,15 +113,23 @@ class PolicyRun:
         self.host.finish_request(self.request, best)
 
     def _tokens_saved(self) -> int:
-        """Against full best-of-N: a pruned sample and a never-drawn one are each assumed to reach
-        the mean length of the completed samples (max_tokens when none completed). Exact when
-        lengths are fixed (ignore_eos), an estimate otherwise."""
+        """Tokens full best-of-N would have generated beyond these, in expectation. A sample cut
+        after `a` tokens would have reached the mean final length of the complete samples that got
+        at least that far (E[L | L >= a], from the samples that went on: the samples still alive
+        at a checkpoint are the long ones, so the mean of all would be biased low); none got that
+        far: nothing is claimed for it. A sample never drawn would have reached the mean length of
+        all complete samples (max_tokens when none completed). Exact when lengths are fixed
+        (ignore_eos)."""
         done = [s.num_generated for s in self.samples if s.pruned_at is None and not s.live]
+        saved = 0.0
+        for s in self.samples:
+            if s.live or s.pruned_at is not None:
+                at = s.num_generated
+                reached = [n for n in done if n >= at]
+                saved += sum(reached) / len(reached) - at if reached else 0.0
         mean = sum(done) / len(done) if done else self.request.params.max_tokens
-        cut = [s for s in self.samples if s.live or s.pruned_at is not None]
-        pruned = sum(max(mean - s.num_generated, 0) for s in cut)
-        undrawn = max(self.policy.full_samples - len(self.samples), 0) * mean
-        return round(pruned + undrawn)
+        saved += max(self.policy.full_samples - len(self.samples), 0) * mean
+        return round(saved)
 
 
 def check_positive(**values: int) -> None:

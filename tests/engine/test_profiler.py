@@ -6,6 +6,8 @@ import json
 from engine import Engine, SamplingParams
 from engine.cli import main
 from engine.profiler import StepProfiler
+from engine.testbed import BUNDLED
+from engine.testbed.profile import run_profile
 
 
 def test_profiler_records_phases_and_token_mix(llama_dir):
@@ -21,13 +23,48 @@ def test_profiler_records_phases_and_token_mix(llama_dir):
     assert {"prefill", "decode", "score"} == set(s["forward_by_kind"])
 
 
-def test_profile_cli_writes_report_and_plot(llama_dir, tmp_path):
-    rc = main(["profile", "--policy", "prune", "--model", str(llama_dir), "--problems", "3", "-n", "4",
-               "--checkpoint", "4", "--keep", "0.5", "--max-tokens", "10", "--out", str(tmp_path)])
+def test_profile_cli_compares_policies_on_the_same_seeds(llama_dir, tmp_path):
+    rc = main(["profile", "--policies", "prune,adaptive", "--model", str(llama_dir), "--problems", "3",
+               "-n", "4", "--checkpoint", "4", "--keep", "0.5", "--max-tokens", "10", "--out", str(tmp_path)])
     assert rc == 0
     report = json.loads((tmp_path / "profile.json").read_text())
-    assert report["samples_pruned"] == 3 * 2
-    assert report["tokens_saved"] > 0 and report["score_calls"] > 0
-    assert report["prompt_tokens"] > 0
-    assert report["prefix_cache_hit_rate"] == report["cached_prompt_tokens"] / report["prompt_tokens"]
+    runs = report["policies"]
+    assert list(runs) == ["best-of-n", "prune", "adaptive"]  # the baseline runs first, always
+    base, prune = runs["best-of-n"], runs["prune"]
+    assert prune["samples_pruned"] == 3 * 2 and prune["score_calls"] > 0
+    assert prune["vs_baseline"]["tokens_saved"] == base["tokens_generated"] - prune["tokens_generated"] > 0
+    assert base["vs_baseline"]["tokens_saved"] == 0 and base["accuracy"] is not None  # testbed verifier
+    for r in runs.values():
+        assert len(r["series"]["running_samples"]) == r["steps"] > 0
+        assert r["peak_kv_blocks"] == max(r["series"]["kv_blocks"]) > 0
+        cost = r["scoring_cost"]
+        assert cost["steps_with_suffix"] > 0 and 0 <= cost["decode_steps_off_graph_path_for_a_suffix"] <= 1
     assert (tmp_path / "profile.png").stat().st_size > 1000
+
+
+def test_measured_savings_equal_hand_computed_ones_with_fixed_lengths(llama_dir, tmp_path):
+    """ignore_eos: every sample runs to L unless pruned. A sample scored at checkpoint c is dropped
+    after c + 1 tokens (its score rides along with the step that computes token c + 1), so with
+    P prompts, n samples and k kept: baseline P*n*L tokens, prune P*(k*L + (n-k)*(c+1))."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"question {i}"}) for i in range(3)) + "\n")
+    P, n, k, L, c = 3, 4, 2, 12, 4
+    report = run_profile(str(llama_dir), ["prune"], str(tmp_path / "out"), n=n, checkpoint=c, keep=k / n,
+                         max_tokens=L, prompts=str(prompts), ignore_eos=True, log=lambda *_: None)
+    base, prune = report["policies"]["best-of-n"], report["policies"]["prune"]
+    assert base["tokens_generated"] == P * n * L
+    assert prune["tokens_generated"] == P * (k * L + (n - k) * (c + 1))
+    assert prune["vs_baseline"]["tokens_saved"] == P * (n - k) * (L - c - 1)
+    assert prune["tokens_saved_online_estimate"] == prune["vs_baseline"]["tokens_saved"]
+    assert prune["samples_pruned"] == P * (n - k) and base["accuracy"] is None  # no verifier given
+
+
+def test_the_online_estimate_of_tokens_saved_is_unbiased_on_the_testbed(tmp_path):
+    """With EOS, the samples alive at a checkpoint are the long ones: the estimate takes the
+    would-be length of a pruned sample from the samples that went on past it, and lands near the
+    measured saving (the mean of all samples would claim far less)."""
+    report = run_profile(str(BUNDLED), ["prune"], str(tmp_path), num_problems=24, n=8, checkpoint=12,
+                         keep=0.25, log=lambda *_: None)
+    prune = report["policies"]["prune"]
+    measured, estimate = prune["vs_baseline"]["tokens_saved"], prune["tokens_saved_online_estimate"]
+    assert measured > 0 and abs(estimate - measured) <= 0.1 * measured, (estimate, measured)
