@@ -95,8 +95,9 @@ def _core_loop(eng: Engine, receive: Callable[[bool], list], emit: Callable[[lis
                 try:
                     ids[rid] = eng.add_request(prompt, params, policy)
                     names[ids[rid]] = rid
-                except Exception as e:  # noqa: BLE001 - the caller gets it
-                    events.append((rid, e))
+                except Exception as e:  # noqa: BLE001 - the caller gets it (as a picklable error)
+                    events.append((rid, e if type(e) in (InvalidRequestError, EngineError)
+                                   else EngineError(f"{type(e).__name__}: {e}")))
             elif message[0] == "abort" and message[1] in ids:
                 eng.abort(ids[message[1]])
                 names.pop(ids.pop(message[1]), None)
@@ -220,7 +221,14 @@ class AsyncEngine:
             if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already running")
             self._streams[request_id] = stream
-        self._submit(("add", request_id, ids, params, policy))
+        try:
+            self._submit(("add", request_id, ids, params, policy))
+        except Exception as e:
+            with self._cond:
+                self._streams.pop(request_id, None)
+            if isinstance(e, EngineError):
+                raise
+            raise InvalidRequestError(f"the request cannot be sent to the engine process: {e}") from e
         try:
             while True:
                 item = await stream.queue.get()
@@ -261,6 +269,11 @@ class AsyncEngine:
                 return
             stream.done = True
         self._submit(("abort", request_id))
+        try:  # a consumer still waiting (aborted from elsewhere) ends rather than hangs
+            error = EngineError(f"request {request_id!r} was aborted")
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+        except RuntimeError:
+            pass
 
     def stats(self) -> dict:
         """Counters for /metrics: requests running and waiting, KV blocks, tokens, time per step."""
@@ -329,6 +342,8 @@ class AsyncEngine:
                     break
         except (EOFError, OSError):
             pass
+        except Exception:  # noqa: BLE001 - a message that cannot be read: stop, never hang callers
+            self._process.kill()
         self._process.join(timeout=5)
         code = self._process.exitcode
         with self._cond:
