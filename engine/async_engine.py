@@ -29,6 +29,8 @@ import asyncio
 import itertools
 import multiprocessing
 import multiprocessing.connection
+import pickle
+import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -50,6 +52,8 @@ class EngineDeadError(EngineError):
 class _Stream:
     queue: asyncio.Queue
     loop: asyncio.AbstractEventLoop
+    key: int
+    name: str = ""
     done: bool = False
 
 
@@ -64,9 +68,13 @@ class _Stats:
     requests_failed: int = 0
 
 
-# Messages to the step loop: ("add", request_id, ids, params, policy), ("abort", request_id),
-# ("stop",). Back from it, per step: (events, step_seconds or None, live stats), where an event
-# is (request_id, RequestDelta or the exception that ended the request).
+# Messages to the step loop: ("add", key, payload), ("abort", key), ("stop",), where key is an
+# int this AsyncEngine never reuses (a caller's request id may come back while the loop still
+# holds the old request's last step) and payload is (ids, params, policy), pickled on its own to
+# the engine process so that one that cannot be rebuilt there fails that request only. Back
+# from the loop, per step: (events, step_seconds or None, live stats or None), where an event is
+# (key, RequestDelta or the exception that ended the request).
+_LIVE_EVERY = 0.05  # seconds between live stats while busy (they walk the queues); always when idle
 
 
 def _live_stats(eng: Engine) -> dict:
@@ -81,9 +89,10 @@ def _core_loop(eng: Engine, receive: Callable[[bool], list], emit: Callable[[lis
                ) -> None:
     """Take messages, step while anything is unfinished, emit each step's events. `receive(True)`
     blocks until a message comes (the loop is idle); `receive(False)` takes what is there."""
-    ids: dict[str, int] = {}  # caller's request id -> engine's
-    names: dict[int, str] = {}
+    ids: dict[int, int] = {}  # AsyncEngine's key -> engine's request id
+    names: dict[int, int] = {}
     failures = 0  # consecutive failed steps
+    live_at = 0.0
     while True:
         events: list = []
         messages = receive(not eng.has_unfinished_requests())
@@ -91,9 +100,15 @@ def _core_loop(eng: Engine, receive: Callable[[bool], list], emit: Callable[[lis
             if message[0] == "stop":
                 return
             if message[0] == "add":
-                _, rid, prompt, params, policy = message
+                _, rid, payload = message
                 try:
-                    ids[rid] = eng.add_request(prompt, params, policy)
+                    if isinstance(payload, bytes):
+                        try:
+                            payload = pickle.loads(payload)
+                        except Exception as e:  # noqa: BLE001 - e.g. a policy class this process lacks
+                            raise InvalidRequestError(f"the request could not be rebuilt in the engine "
+                                                      f"process: {type(e).__name__}: {e}") from None
+                    ids[rid] = eng.add_request(*payload)
                     names[ids[rid]] = rid
                 except Exception as e:  # noqa: BLE001 - the caller gets it (as a picklable error)
                     events.append((rid, e if type(e) in (InvalidRequestError, EngineError)
@@ -126,7 +141,11 @@ def _core_loop(eng: Engine, receive: Callable[[bool], list], emit: Callable[[lis
                     del names[delta.request_id], ids[rid]
                 events.append((rid, delta))
         if events or messages or step_seconds is not None:
-            emit(events, step_seconds, _live_stats(eng))
+            now = time.perf_counter()
+            live = None
+            if now - live_at >= _LIVE_EVERY or not eng.has_unfinished_requests():
+                live, live_at = _live_stats(eng), now
+            emit(events, step_seconds, live)
 
 
 def _child_main(config: EngineConfig, inbox, outbox) -> None:
@@ -146,10 +165,26 @@ def _child_main(config: EngineConfig, inbox, outbox) -> None:
             messages.append(inbox.recv())
         return messages
 
+    def emit(events: list, step_seconds: float | None, live: dict | None) -> None:
+        try:
+            blob = pickle.dumps((events, step_seconds, live))
+        except Exception:  # noqa: BLE001 - an output that cannot cross: fail its request alone
+            events = [(rid, _sendable(item)) for rid, item in events]
+            blob = pickle.dumps((events, step_seconds, live))
+        outbox.send_bytes(blob)
+
     try:
-        _core_loop(eng, receive, lambda *event: outbox.send(event))
+        _core_loop(eng, receive, emit)
     except (EOFError, OSError):  # the parent is gone
         pass
+
+
+def _sendable(item):
+    try:
+        pickle.dumps(item)
+        return item
+    except Exception as e:  # noqa: BLE001
+        return EngineError(f"the engine's output could not be sent to this process: {type(e).__name__}: {e}")
 
 
 class AsyncEngine:
@@ -187,7 +222,11 @@ class AsyncEngine:
             self._process.join()
             raise EngineDeadError(f"the engine process could not build the engine: {message[1]}")
         self._setup(InputProcessor(load_tokenizer(config.model), message[1]), message[2])
-        self._send_lock = threading.Lock()
+        # Sends go through a thread of their own: a pipe whose buffer is full (the child is in a
+        # long step) blocks the sender, and that must not be the event loop.
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._run_sender, name="selfeval-engine-sender", daemon=True)
+        self._sender.start()
         self._thread = threading.Thread(target=self._run_reader, name="selfeval-engine-reader", daemon=True)
         self._thread.start()
         return self
@@ -197,10 +236,18 @@ class AsyncEngine:
         self.limits: Limits = inputs.limits
         self.max_model_len = self.limits.max_model_len
         self._cond = threading.Condition()
-        self._streams: dict[str, _Stream] = {}
-        self._ids = itertools.count()
+        self._streams: dict[int, _Stream] = {}  # by key (see the message comment above)
+        self._names: dict[str, int] = {}  # caller's request id -> key, while it runs
+        self._keys = itertools.count()
         self._stats, self._live = _Stats(), live
         self._stopped = False
+
+    def _pop(self, key: int) -> _Stream | None:
+        """Forget a stream (caller holds self._cond)."""
+        stream = self._streams.pop(key, None)
+        if stream is not None and self._names.get(stream.name) == key:
+            del self._names[stream.name]
+        return stream
 
     # ---- the caller's side ------------------------------------------------------------------
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
@@ -213,22 +260,24 @@ class AsyncEngine:
         params = params or SamplingParams()
         ids = self.inputs.tokenize(prompt)
         self.inputs.validate(ids, params, policy)
-        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        stream = _Stream(asyncio.Queue(), asyncio.get_running_loop())
+        payload = (ids, params, policy)
+        if self.engine is None:  # pickled here: what cannot be sent fails now, in the caller
+            try:
+                payload = pickle.dumps(payload)
+            except Exception as e:  # noqa: BLE001
+                raise InvalidRequestError(f"the request cannot be sent to the engine process: "
+                                          f"{type(e).__name__}: {e}") from e
+        key = next(self._keys)
+        request_id = request_id if request_id is not None else f"req-{key}"
+        stream = _Stream(asyncio.Queue(), asyncio.get_running_loop(), key)
         with self._cond:
             if self._stopped:
                 raise EngineDeadError("the engine is shut down")
-            if request_id in self._streams:
+            if request_id in self._names:
                 raise InvalidRequestError(f"request id {request_id!r} is already running")
-            self._streams[request_id] = stream
-        try:
-            self._submit(("add", request_id, ids, params, policy))
-        except Exception as e:
-            with self._cond:
-                self._streams.pop(request_id, None)
-            if isinstance(e, EngineError):
-                raise
-            raise InvalidRequestError(f"the request cannot be sent to the engine process: {e}") from e
+            self._streams[key], self._names[request_id] = stream, key
+            stream.name = request_id
+        self._submit(("add", key, payload))
         try:
             while True:
                 item = await stream.queue.get()
@@ -242,7 +291,7 @@ class AsyncEngine:
                     return
         finally:
             if not stream.done:  # the consumer left early, was cancelled, or failed
-                self._abort_now(request_id)
+                self._abort_now(key)
 
     async def score(self, prompts: list[Prompt], responses: list[Prompt]) -> list[float]:
         """Self-evaluation scores of (prompt, response) pairs, batched with running requests."""
@@ -260,17 +309,20 @@ class AsyncEngine:
         return list(await asyncio.gather(*(one(ids) for ids in joined)))
 
     async def abort(self, request_id: str) -> None:
-        self._abort_now(request_id)
-
-    def _abort_now(self, request_id: str) -> None:
         with self._cond:
-            stream = self._streams.pop(request_id, None)
+            key = self._names.get(request_id)
+        if key is not None:
+            self._abort_now(key)
+
+    def _abort_now(self, key: int) -> None:
+        with self._cond:
+            stream = self._pop(key)
             if stream is None or stream.done:
                 return
             stream.done = True
-        self._submit(("abort", request_id))
+        self._submit(("abort", key))
         try:  # a consumer still waiting (aborted from elsewhere) ends rather than hangs
-            error = EngineError(f"request {request_id!r} was aborted")
+            error = EngineError(f"request {stream.name!r} was aborted")
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
         except RuntimeError:
             pass
@@ -295,14 +347,18 @@ class AsyncEngine:
             if self._process.is_alive():
                 self._process.kill()
                 self._process.join()
+            self._outbox.put(None)
+            self._sender.join()
             self._to_child.close()
         self._thread.join()
         self._fail_all(EngineDeadError("the engine is shut down"))
 
     @property
     def is_running(self) -> bool:
-        alive = self._thread.is_alive()
-        return alive and (self.engine is not None or self._process.is_alive())
+        with self._cond:
+            if self._stopped:
+                return False
+        return self._thread.is_alive() and (self.engine is not None or self._process.is_alive())
 
     # ---- between the caller and the loop ----------------------------------------------------
     def _submit(self, message: tuple) -> None:
@@ -311,12 +367,14 @@ class AsyncEngine:
                 self._inbox.append(message)
                 self._cond.notify()
             return
-        try:
-            with self._send_lock:
+        self._outbox.put(message)
+
+    def _run_sender(self) -> None:
+        while (message := self._outbox.get()) is not None:
+            try:
                 self._to_child.send(message)
-        except (OSError, ValueError) as e:  # the process is gone: the reader fails every stream
-            if message[0] == "add":
-                raise EngineDeadError(f"the engine process is not running ({e})") from e
+            except (OSError, ValueError):  # the process is gone: the reader fails every stream
+                return
 
     def _run_thread(self) -> None:
         def receive(block: bool) -> list:
@@ -326,8 +384,16 @@ class AsyncEngine:
                 messages, self._inbox = self._inbox, []
             return messages
 
-        _core_loop(self.engine, receive, self._on_events)
-        self._fail_all(EngineDeadError("the engine is shut down"))
+        error = EngineDeadError("the engine is shut down")
+        try:
+            _core_loop(self.engine, receive, self._on_events)
+        except BaseException as e:  # noqa: BLE001 - whatever broke the loop, no caller may hang on it
+            error = EngineDeadError(f"the engine loop stopped: {type(e).__name__}: {e}")
+            raise
+        finally:
+            with self._cond:
+                self._stopped = True
+            self._fail_all(error)
 
     def _run_reader(self) -> None:
         # Wait on the pipe and on the process: a killed process's pipe may stay open in a
@@ -337,7 +403,7 @@ class AsyncEngine:
             while True:
                 ready = multiprocessing.connection.wait([conn, sentinel])
                 if conn in ready:
-                    self._on_events(*conn.recv())
+                    self._on_events(*pickle.loads(conn.recv_bytes()))
                 elif not conn.poll():
                     break
         except (EOFError, OSError):
@@ -351,14 +417,15 @@ class AsyncEngine:
         self._fail_all(EngineDeadError("the engine is shut down" if code == 0 else
                                        f"the engine process exited (code {code})"))
 
-    def _on_events(self, events: list, step_seconds: float | None, live: dict) -> None:
+    def _on_events(self, events: list, step_seconds: float | None, live: dict | None) -> None:
         """Hand a step's events to their streams: one wake-up per event loop."""
         s, batch = self._stats, {}
-        self._live = live
+        if live is not None:
+            self._live = live
         if step_seconds is not None:
             s.steps += 1
             s.step_seconds += step_seconds
-        for request_id, item in events:
+        for key, item in events:
             final = isinstance(item, BaseException) or item.finished
             if isinstance(item, RequestDelta) and item.finished:
                 st = item.output.stats
@@ -368,7 +435,7 @@ class AsyncEngine:
                 s.requests_finished += 1
                 s.requests_failed += item.output.error is not None
             with self._cond:
-                stream = self._streams.pop(request_id, None) if final else self._streams.get(request_id)
+                stream = self._pop(key) if final else self._streams.get(key)
                 if stream is None:
                     continue
                 stream.done = stream.done or final
@@ -381,7 +448,7 @@ class AsyncEngine:
 
     def _fail_all(self, error: BaseException) -> None:
         with self._cond:
-            streams, self._streams = self._streams, {}
+            streams, self._streams, self._names = self._streams, {}, {}
         for stream in streams.values():
             stream.done = True
             try:
@@ -391,5 +458,5 @@ class AsyncEngine:
 
 
 def _deliver(items: list) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
+    for stream_queue, item in items:
+        stream_queue.put_nowait(item)

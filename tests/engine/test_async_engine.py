@@ -218,6 +218,70 @@ def test_the_engine_process_streams_what_the_sync_engine_gives(llama_dir, proc_e
     assert proc_engine.stats()["requests_finished"] >= 5 and proc_engine.engine is None
 
 
+class _RebuildsBadly(BestOfN):
+    """Pickles here; unpickling it in the engine process raises (as a class it lacks would)."""
+
+    def __reduce__(self):
+        return int, ("not a policy",)
+
+
+class _CannotPickle(BestOfN):
+    def __init__(self):
+        super().__init__(2)
+        self.hook = lambda: None
+
+
+def test_a_request_that_cannot_cross_to_the_engine_process_fails_alone(proc_engine):
+    async def main():
+        with pytest.raises(InvalidRequestError, match="rebuilt in the engine process"):
+            await _collect(proc_engine, PROMPTS[0], SamplingParams(max_tokens=4), _RebuildsBadly(2))
+        with pytest.raises(InvalidRequestError, match="cannot be sent"):
+            await _collect(proc_engine, PROMPTS[0], SamplingParams(max_tokens=4), _CannotPickle())
+        return await _collect(proc_engine, PROMPTS[1])
+
+    _, tokens, final = asyncio.run(main())
+    assert proc_engine.is_running and tokens[0] == final.samples[0].token_ids and len(tokens[0]) == 10
+    assert _wait_for(lambda: proc_engine.stats()["requests_in_flight"] == 0)
+
+
+def test_a_reused_request_id_never_gets_the_old_requests_steps(proc_engine):
+    long = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+    short = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+
+    async def main():
+        results = []
+        for _ in range(5):
+            stream = proc_engine.generate(PROMPTS[0], long, request_id="same")
+            await anext(stream)
+            await stream.aclose()  # left early: the abort races the old request's next steps
+            results.append(await _collect(proc_engine, PROMPTS[1], short, request_id="same"))
+        return results
+
+    for _, tokens, final in asyncio.run(main()):
+        assert tokens[0] == final.samples[0].token_ids and len(tokens[0]) == 3
+
+
+class _Fatal(BaseException):
+    pass
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_loop_that_dies_in_a_thread_fails_its_callers_instead_of_hanging(llama_dir, monkeypatch):
+    eng = Engine(str(llama_dir), block_size=4, num_blocks=64)
+    aeng = AsyncEngine(eng)
+
+    def fatal():
+        raise _Fatal("the loop itself broke")
+
+    monkeypatch.setattr(eng, "step_deltas", fatal)
+    with pytest.raises(EngineDeadError, match="loop stopped: _Fatal"):
+        asyncio.run(asyncio.wait_for(_collect(aeng, PROMPTS[0]), timeout=10))
+    assert not aeng.is_running
+    with pytest.raises(EngineDeadError):
+        asyncio.run(_collect(aeng, PROMPTS[0]))
+    aeng.shutdown()
+
+
 def test_a_killed_engine_process_fails_streams_fast_and_shutdown_leaves_nothing(llama_dir):
     aeng = AsyncEngine.start(EngineConfig(model=str(llama_dir), block_size=4, num_blocks=64))
     pid = aeng._process.pid
