@@ -1,17 +1,19 @@
-"""Paged decode (split-K) and extend attention against the padded-SDPA reference: random block
-tables, odd context lengths crossing page and split boundaries, GQA ratios 1/4/8, unused cache slots
-and outputs poisoned."""
+"""Paged decode (split-K) and extend attention, Triton and the CPU path, against the padded-SDPA
+reference: random block tables, odd context lengths crossing page and split boundaries, GQA ratios
+1/2/4/8, unused cache slots and outputs poisoned."""
 
 import pytest
 import torch
 
-pytest.importorskip("triton")
-
-from kernels.attention import (  # noqa: E402
+from kernels.attention import (
+    paged_attention_cpu,
     paged_attention_ref,
     paged_decode_attention_triton,
     paged_extend_attention_triton,
 )
+from kernels.dispatch import HAS_TRITON
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -49,6 +51,7 @@ def _close(a, b, dtype):
     torch.testing.assert_close(a.float(), b.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 @pytest.mark.parametrize("head_dim,group", [(64, 1), (128, 4), (64, 8)])
@@ -65,6 +68,7 @@ def test_decode_attention_matches_reference(dtype, block_size, head_dim, group, 
     _close(out, paged_attention_ref(q, kc, vc, bt, ctx, qsl, block_size, scale), dtype)
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 @pytest.mark.parametrize("head_dim,group", [(64, 1), (128, 4), (64, 8)])
@@ -80,9 +84,59 @@ def test_extend_attention_matches_reference(dtype, block_size, head_dim, group):
     _close(out, paged_attention_ref(q, kc, vc, bt, ctx, qsl, block_size, scale), dtype)
 
 
+@needs_triton
 def test_decode_split_count_does_not_change_the_result():
     q, kc, vc, bt, ctx, _ = _paged_batch([200, 5], [1, 1], 4, 2, 64, 16, torch.float32, seed=7)
     outs = [paged_decode_attention_triton(q, kc, vc, bt, ctx, 16, 0.125, 200, num_splits=s, block_n=16)
             for s in (1, 2, 7, 13)]
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], atol=1e-5, rtol=1e-5)
+
+
+# (context_lens, q_lens): decodes whose contexts cross pages; a prefill of a few hundred, suffix extends
+# over cached prefixes (two of the same length, different contexts) and a short prompt; and both in
+# one batch, with contexts far enough apart that the decodes run as two batches.
+CPU_LAYOUTS = {
+    "decode": ([1, 17, 33, 70, 129, 45], [1] * 6),
+    "extend": ([300, 60, 100, 90, 37], [300, 21, 21, 40, 37]),
+    "mixed": ([5, 700, 129, 250, 60, 83, 19], [1, 1, 1, 250, 21, 21, 1]),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("head_dim,group", [(64, 1), (128, 2), (64, 4), (96, 4)])
+@pytest.mark.parametrize("layout", list(CPU_LAYOUTS))
+def test_cpu_attention_matches_reference(dtype, block_size, head_dim, group, layout):
+    context_lens, q_lens = CPU_LAYOUTS[layout]
+    num_kv_heads = 2
+    q, kc, vc, bt, ctx, qsl = _paged_batch(context_lens, q_lens, num_kv_heads * group, num_kv_heads,
+                                           head_dim, block_size, dtype, seed=block_size + head_dim + group)
+    q, kc, vc, bt, ctx, qsl = (t.cpu() for t in (q, kc, vc, bt, ctx, qsl))
+    scale = head_dim**-0.5
+    out = paged_attention_cpu(q, kc, vc, bt, ctx, qsl, block_size, scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    _close(out, paged_attention_ref(q, kc, vc, bt, ctx, qsl, block_size, scale), dtype)
+
+
+def test_cpu_attention_batching_does_not_change_the_result():
+    context_lens, q_lens = [3, 900, 40, 333, 16, 71], [1, 1, 1, 5, 5, 1]
+    q, kc, vc, bt, ctx, qsl = (t.cpu() for t in _paged_batch(context_lens, q_lens, 8, 2, 64, 16,
+                                                              torch.float32, seed=11))
+    outs = [paged_attention_cpu(q, kc, vc, bt, ctx, qsl, 16, 0.125, min_split=m) for m in (0, 256, 10**9)]
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_attention_empty_batch_and_rows_without_queries():
+    q, kc, vc, bt, ctx, qsl = (t.cpu() for t in _paged_batch([20, 7, 33], [3, 0, 1], 4, 2, 64, 4,
+                                                              torch.float32, seed=5))
+    out = paged_attention_cpu(q, kc, vc, bt, ctx, qsl, 4, 0.125)
+    _close(out, paged_attention_ref(q, kc, vc, bt, ctx, qsl, 4, 0.125), torch.float32)
+    q, kc, vc, bt, ctx, qsl = (t.cpu() for t in _paged_batch([20, 7, 33], [2, 0, 2], 4, 2, 64, 4,
+                                                              torch.float32, seed=6))
+    out = paged_attention_cpu(q, kc, vc, bt, ctx, qsl, 4, 0.125)
+    _close(out, paged_attention_ref(q, kc, vc, bt, ctx, qsl, 4, 0.125), torch.float32)
+    empty = paged_attention_cpu(q[:0], kc, vc, bt[:0], ctx[:0], qsl[:1], 4, 0.125)
+    assert empty.shape == (0, 4, 64)
+    assert paged_attention_ref(q[:0], kc, vc, bt[:0], ctx[:0], qsl[:1], 4, 0.125).shape == (0, 4, 64)
