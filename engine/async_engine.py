@@ -26,6 +26,7 @@ gets the steps it missed merged into one delta, and the loop sleeps when idle.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import multiprocessing
 import multiprocessing.connection
@@ -157,6 +158,11 @@ def _child_main(config: EngineConfig, inbox, outbox) -> None:
         outbox.send(("failed", f"{type(e).__name__}: {e}"))
         return
     limits = eng.inputs.limits
+    # This process is the engine's: what was built so far lives as long as it does, and frozen
+    # out of the cyclic collector a full collection no longer walks it (one took 231 ms, a
+    # stall every few hundred steps at batch 256; bench/host_overhead.py).
+    gc.collect()
+    gc.freeze()
     outbox.send(("ready", limits, _live_stats(eng)))
 
     def receive(block: bool) -> list:

@@ -4,6 +4,7 @@ HTTP; build the adapter's training data and train it."""
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -173,6 +174,8 @@ def cmd_serve(args) -> int:
     engine = AsyncEngine.start(_config(args)) if args.engine_process else AsyncEngine(_engine(args))
     name = args.served_model_name or args.model.rstrip("/").rsplit("/", 1)[-1]
     app = build_app(engine, name, max_waiting=args.max_waiting)
+    gc.collect()
+    gc.freeze()  # this process serves until it exits: keep full collections off what it built
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:

@@ -165,7 +165,7 @@ class EngineCore:
         phase = prof.phase if prof is not None else _no_phase
         ready, self._ready = self._ready, []
         touched = {r.request_id: r for r in ready}
-        error = self._transaction(lambda: self._step_transaction(touched, phase))
+        error = self._transaction(lambda: self._step_transaction(touched, phase), phase)
         if isinstance(error, BaseException):  # undone: the engine stays usable
             self._ready = ready + self._ready
             culprits = self._isolate() if isinstance(error, Exception) else []
@@ -174,12 +174,13 @@ class EngineCore:
             for request in culprits:  # their own input makes any step fail: they end, others go on
                 self._fail(request, f"a step with this request raised {error!r}")
                 touched[request.request_id] = request
-        with phase("policy"):
-            for request in self.requests.values():
-                if request.policy is not None and not request.policy.done:
-                    touched[request.request_id] = request
+        for request in self.requests.values():
+            if request.policy is not None and not request.policy.done:
+                touched[request.request_id] = request
+        with phase("detokenize"):
             for request in touched.values():
                 self.outputs.advance_text(request)
+        with phase("policy"):
             for request in touched.values():
                 if request.policy is not None and not request.policy.done:
                     try:
@@ -187,19 +188,22 @@ class EngineCore:
                     except Exception as e:  # a policy's own bug fails its request only
                         self._fail(request, f"policy {type(request.policy.policy).__name__} raised {e!r}")
                     self.outputs.advance_text(request)  # flush the text of samples it dropped
+        with phase("output"):
             live = [r for r in touched.values() if r.request_id in self.requests]
             return [self.outputs.delta(r, self.requests) for r in live]
 
-    def _transaction(self, body) -> BaseException | None:
+    def _transaction(self, body, phase=_no_phase) -> BaseException | None:
         """Run body all or nothing: on any exception (Ctrl-C too) undo it and return it."""
-        snapshot = self.scheduler.snapshot()
-        self.block_manager.begin()
+        with phase("snapshot"):
+            snapshot = self.scheduler.snapshot()
+            self.block_manager.begin()
         try:
             body()
         except BaseException as e:
             self.scheduler.restore(snapshot, self.block_manager.rollback())
             return e
-        self.block_manager.commit()
+        with phase("snapshot"):
+            self.block_manager.commit()
         return None
 
     def _isolate(self) -> list[Request]:
@@ -221,11 +225,12 @@ class EngineCore:
         """Schedule, run, sample and update: all or nothing (the caller undoes a failure)."""
         prof = self.profiler
         with phase("schedule"):
-            out = self.scheduler.schedule()
+            out = self.scheduler.schedule(layout=False)
+        with phase("prepare"):
+            self.scheduler.layout(out)
         if out.seqs:
             start = time.perf_counter()
-            with phase("forward"):
-                logits = self.runner.execute(out.step, phase)
+            logits = self.runner.execute(out.step, phase)
             if prof is not None and not probe:
                 prof.record(out, time.perf_counter() - start)
             num_sample = len(out.sample_seqs)
@@ -235,41 +240,46 @@ class EngineCore:
                     scores = score_from_logits(logits[num_sample:], self.spec).tolist()
             tokens, logprobs = [], []
             if num_sample:
-                with phase("sample"):
-                    tokens, logprobs = self._sample(out, logits[:num_sample])
+                tokens, logprobs = self._sample(out, logits[:num_sample], phase)
             with phase("update"):
                 self.scheduler.update_from_output(out, tokens, logprobs, scores)
             if probe:
                 raise _ProbeDone
-            for seq in out.seqs + out.sample_seqs:
+            for seq in out.seqs:  # samples forked in the step belong to a root's request in it
                 touched[seq.request.request_id] = seq.request
         elif self.scheduler.has_work() and not probe:
             raise RuntimeError("the scheduler could not place any sequence: KV cache too small")
 
-    def _sample(self, out: SchedulerOutput, logits: torch.Tensor) -> tuple[list[int], list[float]]:
+    def _sample(self, out: SchedulerOutput, logits: torch.Tensor, phase=_no_phase,
+                ) -> tuple[list[int], list[float]]:
+        """Sampling math under phase "sample"; the host's per-sequence work under "sample_prep"."""
         seqs, dev = out.sample_seqs, logits.device
-        confident = [i for i, s in enumerate(seqs) if s.request.track_confidence]
+        with phase("sample_prep"):
+            confident = [i for i, s in enumerate(seqs) if s.request.track_confidence]
+            params = [s.request.params for s in seqs]
+            alternatives = [i for i, p in enumerate(params) if p.logprobs]
         if confident:
-            conf = token_confidence(logits[torch.tensor(confident, device=dev)]).tolist()
+            with phase("sample"):
+                conf = token_confidence(logits[torch.tensor(confident, device=dev)]).tolist()
             for i, c in zip(confident, conf):
                 seqs[i].confidences.append(c)
-        params = [s.request.params for s in seqs]
-        alternatives = [i for i, p in enumerate(params) if p.logprobs]
         if alternatives:  # the most likely tokens under the untempered model, as the logprobs
-            rows = logits[torch.tensor(alternatives, device=dev)].float().log_softmax(dim=-1)
-            k = min(max(params[i].logprobs for i in alternatives), rows.shape[-1])
-            values, ids = rows.topk(k, dim=-1)
-            for i, v, t in zip(alternatives, values.tolist(), ids.tolist()):
+            with phase("sample"):
+                rows = logits[torch.tensor(alternatives, device=dev)].float().log_softmax(dim=-1)
+                k = min(max(params[i].logprobs for i in alternatives), rows.shape[-1])
+                values, ids = rows.topk(k, dim=-1)
+                values, ids = values.tolist(), ids.tolist()
+            for i, v, t in zip(alternatives, values, ids):
                 seqs[i].top_logprobs.append(list(zip(t, v))[:params[i].logprobs])
-        tokens, logprobs = kernels.sample(
-            logits,
-            torch.tensor([s.temperature for s in seqs], dtype=torch.float32, device=dev),
-            torch.tensor([p.top_k for p in params], dtype=torch.int64, device=dev),
-            torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
-            torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev),
-            torch.tensor([s.num_generated for s in seqs], dtype=torch.int64, device=dev),
-        )
-        return tokens.tolist(), logprobs.tolist()
+        with phase("sample_prep"):
+            columns = (torch.tensor([s.temperature for s in seqs], dtype=torch.float32, device=dev),
+                       torch.tensor([p.top_k for p in params], dtype=torch.int64, device=dev),
+                       torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
+                       torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev),
+                       torch.tensor([s.num_generated for s in seqs], dtype=torch.int64, device=dev))
+        with phase("sample"):
+            tokens, logprobs = kernels.sample(logits, *columns)
+            return tokens.tolist(), logprobs.tolist()
 
     def _fail(self, request: Request, error: str) -> None:
         """End a request with finish reason "error" and free its blocks; others go on. Samples

@@ -16,15 +16,14 @@ class IncrementalDetokenizer:
         self._emitted = 0  # characters of _text already returned
         self.stopped = False
         backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._stream = None
         if backend is not None:
             from tokenizers.decoders import DecodeStream
 
             self._backend = backend
             self._stream = DecodeStream(ids=list(prompt_ids)[-8:], skip_special_tokens=True)
-            self._step = self._stream_step
-        else:
-            self._step = self._window_step
-        # Tokens since the last decoded piece (a character still incomplete) after a short context.
+        # Recent ids: the first _prefix are decoded (context for the window decode of slow
+        # tokenizers and of the final flush); the rest are a character still incomplete.
         self._tokenizer = tokenizer
         self._ids: list[int] = list(prompt_ids)[-8:]
         self._prefix = len(self._ids)
@@ -32,15 +31,6 @@ class IncrementalDetokenizer:
     @property
     def text(self) -> str:
         return self._text
-
-    def _stream_step(self, token: int) -> str:
-        self._ids.append(token)
-        piece = self._stream.step(self._backend, token)
-        if piece is None:
-            return ""
-        self._ids = self._ids[-8:]
-        self._prefix = len(self._ids)
-        return piece
 
     def _window_step(self, token: int, final: bool = False) -> str:
         """Decode a short window and emit what grew past its context (slow tokenizers, and the
@@ -59,10 +49,23 @@ class IncrementalDetokenizer:
     def push(self, token_ids: Sequence[int], final: bool = False) -> str:
         """Decode new tokens; returns the text now safe to emit. final: generation ended, flush
         what was held back for a stop string."""
+        stream, ids = self._stream, self._ids
         for token in token_ids:
             if self.stopped:
                 break
-            self._add(self._step(int(token)))
+            token = int(token)
+            if stream is None:
+                piece = self._window_step(token)
+            else:
+                ids.append(token)
+                piece = stream.step(self._backend, token)
+                if piece is None:  # part of a character: the next token completes it
+                    continue
+                if len(ids) > 32:  # trimmed now and then, not sliced every token
+                    del ids[:-8]
+                self._prefix = len(ids)
+            if piece:
+                self._add(piece)
         if final and not self.stopped and len(self._ids) > self._prefix:
             self._add(self._window_step(-1, final=True))  # a character never completed: U+FFFD
         end = len(self._text) if (final or self.stopped) else max(len(self._text) - self._hold, self._emitted)
@@ -72,11 +75,13 @@ class IncrementalDetokenizer:
     def _add(self, piece: str) -> None:
         if self.stopped or not piece:
             return
+        if not self.stop:
+            self._text += piece
+            return
         start = max(len(self._text) - self._hold, 0)
         self._text += piece
-        if self.stop:
-            window = self._text[start:]
-            hits = [i for i in (window.find(s) for s in self.stop) if i >= 0]
-            if hits:
-                self._text = self._text[:start + min(hits)]
-                self.stopped = True
+        window = self._text[start:]
+        hits = [i for i in (window.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self._text = self._text[:start + min(hits)]
+            self.stopped = True

@@ -17,40 +17,54 @@ class OutputProcessor:
 
     def advance_text(self, request: Request) -> None:
         """Detokenize each sample's new tokens; a stop string ends its generation."""
-        for seq in request.samples:
+        base = request.num_prompt
+        for seq in request.seqs:  # once per sample per step: kept lean
+            if seq.is_root:
+                continue
             if seq.detokenizer is None:
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_ids,
                                                          request.params.stop)
-            new = seq.token_ids[request.num_prompt + seq.detokenized:]
-            if not new and (seq.generating or seq.emitted_end):
+            start = base + seq.detokenized
+            generating = seq.finish_reason is None
+            if start == len(seq.token_ids) and (generating or seq.emitted_end):
                 continue
+            new = seq.token_ids[start:]
             seq.detokenized += len(new)
-            text = seq.detokenizer.push(new, final=not seq.generating)
+            text = seq.detokenizer.push(new, final=not generating)
             if seq.detokenizer.stopped and seq.finish_reason in (None, "length"):
-                if seq.generating:
+                if generating:
                     self.scheduler.finish(seq, "stop")
                 seq.finish_reason = "stop"
-            seq.pending_text += text
+            if text:
+                seq.pending_text += text
 
     def delta(self, request: Request, requests: dict[int, Request]) -> RequestDelta:
         """What changed since the last delta; the last one (request finished) carries the output
         and removes the request from `requests`."""
         delta = RequestDelta(request.request_id)
-        for seq in request.samples:
-            gen = seq.token_ids[request.num_prompt + seq.emitted:]
-            d = SampleDelta(seq.index, gen, seq.pending_text, seq.logprobs[seq.emitted:],
-                            checkpoint_scores=seq.checkpoint_scores[seq.emitted_scores:],
-                            top_logprobs=seq.top_logprobs[seq.emitted:])
-            seq.emitted += len(gen)
+        base = request.num_prompt
+        for seq in request.seqs:  # once per sample per step: kept lean
+            if seq.is_root:
+                continue
+            emitted = seq.emitted
+            ended = seq.finish_reason is not None and not seq.emitted_end
+            score = seq.score if seq.score is not None and not seq.score_emitted else None
+            if (len(seq.token_ids) == base + emitted and not seq.pending_text and not ended
+                    and score is None and len(seq.checkpoint_scores) == seq.emitted_scores):
+                continue  # nothing new
+            scores, top, logprobs = seq.checkpoint_scores, seq.top_logprobs, seq.logprobs
+            d = SampleDelta(seq.index, seq.token_ids[base + emitted:], seq.pending_text, logprobs[emitted:],
+                            checkpoint_scores=scores[seq.emitted_scores:] if scores else [],
+                            top_logprobs=top[emitted:] if top else [])
+            seq.emitted += len(d.token_ids)
             seq.emitted_scores = len(seq.checkpoint_scores)
             seq.pending_text = ""
-            if not seq.generating and not seq.emitted_end:
+            if ended:
                 d.finish_reason = seq.finish_reason
                 seq.emitted_end = True
-            if seq.score is not None and not seq.score_emitted:
-                d.score, seq.score_emitted = seq.score, True
-            if d.token_ids or d.text or d.finish_reason or d.score or d.checkpoint_scores:
-                delta.samples.append(d)
+            if score is not None:
+                d.score, seq.score_emitted = score, True
+            delta.samples.append(d)
         if request.finished:
             del requests[request.request_id]
             delta.finished, delta.output = True, self.output(request)

@@ -14,6 +14,7 @@ import kernels
 from engine.model.llama import AttentionMetadata, LlamaForCausalLM
 from engine.step_input import StepInput
 
+_no_phase = contextlib.nullcontext
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
@@ -73,29 +74,34 @@ class ModelRunner:
     def execute(self, step: StepInput, phase=None) -> torch.Tensor:
         """Apply the step's copy-on-write copies, run the model over its tokens and return
         float32 logits [len(step.logit_rows), V]. phase: a profiler's phase timer, if any."""
+        phase = phase or _no_phase
         if step.cow.size:
-            with phase("block_copy") if phase is not None else contextlib.nullcontext():
+            with phase("block_copy"):
                 self._copy_blocks(step.cow)
         adapter = step.uses_adapter and self.adapter_loaded
         if not adapter and self._graph_size(np.diff(step.query_start_loc)) is not None:
-            return self._run_decode_static(step)
-        to = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dt)  # noqa: E731
-        counts = np.diff(step.query_start_loc)
-        meta = AttentionMetadata(
-            positions=to(step.positions, torch.int64),
-            slot_mapping=to(step.slot_mapping, torch.int64),
-            block_tables=to(step.block_tables, torch.int32),
-            context_lens=to(step.context_lens, torch.int32),
-            query_start_loc=to(step.query_start_loc, torch.int32),
-            block_size=self.block_size,
-            max_query_len=int(counts.max()),
-            max_context_len=int(step.context_lens.max()),
-            adapter_mask=to(step.adapter_mask, torch.bool) if adapter else None,
-        )
-        hidden = self.model(to(step.token_ids, torch.int64), meta, self.kv_cache)
-        if len(step.logit_rows) != step.num_tokens or (step.logit_rows != np.arange(step.num_tokens)).any():
-            hidden = hidden[to(step.logit_rows, torch.int64)]
-        return self.model.compute_logits(hidden)
+            return self._run_decode_static(step, phase)
+        with phase("to_device"):
+            to = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dt)  # noqa: E731
+            counts = np.diff(step.query_start_loc)
+            meta = AttentionMetadata(
+                positions=to(step.positions, torch.int64),
+                slot_mapping=to(step.slot_mapping, torch.int64),
+                block_tables=to(step.block_tables, torch.int32),
+                context_lens=to(step.context_lens, torch.int32),
+                query_start_loc=to(step.query_start_loc, torch.int32),
+                block_size=self.block_size,
+                max_query_len=int(counts.max()),
+                max_context_len=int(step.context_lens.max()),
+                adapter_mask=to(step.adapter_mask, torch.bool) if adapter else None,
+            )
+            ids = to(step.token_ids, torch.int64)
+            rows, every = None, np.arange(step.num_tokens)
+            if len(step.logit_rows) != step.num_tokens or (step.logit_rows != every).any():
+                rows = to(step.logit_rows, torch.int64)
+        with phase("forward"):
+            hidden = self.model(ids, meta, self.kv_cache)
+            return self.model.compute_logits(hidden if rows is None else hidden[rows])
 
     def _copy_blocks(self, cow: np.ndarray) -> None:
         """Copy-on-write: every (src, dst) block pair of every layer's K and V in one call."""
@@ -142,30 +148,32 @@ class ModelRunner:
         hidden = self.model(self._static["ids"][:size], self._static_meta(size), self.kv_cache)
         return self.model.compute_logits(hidden)
 
-    def _run_decode_static(self, step: StepInput) -> torch.Tensor:
+    def _run_decode_static(self, step: StepInput, phase=_no_phase) -> torch.Tensor:
         batch = step.num_seqs
         size = self._graph_size(np.ones(batch, dtype=np.int64))
-        h = {k: v[:size].numpy() for k, v in self._host.items()}
-        scratch_slot = self.scratch_block * self.block_size
-        h["ids"][:batch], h["ids"][batch:] = step.token_ids, 0
-        h["positions"][:batch], h["positions"][batch:] = step.positions, 0
-        h["slots"][:batch], h["slots"][batch:] = step.slot_mapping, scratch_slot
-        h["context_lens"][:batch], h["context_lens"][batch:] = step.context_lens, 1
-        width = step.block_tables.shape[1]
-        h["tables"][:batch, :width] = step.block_tables
-        h["tables"][:batch, width:] = 0
-        h["tables"][batch:] = self.scratch_block
-        for name, host in self._host.items():
-            self._static[name][:size].copy_(host[:size], non_blocking=True)
-        if self.graphs_mode == "cuda":
-            self._graphs[size].replay()
-            logits = self._logits[size][:batch]
-        else:
-            logits = self._forward_static(size)[:batch]
-        rows = step.logit_rows
-        if len(rows) != batch or (rows != np.arange(batch)).any():
-            logits = logits[torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(self.device)]
-        return logits.clone() if self.graphs_mode == "cuda" else logits
+        with phase("to_device"):
+            h = {k: v[:size].numpy() for k, v in self._host.items()}
+            scratch_slot = self.scratch_block * self.block_size
+            h["ids"][:batch], h["ids"][batch:] = step.token_ids, 0
+            h["positions"][:batch], h["positions"][batch:] = step.positions, 0
+            h["slots"][:batch], h["slots"][batch:] = step.slot_mapping, scratch_slot
+            h["context_lens"][:batch], h["context_lens"][batch:] = step.context_lens, 1
+            width = step.block_tables.shape[1]
+            h["tables"][:batch, :width] = step.block_tables
+            h["tables"][:batch, width:] = 0
+            h["tables"][batch:] = self.scratch_block
+            for name, host in self._host.items():
+                self._static[name][:size].copy_(host[:size], non_blocking=True)
+        with phase("forward"):
+            if self.graphs_mode == "cuda":
+                self._graphs[size].replay()
+                logits = self._logits[size][:batch]
+            else:
+                logits = self._forward_static(size)[:batch]
+            rows = step.logit_rows
+            if len(rows) != batch or (rows != np.arange(batch)).any():
+                logits = logits[torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(self.device)]
+            return logits.clone() if self.graphs_mode == "cuda" else logits
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:

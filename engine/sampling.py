@@ -174,7 +174,7 @@ class RequestOutput:
         return self.best.text
 
 
-@dataclass
+@dataclass(slots=True)
 class SampleDelta:
     """What one sample added in one step. finish_reason is set once, when its generation ended;
     score (score, p_yes, p_no) once, when its end score landed."""
@@ -199,7 +199,7 @@ class SampleDelta:
         self.score = later.score or self.score
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestDelta:
     """A request's changes in one step; the last one has finished=True and the full output."""
 

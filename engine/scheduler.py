@@ -92,13 +92,17 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = SeqStatus.FINISHED
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, layout: bool = True) -> SchedulerOutput:
+        """Pick the step's sequences and (layout) place their tokens: out.step is the StepInput.
+        layout=False leaves that to a later self.layout(out) (to time the two apart)."""
         out = self._schedule_once()
         while not out.seqs and self.waiting and self.running and self.only is None:
             # Nothing running has work (a root whose samples were preempted, say) yet it holds
             # the blocks the queue's head needs: free the youngest and try again.
             self.preempt(self.running[-1])
             out = self._schedule_once()
+        if layout:
+            self.layout(out)
         return out
 
     def _schedule_once(self) -> SchedulerOutput:
@@ -148,8 +152,6 @@ class Scheduler:
             self._take(out, seq, n, suffix)
             budget -= n + len(suffix)
             reserved += need
-        if out.seqs:
-            self._layout(out)
         return out
 
     def _head(self) -> Sequence | None:
@@ -198,9 +200,11 @@ class Scheduler:
         out.num_real.append(n)
         out.suffixes.append(suffix)
 
-    def _layout(self, out: SchedulerOutput) -> None:
+    def layout(self, out: SchedulerOutput) -> None:
         """Place the step's tokens in the cache, fork the samples that wait for a root whose
-        prompt this step completes, and pick the logit rows."""
+        prompt this step completes, and pick the logit rows (nothing to do for an empty step)."""
+        if not out.seqs:
+            return
         chunks = [s.token_ids[s.num_computed:s.num_computed + n] + list(x)
                   for s, n, x in zip(out.seqs, out.num_real, out.suffixes)]
         sample_rows, score_rows = [], []

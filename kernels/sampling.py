@@ -136,10 +136,44 @@ def sample_triton(
     return tokens, logprobs
 
 
+_column_keys: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def sample_cpu(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+    seeds: torch.Tensor, steps: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sample_ref's tokens with less work (the path without Triton): greedy rows take the argmax
+    and draw no noise, the per-token half of the noise hash is computed once per vocabulary,
+    and the token's logprob is its logit minus the row's log-sum-exp (no [B, V] log_softmax)."""
+    logits = logits.float()
+    vocab = logits.shape[-1]
+    tokens = logits.argmax(dim=-1)
+    rows = torch.nonzero(temperature > 0).flatten()
+    if rows.numel():
+        key = (vocab, logits.device)
+        if key not in _column_keys:
+            cols = torch.arange(vocab, device=logits.device, dtype=torch.int64)
+            _column_keys[key] = _hash32(cols * 0x2545F491 + 0x1B873593)
+        every = rows.numel() == len(tokens)
+        sub = logits if every else logits[rows]
+        scaled = sub / temperature[rows][:, None]
+        cutoff = logit_cutoff(scaled, top_k[rows], top_p[rows])
+        bits = _hash32(row_keys(seeds[rows], steps[rows])[:, None] ^ _column_keys[key][None, :])
+        gumbel = -torch.log(-torch.log(((bits >> 8).float() + 0.5) / float(1 << 24)))
+        drawn = torch.where(scaled >= cutoff[:, None], scaled + gumbel, float("-inf")).argmax(dim=-1)
+        if every:
+            tokens = drawn
+        else:
+            tokens[rows] = drawn
+    logprobs = logits.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    return tokens, logprobs
+
+
 def sample(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
     seeds: torch.Tensor, steps: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(logits):
         return sample_triton(logits, temperature, top_k, top_p, seeds, steps)
-    return sample_ref(logits, temperature, top_k, top_p, seeds, steps)
+    return sample_cpu(logits, temperature, top_k, top_p, seeds, steps)

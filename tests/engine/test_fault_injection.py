@@ -115,10 +115,10 @@ def test_a_request_that_makes_every_step_fail_is_failed_alone(llama_dir, monkeyp
     expected = eng.generate([[5, 6, 7], [9, 10]], params)
     real = eng.core._sample
 
-    def picky(out, logits):
+    def picky(out, logits, *rest):
         if any(s.temperature == 0.5 for s in out.sample_seqs):
             raise ValueError("unsupported temperature")
-        return real(out, logits)
+        return real(out, logits, *rest)
 
     monkeypatch.setattr(eng.core, "_sample", picky)
     bad = SamplingParams(temperature=0.5, max_tokens=6, ignore_eos=True)

@@ -15,7 +15,8 @@ def test_profiler_records_phases_and_token_mix(llama_dir):
     eng.profiler = prof = StepProfiler()
     outs = eng.generate([[5, 6, 7, 8, 9]], SamplingParams(n=3, max_tokens=6, ignore_eos=True, score=True))
     s = prof.summary()
-    assert {"schedule", "forward", "sample", "score", "policy"} <= set(s["phase_seconds"])
+    assert {"snapshot", "schedule", "prepare", "block_copy", "to_device", "forward", "score", "sample_prep",
+            "sample", "update", "detokenize", "policy", "output"} == set(s["phase_seconds"])
     assert s["prefill_tokens"] == 5
     # Every generated token but the first (sampled off the prefill) is computed by a decode or
     # (the last one of each sample) inside its scoring extend.

@@ -1,12 +1,15 @@
-"""The Triton sampler against the reference: the same tokens and logprobs for every mix of greedy,
-temperature, top-k and top-p rows, and a row's token never depends on the rows beside it."""
+"""The Triton sampler and the CPU sampler against the reference: the same tokens and logprobs for
+every mix of greedy, temperature, top-k and top-p rows, and a row's token never depends on the
+rows beside it."""
 
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from kernels.dispatch import HAS_TRITON
+from kernels.sampling import logit_cutoff, sample_cpu, sample_ref, sample_triton
 
-from kernels.sampling import logit_cutoff, sample_ref, sample_triton  # noqa: E402
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+SAMPLERS = [pytest.param(sample_triton, marks=needs_triton, id="triton"), pytest.param(sample_cpu, id="cpu")]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -22,22 +25,38 @@ def _rows(n, vocab, seed):
     return [t.to(DEVICE) for t in (logits, temperature, top_k, top_p, seeds, steps)]
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("vocab", [1, 37, 1000, 5003])
-def test_triton_sampler_matches_reference(vocab):
+def test_sampler_matches_reference(sampler, vocab):
     for seed in range(3):
         args = _rows(8, vocab, seed)
-        tok, lp = sample_triton(*args)
+        tok, lp = sampler(*args)
         ref_tok, ref_lp = sample_ref(*args)
         assert tok.tolist() == ref_tok.tolist()
         torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=1e-5)
 
 
-def test_token_is_independent_of_the_batch():
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_cpu_sampler_on_all_greedy_all_sampled_and_empty_batches(temperature):
+    g = torch.Generator().manual_seed(3)
+    for rows in (0, 1, 64):
+        args = (3 * torch.randn(rows, 501, generator=g), torch.full((rows,), temperature),
+                torch.zeros(rows, dtype=torch.int64), torch.ones(rows),
+                torch.randint(0, 2**62, (rows,), generator=g), torch.randint(0, 100, (rows,), generator=g))
+        tok, lp = sample_cpu(*args)
+        ref_tok, ref_lp = sample_ref(*args)
+        assert tok.tolist() == ref_tok.tolist() and tok.dtype == ref_tok.dtype
+        torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_token_is_independent_of_the_batch(sampler):
     args = _rows(8, 777, seed=11)
-    alone = [sample_triton(*[a[i:i + 1] for a in args])[0].item() for i in range(8)]
-    assert sample_triton(*args)[0].tolist() == alone
+    alone = [sampler(*[a[i:i + 1] for a in args])[0].item() for i in range(8)]
+    assert sampler(*args)[0].tolist() == alone
 
 
+@needs_triton
 def test_filters_keep_only_allowed_tokens():
     logits, temperature, _, _, seeds, _ = _rows(8, 300, seed=5)
     top_k = torch.full((8,), 3, device=DEVICE)

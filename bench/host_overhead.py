@@ -1,0 +1,134 @@
+"""What the host costs per decode step: everything but the model forward and the sampling math,
+split by phase (engine.profiler), at batch 1, 64 and 256, and at 256 with every sample scored in
+place at one checkpoint (the step that carries the suffixes, and the decode steps around it).
+
+On the CPU a tiny model (2 layers, hidden 32) makes the forward nearly free, so the host's share
+shows plainly; on a GPU the Llama-3.1-8B shape (random bf16 weights) gives host time as a share
+of a real step. Host time = step wall time - forward - score - sample (the math and the read
+back); every phase is timed with a device sync at its edges.
+
+    python bench/host_overhead.py [--steps 100] [--device cpu|cuda] [--model DIR]
+
+Writes bench/results/host_overhead-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+if sys.path and Path(sys.path[0] or ".").resolve() == _HERE:
+    sys.path.pop(0)
+sys.path.append(str(_HERE))
+import torch  # noqa: E402
+from benchlib import model_dir, print_table, write_results  # noqa: E402
+
+from engine import Engine, SamplingParams  # noqa: E402
+from engine.profiler import StepProfiler  # noqa: E402
+
+DEVICE_PHASES = ("forward", "score", "sample")
+HOST_PHASES = ("snapshot", "schedule", "prepare", "block_copy", "to_device", "sample_prep", "update",
+               "detokenize", "policy", "output")
+CHECKPOINT = 8  # generated tokens at which the scored case asks every sample for its score
+
+
+def tiny_model(out: Path) -> Path:
+    from engine.testing.make_model import make_model
+
+    return make_model(out / "tiny", "llama", seed=0, num_hidden_layers=2, hidden_size=32,
+                      intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
+
+
+def run_case(path: str, device: str, batch: int, steps: int, prompt_len: int, score: bool,
+             load_format: str) -> dict:
+    eng = Engine(path, device=device, block_size=16, max_num_seqs=max(batch, 1),
+                 max_batch_tokens=max(2048, batch * prompt_len), load_format=load_format,
+                 num_blocks=batch * -(-(prompt_len + steps + 40) // 16) + 64)
+    gc.collect()
+    gc.freeze()  # what a process that owns its engine does (the CLI and the engine process do)
+    params = SamplingParams(temperature=1.0, max_tokens=steps + 32, ignore_eos=True, seed=0,
+                            score_at=(CHECKPOINT,) if score else ())
+    for i in range(batch):
+        eng.add_request([5 + (7 * i + j) % 200 for j in range(prompt_len)], params)
+    scheduler = eng.core.scheduler
+    while scheduler.waiting or any(s.num_generated == 0 for s in scheduler.running):
+        eng.step_deltas()  # prefill
+    eng.step_deltas()
+    prof = StepProfiler(device)
+    eng.profiler = prof
+    per_step = []
+    for _ in range(steps):
+        before = dict(prof.phase_seconds)
+        records = len(prof.steps)
+        start = time.perf_counter()
+        eng.step_deltas()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+        phases = {k: v - before.get(k, 0.0) for k, v in prof.phase_seconds.items()}
+        kind = prof.steps[records].kind if len(prof.steps) > records else "none"
+        per_step.append((kind, wall, phases))
+    eng.profiler = None
+    gc.unfreeze()
+    rows = []
+    kinds = ["decode", "score"] if score else ["decode"]
+    for kind in kinds:
+        mine = [(w, p) for k, w, p in per_step if k == kind]
+        if not mine:
+            continue
+        row = {"case": f"b{batch}" + ("+score" if score else ""), "step": kind, "steps": len(mine)}
+        row["step_ms"] = statistics.median(w for w, _ in mine) * 1e3
+        hosts = [w - sum(p.get(x, 0.0) for x in DEVICE_PHASES) for w, p in mine]
+        row["host_ms"] = statistics.median(hosts) * 1e3
+        row["host_mean_ms"] = statistics.fmean(hosts) * 1e3
+        row["host_share"] = row["host_ms"] / row["step_ms"]
+        for name in DEVICE_PHASES + HOST_PHASES:
+            row[name] = statistics.fmean(p.get(name, 0.0) for _, p in mine) * 1e3
+        row["untimed"] = row["host_mean_ms"] - sum(row[x] for x in HOST_PHASES)
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--batches", default="1,64,256")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", default=None, help="a checkpoint (default: tiny on CPU, 8B shape on CUDA)")
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the host is one thread)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model:
+            path, load_format, label = args.model, "auto", args.model
+        elif args.device == "cuda":
+            path, load_format, label = str(model_dir(Path(tmp), toy=False)), "dummy", "llama-3.1-8b shape"
+        else:
+            path, load_format, label = str(tiny_model(Path(tmp))), "auto", "tiny llama (2 layers, hidden 32)"
+        rows = []
+        for batch in batches:
+            rows += run_case(path, args.device, batch, args.steps, args.prompt_len, False, load_format)
+        rows += run_case(path, args.device, max(batches), max(args.steps // 4, 2 * CHECKPOINT),
+                         args.prompt_len, True, load_format)
+    print_table(rows, ["case", "step", "steps", "step_ms", "host_ms", "host_share", "forward", "sample",
+                       "snapshot", "schedule", "prepare", "to_device", "sample_prep", "update", "detokenize",
+                       "policy", "output", "untimed"])
+    metrics = {"rows": rows, "model": label, "prompt_len": args.prompt_len, "threads": args.threads}
+    for r in rows:
+        if r["step"] == "decode":
+            metrics[f"host_ms_{r['case']}"] = r["host_ms"]
+    write_results("host_overhead", torch.device(args.device), metrics, args.out)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
