@@ -6,6 +6,11 @@ return to their baseline, and the engine's offline throughput on the same work i
 the same warm-up; the server sees at most `--concurrency` at a time, so batch sizes differ.
 
     python bench/serve_load.py [--requests 1000] [--concurrency 64] [--max-tokens 32] [--model DIR]
+    python bench/serve_load.py --pin     # CPU: the engine gets core 0 alone, server and offline alike
+
+On a small CPU the client, the HTTP server and the engine share the cores, so the server's
+throughput there measures CPU sharing as much as serving; --pin gives the engine the same one core
+in both runs (HTTP and client on the rest), which isolates what serving costs the engine.
 
 Writes bench/results/serve_load-<device>.json.
 """
@@ -124,6 +129,12 @@ def cpu_seconds(pid: int | None = None) -> dict[str, float]:
     return out
 
 
+def pin(pid: int, cores: set[int]) -> None:
+    """Every thread of a process onto `cores` (sched_setaffinity of a pid moves one thread)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), cores)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=1000)
@@ -136,8 +147,17 @@ def main(argv: list[str] | None = None) -> dict:
                     help="torch threads of the engine, in the server and offline alike (default: torch's)")
     ap.add_argument("--engine-thread", action="store_true",
                     help="run the engine loop in a thread of the HTTP process (default: its own process)")
+    ap.add_argument("--pin", action="store_true",
+                    help="CPU: the engine (server's engine process, and offline) on core 0 with one torch "
+                         "thread; the HTTP server and the client on the other cores")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    all_cores = os.sched_getaffinity(0)
+    if args.pin:
+        if args.engine_thread or len(all_cores) < 2:
+            ap.error("--pin needs the engine process (not --engine-thread) and two cores or more")
+        args.engine_threads = 1
+    engine_core, other_cores = {min(all_cores)}, all_cores - {min(all_cores)}
     if args.engine_threads:
         torch.set_num_threads(args.engine_threads)
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.engine_threads)} if args.engine_threads else {}))
@@ -161,6 +181,11 @@ def main(argv: list[str] | None = None) -> dict:
                         break
                 except httpx.HTTPError:
                     time.sleep(0.2)
+            if args.pin:
+                pin(proc.pid, other_cores)
+                for child in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+                    pin(int(child), engine_core)
+                pin(os.getpid(), other_cores)
             asyncio.run(drive(url, work[:8], 8))  # warm-up
             before = httpx.get(f"{url}/metrics").text
             cpu_server, cpu_client = cpu_seconds(proc.pid), cpu_seconds()
@@ -173,6 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             proc.terminate()
             proc.wait(timeout=60)
+        if args.pin:
+            pin(os.getpid(), engine_core)
         offline_s, offline_tokens = offline_seconds(path, work, args.device, None, load_format)
         same_s, same_tokens = offline_seconds(path, work, args.device, args.concurrency, load_format)
 
@@ -199,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu_seconds_http_server": cpu_server["server"],
         "cpu_seconds_engine_process": cpu_server.get("engine_process"), "cpu_seconds_client": cpu_client,
         "cpu_cores": os.cpu_count(), "engine_threads": torch.get_num_threads(),
-        "engine_loop": "thread" if args.engine_thread else "process",
+        "engine_loop": "thread" if args.engine_thread else "process", "pinned": args.pin,
         "kv_blocks_used_after": metric(after, "selfeval_kv_blocks_used"),
         # A policy's pick streams once it is known: its first token comes at its end.
         "ttft_p50_s_by_kind": {k: statistics.median(r["ttft"] for r in results if r["kind"] == k)

@@ -56,6 +56,19 @@ def test_throughput_bench_runs_engine_roofline_and_transformers(tmp_path):
     assert json.loads(next(tmp_path.glob("throughput-*.json")).read_text())["metrics"]["tokens_per_s"] > 0
 
 
+def test_throughput_bench_on_cpu_compares_engine_and_transformers_on_the_same_tokens(tmp_path):
+    argv = ["--device", "cpu", "--batch-sizes", "1,3", "--prompt-len", "16", "--new-tokens", "4",
+            "--reps", "1", "--out", str(tmp_path)]
+    metrics = _load("throughput").main(argv)
+    assert [row["batch"] for row in metrics["by_batch"]] == [1, 3]
+    for row in metrics["by_batch"]:
+        assert row["engine_tokens_per_s"] > 0 and row["hf_tokens_per_s"] > 0 and row["vs_hf"] > 0
+        # Four greedy tokens leave no room for a late near-tie flip: every request matches.
+        assert row["same_requests"] == row["requests"] and row["first_mismatch"] is None
+    record = json.loads(next(tmp_path.glob("throughput-cpu.json")).read_text())
+    assert record["workload"] == "cpu_vs_hf" and record["metrics"]["hf_cache"] in ("dynamic", "static")
+
+
 def test_prefix_cache_bench_measures_both_workloads(tmp_path):
     metrics = _load("prefix_cache").main(["--toy", "--requests", "8", "--system", "64", "--tail", "8",
                                           "--max-tokens", "4", "--repeats", "1", "--out", str(tmp_path)])

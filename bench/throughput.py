@@ -4,17 +4,27 @@ transformers `generate` on the same work in the same run.
     python bench/throughput.py                 # GPU: Llama-3.1-8B shape, random bf16 weights
     python bench/throughput.py --model DIR     # a real checkpoint, used as is
     python bench/throughput.py --toy           # any device, a small random model
+    python bench/throughput.py --device cpu    # CPU: engine vs transformers, batch 1 and 16
 
 Workload: 256 requests, input and output lengths uniform in 100-1024, EOS ignored. The roofline
 replays the engine's own steps: per step, weight bytes plus the KV bytes its decodes read, over
 the measured copy bandwidth, plus its prefill FLOPs over the measured matmul rate.
 Writes bench/results/throughput-<device>.json (tokens_per_s, roofline_tokens_per_s,
 hf_tokens_per_s, bs1_ms_per_token, bs1_floor_ms).
+
+On a CPU without --toy: the engine against transformers `generate` (sdpa, eval, inference mode,
+the faster cache there) on one random Llama (8 layers, hidden 512, 8 heads over 2 KV heads), or
+--model, at each --batch-sizes: greedy, equal prompts of --prompt-len random tokens, --new-tokens
+each, EOS ignored, every thread of the machine on both sides. A warm-up on other prompts is not
+timed; the timed runs alternate between the two, and each side keeps its best of --reps. Reports
+tokens/s of both, their ratio and how many requests got the same tokens (a late flip of a near
+tie is possible, so it is counted, not asserted). Writes bench/results/throughput-cpu.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import tempfile
@@ -26,7 +36,14 @@ if sys.path and Path(sys.path[0] or ".").resolve() == _HERE:
     sys.path.pop(0)
 sys.path.append(str(_HERE))
 import torch  # noqa: E402
-from benchlib import copy_bandwidth, matmul_rate, model_dir, sync, write_results  # noqa: E402
+from benchlib import (  # noqa: E402
+    copy_bandwidth,
+    matmul_rate,
+    model_dir,
+    print_table,
+    sync,
+    write_results,
+)
 
 from engine import Engine, SamplingParams  # noqa: E402
 from engine.profiler import StepProfiler  # noqa: E402
@@ -70,9 +87,8 @@ def roofline_seconds(eng: Engine, prof: StepProfiler, bandwidth: float, rate: fl
     return total
 
 
-def run_hf(path: str, work, device: torch.device, dtype: torch.dtype, dummy: bool, batch: int) -> float:
-    """transformers generate (static cache, sdpa) on the same requests, in batches; useful
-    tokens per second (each request's own output length)."""
+def load_hf(path: str, device: torch.device, dtype: torch.dtype, dummy: bool):
+    """The transformers model in its fastest plain setup: sdpa attention, eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if dummy:
@@ -82,7 +98,13 @@ def run_hf(path: str, work, device: torch.device, dtype: torch.dtype, dummy: boo
             hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     else:
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
-    hf.eval()
+    return hf.eval()
+
+
+def run_hf(path: str, work, device: torch.device, dtype: torch.dtype, dummy: bool, batch: int) -> float:
+    """transformers generate (static cache, sdpa) on the same requests, in batches; useful
+    tokens per second (each request's own output length)."""
+    hf = load_hf(path, device, dtype, dummy)
     useful, start = 0, time.perf_counter()
     for lo in range(0, len(work), batch):
         group = work[lo : lo + batch]
@@ -125,6 +147,85 @@ def bs1_latency(eng: Engine, prompt_len: int, new: int) -> float:
     return (time.perf_counter() - start) * 1e3 / max(steps, 1)
 
 
+CPU_SHAPE = dict(
+    hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2
+)
+
+
+def engine_greedy(eng: Engine, prompts: list[list[int]], new: int) -> tuple[float, list[list[int]]]:
+    """Seconds to generate `new` greedy tokens for every prompt in one continuous batch, and them."""
+    params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    start = time.perf_counter()
+    outs = eng.run_until_done([eng.add_request(p, params) for p in prompts])
+    return time.perf_counter() - start, [o.samples[0].token_ids for o in outs]
+
+
+def hf_greedy(hf, prompts: list[list[int]], new: int, cache: str) -> tuple[float, list[list[int]]]:
+    """The same with transformers generate: one batch, no padding (the prompts are equally long)."""
+    ids = torch.tensor(prompts)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                          do_sample=False, cache_implementation=cache, pad_token_id=0)
+    return time.perf_counter() - start, out[:, ids.shape[1]:].tolist()
+
+
+def cpu_vs_hf(path: str, args) -> dict:
+    """Engine and transformers on the same greedy batches, timed alternately; best of args.reps."""
+    torch.set_num_threads(args.threads)
+    eng = Engine(path, device="cpu", dtype=torch.float32)
+    hf = None if args.no_hf else load_hf(path, torch.device("cpu"), torch.float32, dummy=False)
+    if hf is not None:
+        hf.generation_config.eos_token_id = None  # EOS ignored, as in the engine's requests
+    vocab = eng.model.config.vocab_size
+    rows = []
+    for batch in args.batch_sizes:
+        rng = random.Random(batch)
+        warm, prompts = ([[rng.randrange(5, vocab) for _ in range(args.prompt_len)] for _ in range(batch)]
+                         for _ in range(2))
+        engine_greedy(eng, warm, min(args.new_tokens, 8))
+        if hf is not None:
+            hf_greedy(hf, warm, min(args.new_tokens, 8), args.hf_cache)
+        eng_s, hf_s, same, first = [], [], None, None
+        for _ in range(args.reps):
+            seconds, eng_tokens = engine_greedy(eng, prompts, args.new_tokens)
+            eng_s.append(seconds)
+            if hf is None:
+                continue
+            seconds, hf_tokens = hf_greedy(hf, prompts, args.new_tokens, args.hf_cache)
+            hf_s.append(seconds)
+            same = sum(a == b for a, b in zip(eng_tokens, hf_tokens))
+            flips = [next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+                     for a, b in zip(eng_tokens, hf_tokens) if a != b]
+            first = min(flips, default=None)
+        tokens = batch * args.new_tokens
+        eng_tps = tokens / min(eng_s)
+        hf_tps = tokens / min(hf_s) if hf_s else None
+        rows.append({
+            "batch": batch,
+            "engine_tokens_per_s": eng_tps,
+            "hf_tokens_per_s": hf_tps,
+            "vs_hf": None if hf_tps is None else eng_tps / hf_tps,
+            "same_requests": same,
+            "requests": batch,
+            "first_mismatch": first,  # the earliest generated position where a request differs
+            "engine_seconds": eng_s,
+            "hf_seconds": hf_s,
+        })
+    print_table(rows, ["batch", "engine_tokens_per_s", "hf_tokens_per_s", "vs_hf", "same_requests",
+                       "requests", "first_mismatch"])
+    return {
+        "by_batch": rows,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "reps": args.reps,
+        "threads": args.threads,
+        "hf_cache": args.hf_cache,
+        "model_shape": None if args.model else CPU_SHAPE,
+        "vocab_size": vocab,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--toy", action="store_true")
@@ -134,8 +235,25 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--hf-batch", type=int, default=32)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--out", default=None)
+    cpu = ap.add_argument_group("CPU against transformers (--device cpu without --toy)")
+    cpu.add_argument("--batch-sizes", type=lambda s: [int(b) for b in s.split(",")], default=[1, 16])
+    cpu.add_argument("--prompt-len", type=int, default=128)
+    cpu.add_argument("--new-tokens", type=int, default=64)
+    cpu.add_argument("--reps", type=int, default=3)
+    cpu.add_argument("--threads", type=int, default=os.cpu_count())
+    cpu.add_argument("--hf-cache", default="dynamic", choices=["dynamic", "static"])
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cpu" and not args.toy:
+        from engine.testing.make_model import make_model
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = args.model or str(make_model(Path(tmp) / "llama-8x512", "llama", seed=0, **CPU_SHAPE))
+            metrics = cpu_vs_hf(path, args)
+        out = write_results("throughput", device, metrics, args.out, workload="cpu_vs_hf",
+                            model=args.model or "random")
+        print(f"-> {out}")
+        return metrics
     toy = args.toy or device.type == "cpu"
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     n, lo, hi = (args.requests or 8, 8, 32) if toy else (args.requests or 256, 100, 1024)
