@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 import kernels
-from engine.model.llama import AttentionMetadata, LlamaForCausalLM
+from engine.model.llama import AttentionMetadata, LlamaForCausalLM, pack_linears
 from engine.step_input import StepInput
 
 _no_phase = contextlib.nullcontext
@@ -48,6 +48,8 @@ class ModelRunner:
                  max_graph_batch: int = 256, adapter_loaded: bool = False):
         cfg = model.config
         self.model, self.device = model, device
+        if device.type == "cpu" and dtype == torch.float32:  # decode matmuls 1.9x faster (kernels.linear)
+            pack_linears(model, max(1, torch.get_num_threads()))
         self.block_size, self.num_blocks = block_size, num_blocks
         self.max_model_len = max_model_len
         # One block past the pool is scratch: padded graph rows write and read only there.

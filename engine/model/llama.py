@@ -12,6 +12,7 @@ import kernels
 from engine.model.config import ModelConfig
 from engine.model.lora import LoraSlot
 from kernels.attention import packed_causal_attention
+from kernels.linear import pack_weight, packed_linear, unpack_weight
 from kernels.rotary import rotary_cache
 
 
@@ -99,6 +100,34 @@ class DecoderLayer(nn.Module):
         h = self.self_attn(h, meta, k_cache, v_cache, cos_sin)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h, meta.adapter_mask), residual
+
+
+class PackedLinear(nn.Module):
+    """An nn.Linear in its inference-only CPU form (kernels.linear): the same features and bias,
+    the weight held once, packed; `weight` unpacks it on access (adapters check its shape)."""
+
+    def __init__(self, linear: nn.Linear, parts: int):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("packed", pack_weight(linear.weight.detach(), parts))
+        self.bias = linear.bias
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return unpack_weight(self.packed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_linear(x, self.packed, self.bias)
+
+
+def pack_linears(model: LlamaForCausalLM, parts: int) -> None:
+    """Swap every layer's projections for PackedLinear (inference on the CPU; never trained)."""
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for owner, name in ((attn, "qkv_proj"), (attn, "o_proj"), (mlp, "gate_up_proj"), (mlp, "down_proj")):
+            linear = getattr(owner, name)
+            if isinstance(linear, nn.Linear):
+                setattr(owner, name, PackedLinear(linear, parts if linear.out_features % parts == 0 else 1))
 
 
 class LlamaForCausalLM(nn.Module):
