@@ -1,6 +1,8 @@
 """Paged attention over the block cache: decode (one query per sequence) and extend (a chunk of
 new queries attending causally to the cached prefix plus themselves) in one op."""
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -88,33 +90,72 @@ def paged_attention_ref(
     return out
 
 
-def _attend_same_q_len(
-    q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, tables: torch.Tensor,
-    ctx: torch.Tensor, block_size: int, scale: float,
-) -> torch.Tensor:
-    """q [B, Lq, H, D] of B sequences with the same query length; k/v_blocks [blocks, block_size,
-    Hkv, D]; tables [B, W]; ctx [B]. Returns [B * Lq, H, D]."""
-    batch, q_len, num_heads, head_dim = q.shape
+@dataclass
+class _Batch:
+    """Sequences of one query length attended together: their queries' rows in q (None: all of
+    q, in order), the cache blocks to gather, and the causal mask over the gathered keys."""
+
+    q_rows: torch.Tensor | None
+    q_len: int
+    blocks: torch.Tensor  # [B * W] block ids, W blocks per sequence
+    mask: torch.Tensor  # [B, 1, Lq, W * block_size]
+
+
+@dataclass
+class CpuAttentionPlan:
+    """What every layer of one step shares on the CPU path (plan_cpu_attention)."""
+
+    batches: list[_Batch]
+    num_rows: int
+
+
+def plan_cpu_attention(
+    block_tables: torch.Tensor, context_lens: torch.Tensor, query_start_loc: torch.Tensor,
+    block_size: int, min_split: int = 256,
+) -> CpuAttentionPlan:
+    """Group the step's sequences by query length (all decodes together), cut where padding to a
+    batch's longest context would more than double a row's keys, and lay out each batch's block
+    gather and causal mask: once a step, not once a layer."""
+    dev = block_tables.device
+    q_lens = (query_start_loc[1:] - query_start_loc[:-1]).tolist()
+    ctx_list = context_lens.tolist()
+    groups = _batches(q_lens, ctx_list, min_split)
+    whole = len(groups) == 1 and len(groups[0]) == len(q_lens)  # every row, q in order
+    batches = []
+    for rows in groups:
+        q_len = q_lens[rows[0]]
+        width = -(-max(ctx_list[r] for r in rows) // block_size)
+        if whole:
+            tables, ctx, q_rows = block_tables[:, :width], context_lens, None
+        else:
+            index = torch.tensor(rows, device=dev)
+            tables, ctx = block_tables[index, :width], context_lens[index]
+            q_rows = (query_start_loc[index].long()[:, None] + torch.arange(q_len, device=dev)).flatten()
+        # Query i sits at position ctx - q_len + i and sees keys up to it (so none past the context).
+        qpos = (ctx.long() - q_len)[:, None] + torch.arange(q_len, device=dev)
+        mask = (torch.arange(width * block_size, device=dev)[None, None, :] <= qpos[:, :, None])[:, None]
+        batches.append(_Batch(q_rows, q_len, tables.flatten().long(), mask))
+    return CpuAttentionPlan(batches, len(q_lens))
+
+
+def _attend_batch(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, batch: _Batch,
+                  scale: float) -> torch.Tensor:
+    """q [B, Lq, H, D] of one batch; k/v_blocks [blocks, block_size, Hkv, D]. Returns [B * Lq, H, D]."""
+    num_seqs, q_len, num_heads, head_dim = q.shape
     num_kv_heads = k_blocks.shape[2]
-    group = num_heads // num_kv_heads
-    width = -(-int(ctx.max()) // block_size)
-    keys = width * block_size
-    index = tables[:, :width].flatten()
+    keys = batch.mask.shape[-1]
     # Whole blocks, padded only to this batch's longest context; keys past a context are masked.
-    k = k_blocks.index_select(0, index).view(batch, keys, num_kv_heads, head_dim).transpose(1, 2)
-    v = v_blocks.index_select(0, index).view(batch, keys, num_kv_heads, head_dim).transpose(1, 2)
-    # Query i sits at position ctx - q_len + i and sees keys up to it (so none past the context).
-    qpos = (ctx.long() - q_len)[:, None] + torch.arange(q_len, device=q.device)
-    mask = (torch.arange(keys, device=q.device)[None, None, :] <= qpos[:, :, None])[:, None]
+    k = k_blocks.index_select(0, batch.blocks).view(num_seqs, keys, num_kv_heads, head_dim).transpose(1, 2)
+    v = v_blocks.index_select(0, batch.blocks).view(num_seqs, keys, num_kv_heads, head_dim).transpose(1, 2)
     k, v = k.to(q.dtype), v.to(q.dtype)
     if q_len == 1:  # a decode's query heads of one KV head act as its queries: one matmul serves them
-        o = F.scaled_dot_product_attention(q.view(batch, num_kv_heads, group, head_dim), k, v,
-                                           attn_mask=mask, scale=scale)
-        return o.view(batch, num_heads, head_dim)
+        grouped = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        o = F.scaled_dot_product_attention(grouped, k, v, attn_mask=batch.mask, scale=scale)
+        return o.view(num_seqs, num_heads, head_dim)
     # Measured on CPU (torch 2.13): for chunks, enable_gqa beats stacking the group along the queries.
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    o = o.transpose(1, 2)
-    return o.reshape(batch * q_len, num_heads, head_dim)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=batch.mask, scale=scale,
+                                       enable_gqa=True)
+    return o.transpose(1, 2).reshape(num_seqs * q_len, num_heads, head_dim)
 
 
 def _batches(q_lens: list[int], context_lens: list[int], min_split: int) -> list[list[int]]:
@@ -140,26 +181,25 @@ def _batches(q_lens: list[int], context_lens: list[int], min_split: int) -> list
 def paged_attention_cpu(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, query_start_loc: torch.Tensor, block_size: int, scale: float,
-    min_split: int = 256,
+    min_split: int = 256, plan: CpuAttentionPlan | None = None,
 ) -> torch.Tensor:
     """paged_attention_ref without its padding and KV-head copies (the CPU path): sequences with the
-    same query length run as one batch (all decodes together), K/V gathered a block at a time."""
-    tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[1]
-    k_blocks = k_cache.view(-1, block_size, num_kv_heads, head_dim)
-    v_blocks = v_cache.view(-1, block_size, num_kv_heads, head_dim)
-    q_lens = (query_start_loc[1:] - query_start_loc[:-1]).tolist()
-    batches = _batches(q_lens, context_lens.tolist(), min_split)
-    if len(batches) == 1 and len(batches[0]) == len(q_lens):  # every row, q in order: no scatter
-        return _attend_same_q_len(q.view(len(q_lens), -1, num_heads, head_dim), k_blocks, v_blocks,
-                                  block_tables, context_lens, block_size, scale)
+    same query length run as one batch (all decodes together), K/V gathered a block at a time.
+    plan: this step's plan_cpu_attention, when the caller made it once for every layer."""
+    if plan is None:
+        plan = plan_cpu_attention(block_tables, context_lens, query_start_loc, block_size, min_split)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    k_blocks = k_cache.view(-1, block_size, k_cache.shape[1], head_dim)
+    v_blocks = v_cache.view(-1, block_size, v_cache.shape[1], head_dim)
+    if len(plan.batches) == 1 and plan.batches[0].q_rows is None:
+        batch = plan.batches[0]
+        return _attend_batch(q.view(plan.num_rows, batch.q_len, num_heads, head_dim), k_blocks, v_blocks,
+                             batch, scale)
     out = torch.empty_like(q)
-    for rows in batches:
-        q_len = q_lens[rows[0]]
-        rows = torch.tensor(rows, device=q.device)
-        index = (query_start_loc[rows].long()[:, None] + torch.arange(q_len, device=q.device)).flatten()
-        out[index] = _attend_same_q_len(q[index].view(-1, q_len, num_heads, head_dim), k_blocks, v_blocks,
-                                        block_tables[rows], context_lens[rows], block_size, scale)
+    for batch in plan.batches:
+        rows = batch.q_rows
+        out[rows] = _attend_batch(q[rows].view(-1, batch.q_len, num_heads, head_dim), k_blocks, v_blocks,
+                                  batch, scale)
     return out
 
 
@@ -353,12 +393,13 @@ def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, query_start_loc: torch.Tensor, block_size: int, scale: float,
     max_query_len: int | None = None, max_context_len: int | None = None,
+    cpu_plan: CpuAttentionPlan | None = None,
 ) -> torch.Tensor:
     """The host-side maxima come from the runner's numpy metadata; without them they are read
-    back from the device (a sync)."""
+    back from the device (a sync). cpu_plan: the step's plan for the path without Triton."""
     if not use_triton(q):
         return paged_attention_cpu(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
-                                   block_size, scale)
+                                   block_size, scale, plan=cpu_plan)
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max()) if q.shape[0] else 0
     if max_query_len == 1 and q.shape[0] == block_tables.shape[0]:

@@ -71,9 +71,28 @@ def apply_rotary_triton(
     return _rotate_triton(q, positions, cos_sin), _rotate_triton(k, positions, cos_sin)
 
 
+def rotary_rows(positions: torch.Tensor, cos_sin: torch.Tensor, dtype: torch.dtype,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-width cos and sin [T, 1, D] of each position, in dtype: what every layer of a step
+    shares (the path without Triton gathers them once a step instead of once a layer)."""
+    cos, sin = cos_sin[positions].chunk(2, dim=-1)
+    return (torch.cat([cos, cos], dim=-1).unsqueeze(1).to(dtype),
+            torch.cat([sin, sin], dim=-1).unsqueeze(1).to(dtype))
+
+
 def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows: this step's rotary_rows, when the caller gathered them once (ignored by Triton)."""
     if use_triton(q):
         return apply_rotary_triton(q, k, positions, cos_sin)
-    return apply_rotary_ref(q, k, positions, cos_sin)
+    if rows is None:
+        return apply_rotary_ref(q, k, positions, cos_sin)
+    cos, sin = rows
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:  # apply_rotary_ref's math
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+    return rotate(q), rotate(k)

@@ -3,7 +3,7 @@ paged KV cache. Projections are fused (qkv, gate_up); the loader splits checkpoi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -11,9 +11,10 @@ from torch import nn
 import kernels
 from engine.model.config import ModelConfig
 from engine.model.lora import LoraSlot
-from kernels.attention import packed_causal_attention
+from kernels.attention import CpuAttentionPlan, packed_causal_attention, plan_cpu_attention
+from kernels.dispatch import use_triton
 from kernels.linear import pack_weight, packed_linear, unpack_weight
-from kernels.rotary import rotary_cache
+from kernels.rotary import rotary_cache, rotary_rows
 
 
 @dataclass
@@ -29,6 +30,9 @@ class AttentionMetadata:
     max_query_len: int  # host-side maxima, so kernels size their grids without a device sync
     max_context_len: int
     adapter_mask: torch.Tensor | None = None  # bool [T]: tokens the LoRA adapter applies to
+    # Made once a step by the model on the path without Triton (kernels.rotary / kernels.attention).
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    cpu_plan: CpuAttentionPlan | None = None
 
 
 class RMSNorm(nn.Module):
@@ -63,14 +67,14 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q)[0], self.k_norm(k)[0]
-        q, k = kernels.apply_rotary(q, k, meta.positions, cos_sin)
+        q, k = kernels.apply_rotary(q, k, meta.positions, cos_sin, meta.rope)
         if k_cache is None:
             o = packed_causal_attention(q, k, v, meta.query_start_loc, self.scale)
         else:
             kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
             o = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                         meta.query_start_loc, meta.block_size, self.scale,
-                                        meta.max_query_len, meta.max_context_len)
+                                        meta.max_query_len, meta.max_context_len, meta.cpu_plan)
         o = o.reshape(-1, self.q_size)
         return self.o_lora(o, self.o_proj(o), meta.adapter_mask)
 
@@ -152,6 +156,10 @@ class LlamaForCausalLM(nn.Module):
         """input_ids [T]; kv_cache [2, L, slots, Hkv, D], or None for dense causal attention over
         the packed sequences of meta.query_start_loc (training). Returns hidden states [T, hidden]."""
         x, residual = self.embed_tokens(input_ids), None
+        if not use_triton(x):  # what every layer shares is made once here, not once a layer
+            meta = replace(meta, rope=rotary_rows(meta.positions, self.cos_sin, x.dtype), cpu_plan=None if
+                           kv_cache is None else plan_cpu_attention(meta.block_tables, meta.context_lens,
+                                                                    meta.query_start_loc, meta.block_size))
         for i, layer in enumerate(self.layers):
             caches = (None, None) if kv_cache is None else (kv_cache[0, i], kv_cache[1, i])
             x, residual = layer(x, residual, meta, *caches, self.cos_sin)
