@@ -107,3 +107,14 @@ def test_scoring_overhead_bench_keeps_tokens_identical(tmp_path):
     metrics = _load("scoring_overhead").main(argv + ["--out", str(tmp_path)])
     assert metrics["identical_tokens"] and metrics["suffix_tokens"] > 0
     assert metrics["scored_over_plain"] > 0 and metrics["scored_steps"] >= metrics["plain_steps"]
+
+
+def test_host_overhead_bench_splits_each_step_by_phase(tmp_path):
+    metrics = _load("host_overhead").main(["--steps", "12", "--batches", "1,8", "--out", str(tmp_path)])
+    assert (tmp_path / "host_overhead-cpu.json").exists()
+    rows = {(r["case"], r["step"]): r for r in metrics["rows"]}
+    assert {("b1", "decode"), ("b8", "decode"), ("b8+score", "decode"), ("b8+score", "score")} <= rows.keys()
+    for r in rows.values():
+        assert 0 < r["host_ms"] < r["step_ms"] and r["forward"] > 0
+        assert r["schedule"] > 0 and r["prepare"] > 0 and r["output"] > 0
+    assert rows[("b8+score", "score")]["score"] > 0 and rows[("b8", "decode")]["score"] == 0
