@@ -113,6 +113,18 @@ class Engine:
         return self.core.has_unfinished_requests()
 
     @_serialized
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel ranks (tensor_parallel_size > 1); nothing to do otherwise. The
+        engine cannot step afterwards. Also `with Engine(...) as eng:`."""
+        self.core.shutdown()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    @_serialized
     def score_in_flight(self, request_id: int) -> int:
         """Score every still-generating sample of a request in place at its current length
         during the next step (the form policies use). The result lands in the sample's

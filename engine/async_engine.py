@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from engine.api import Engine
 from engine.config import EngineConfig
-from engine.errors import EngineError, InvalidRequestError
+from engine.errors import EngineError, InvalidRequestError, WorkerError
 from engine.inputs import InputProcessor, Limits, Prompt
 from engine.policies.base import Policy
 from engine.sampling import RequestDelta, SamplingParams
@@ -122,6 +122,9 @@ def _core_loop(eng: Engine, receive: Callable[[bool], list], emit: Callable[[lis
             start = time.perf_counter()
             try:
                 deltas = eng.step_deltas()
+            except WorkerError as e:  # no step can run any more: end everything, then stop
+                emit(events + [(rid, e) for rid in ids], None, None)
+                raise
             except Exception as e:  # noqa: BLE001 - undone by the core, and no one request causes it
                 deltas, failures = [], failures + 1
                 if failures >= 2:  # not a one-off: end what is in flight rather than spin
@@ -183,6 +186,8 @@ def _child_main(config: EngineConfig, inbox, outbox) -> None:
         _core_loop(eng, receive, emit)
     except (EOFError, OSError):  # the parent is gone
         pass
+    finally:
+        eng.shutdown()
 
 
 def _sendable(item):

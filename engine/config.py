@@ -21,7 +21,9 @@ class EngineConfig:
     cuda_graphs: replay captured CUDA graphs for pure decode steps (None: on for CUDA).
     adapter: a self-evaluation LoRA adapter directory, applied to the suffix tokens only.
     load_format: "dummy" fills random weights instead of reading them (benchmarks of a shape).
-    enable_prefix_caching: requests whose prompts start with cached full blocks reuse them."""
+    enable_prefix_caching: requests whose prompts start with cached full blocks reuse them.
+    tensor_parallel_size: the model split over this many processes (engine.tensor_parallel);
+    tensor_parallel_timeout: seconds a collective waits for a stuck rank before failing."""
 
     model: str
     device: str = "cpu"
@@ -37,6 +39,8 @@ class EngineConfig:
     adapter: str | None = None
     load_format: str = "auto"
     enable_prefix_caching: bool = True
+    tensor_parallel_size: int = 1
+    tensor_parallel_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if isinstance(self.dtype, str):
@@ -60,7 +64,7 @@ class EngineConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise InvalidRequestError(f"{name} must be a positive integer, got {v!r}")
 
-        for name in ("block_size", "max_batch_tokens", "max_num_seqs"):
+        for name in ("block_size", "max_batch_tokens", "max_num_seqs", "tensor_parallel_size"):
             positive_int(name)
         for name in ("num_blocks", "max_model_len", "kv_cache_memory"):
             positive_int(name, allow_none=True)

@@ -14,7 +14,7 @@ import torch
 import kernels
 from engine._core import BlockManager
 from engine.config import EngineConfig
-from engine.errors import InvalidRequestError
+from engine.errors import InvalidRequestError, WorkerError
 from engine.model.loader import load_model, load_tokenizer
 from engine.model.lora import has_adapter, load_adapter
 from engine.outputs import OutputProcessor
@@ -26,6 +26,7 @@ from engine.sampling import RequestDelta, SamplingParams, mix_seed
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.selfeval import SelfEvalSpec, build_spec, score_from_logits
 from engine.sequence import Request, SeqStatus, Sequence, sample_seed
+from engine.tensor_parallel import TensorParallel, TensorParallelRunner
 
 _no_phase = contextlib.nullcontext
 
@@ -36,7 +37,18 @@ class EngineCore:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.device, self.dtype = config.torch_device, config.torch_dtype
-        self.model, self.hf_config = load_model(config.model, self.device, self.dtype, config.load_format)
+        # Tensor parallelism: this is rank 0; the other ranks run shards (engine.tensor_parallel).
+        self.tp = TensorParallel(config) if config.tensor_parallel_size > 1 else None
+        try:
+            self._build(config)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _build(self, config: EngineConfig) -> None:
+        shard = self.tp.shard if self.tp is not None else None
+        self.model, self.hf_config = load_model(config.model, self.device, self.dtype, config.load_format,
+                                                shard)
         self.tokenizer = load_tokenizer(config.model)
         if config.adapter is not None:
             load_adapter(self.model, config.adapter)
@@ -51,9 +63,14 @@ class EngineCore:
         num_blocks = config.num_blocks or blocks_that_fit(self.model, config.block_size, self.dtype,
                                                           self.device, config.kv_cache_memory)
         self.block_manager = BlockManager(num_blocks, config.block_size)
+        graphs = "cuda" if config.use_cuda_graphs else None
+        if self.tp is not None:  # every rank builds its runner (and captures its graphs) together
+            self.tp.setup(num_blocks, self.max_model_len, graphs)
         self.runner = ModelRunner(self.model, self.device, self.dtype, num_blocks, config.block_size,
-                                  self.max_model_len, graphs="cuda" if config.use_cuda_graphs else None,
+                                  self.max_model_len, graphs=graphs,
                                   max_graph_batch=config.max_num_seqs, adapter_loaded=has_adapter(self.model))
+        if self.tp is not None:
+            self.runner = TensorParallelRunner(self.runner, self.tp)
         eos = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -133,6 +150,11 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel ranks, if any (the engine cannot step afterwards)."""
+        if self.tp is not None:
+            self.tp.shutdown()
+
     # ---- the policies' interface (SampleHost) -----------------------------------------------
     def fork_samples(self, request: Request, temperatures: list[float]) -> None:
         request.pending_forks.extend(temperatures)
@@ -168,6 +190,8 @@ class EngineCore:
         error = self._transaction(lambda: self._step_transaction(touched, phase), phase)
         if isinstance(error, BaseException):  # undone: the engine stays usable
             self._ready = ready + self._ready
+            if isinstance(error, WorkerError):  # not a request's fault, and no step can run now
+                raise error
             culprits = self._isolate() if isinstance(error, Exception) else []
             if not culprits:
                 raise error

@@ -17,5 +17,9 @@ class CheckpointError(EngineError):
     """A model or tokenizer directory is missing, incomplete or malformed."""
 
 
+class WorkerError(EngineError):
+    """A tensor-parallel rank died or failed; the engine cannot step any more (start another)."""
+
+
 class InvalidRequestError(EngineError, ValueError):
     """A request's parameters or prompt are invalid; other requests are unaffected."""

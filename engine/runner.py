@@ -21,7 +21,7 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
     cfg = model.config
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+    return 2 * cfg.num_layers * block_size * model.num_kv_heads_local * cfg.head_dim * elem
 
 
 def blocks_that_fit(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype, device: torch.device,
@@ -55,7 +55,7 @@ class ModelRunner:
         # One block past the pool is scratch: padded graph rows write and read only there.
         self.scratch_block = self.num_blocks
         num_slots = (self.num_blocks + 1) * self.block_size
-        self.kv_cache = torch.zeros(2, cfg.num_layers, num_slots, cfg.num_kv_heads, cfg.head_dim,
+        self.kv_cache = torch.zeros(2, cfg.num_layers, num_slots, model.num_kv_heads_local, cfg.head_dim,
                                     dtype=dtype, device=device)
         if graphs not in (None, "cuda", "static"):
             raise ValueError(f"graphs must be None, 'cuda' or 'static', not {graphs!r}")

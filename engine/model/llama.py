@@ -11,6 +11,7 @@ from torch import nn
 import kernels
 from engine.model.config import ModelConfig
 from engine.model.lora import LoraSlot
+from engine.model.shard import Shard
 from kernels.attention import CpuAttentionPlan, packed_causal_attention, plan_cpu_attention
 from kernels.dispatch import use_triton
 from kernels.linear import pack_weight, packed_linear, unpack_weight
@@ -46,11 +47,13 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Shard):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.shard = shard
+        self.num_heads, self.num_kv_heads = shard.q_heads(cfg)[1], shard.kv_heads(cfg)[1]
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
@@ -76,28 +79,30 @@ class Attention(nn.Module):
                                         meta.query_start_loc, meta.block_size, self.scale,
                                         meta.max_query_len, meta.max_context_len, meta.cpu_plan)
         o = o.reshape(-1, self.q_size)
-        return self.o_lora(o, self.o_proj(o), meta.adapter_mask)
+        return self.shard.all_reduce(self.o_lora(o, self.o_proj(o), meta.adapter_mask))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Shard):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.shard = shard
+        inter = shard.ffn(cfg)[1]
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * inter, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias)
         self.gate_up_lora, self.down_lora = LoraSlot(), LoraSlot()
 
     def forward(self, x: torch.Tensor, adapter_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = kernels.silu_and_mul(self.gate_up_lora(x, self.gate_up_proj(x), adapter_mask))
-        return self.down_lora(h, self.down_proj(h), adapter_mask)
+        return self.shard.all_reduce(self.down_lora(h, self.down_proj(h), adapter_mask))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Shard):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, shard)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, shard)
 
     def forward(self, x, residual, meta, k_cache, v_cache, cos_sin):
         h, residual = self.input_layernorm(x, residual)
@@ -135,14 +140,20 @@ def pack_linears(model: LlamaForCausalLM, parts: int) -> None:
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Shard | None = None):
+        """shard: the part one tensor-parallel rank holds (engine.model.shard); None: all of it.
+        config stays the whole model's; num_kv_heads_local is what this rank's KV cache holds."""
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.shard = shard = shard or Shard()
+        shard.check(cfg)
+        self.num_kv_heads_local = shard.kv_heads(cfg)[1]
+        vocab_rows = shard.vocab(cfg)[1] if shard.size > 1 else cfg.vocab_size
+        self.embed_tokens = nn.Embedding(vocab_rows, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, shard) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         tied = cfg.tie_word_embeddings
-        self.lm_head = None if tied else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if tied else nn.Linear(cfg.hidden_size, vocab_rows, bias=False)
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)  # see init_rotary
 
     def init_rotary(self) -> None:
@@ -155,7 +166,7 @@ class LlamaForCausalLM(nn.Module):
                 kv_cache: torch.Tensor | None) -> torch.Tensor:
         """input_ids [T]; kv_cache [2, L, slots, Hkv, D], or None for dense causal attention over
         the packed sequences of meta.query_start_loc (training). Returns hidden states [T, hidden]."""
-        x, residual = self.embed_tokens(input_ids), None
+        x, residual = self.embed(input_ids), None
         if not use_triton(x):  # what every layer shares is made once here, not once a layer
             meta = replace(meta, rope=rotary_rows(meta.positions, self.cos_sin, x.dtype), cpu_plan=None if
                            kv_cache is None else plan_cpu_attention(meta.block_tables, meta.context_lens,
@@ -165,6 +176,16 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, meta, *caches, self.cos_sin)
         return self.norm(x, residual)[0]
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        shard = self.shard
+        if shard.size == 1:
+            return self.embed_tokens(input_ids)
+        start, rows = shard.vocab(self.config)
+        mine = (input_ids >= start) & (input_ids < start + rows)  # the other ranks add the rest
+        x = self.embed_tokens((input_ids - start).clamp(0, rows - 1))
+        return shard.all_reduce(x * mine[:, None].to(x.dtype))
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        logits = torch.nn.functional.linear(hidden, weight).float()
+        return self.shard.gather_vocab(logits, self.config.vocab_size)

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from engine.errors import CheckpointError
 from engine.model.config import ModelConfig
 from engine.model.llama import LlamaForCausalLM
+from engine.model.shard import Shard
 
 # checkpoint projection -> (our fused parameter, index of the part it fills)
 _FUSED = {
@@ -48,11 +49,41 @@ def load_hf_config(path: str | Path, weights: bool = True):
         raise CheckpointError(f"cannot read {path / 'config.json'}: {e}") from e
 
 
-def _part_sizes(cfg: ModelConfig, fused: str) -> list[int]:
+def _part_sizes(cfg: ModelConfig, fused: str, shard: Shard) -> list[int]:
+    """Rows of each part of a fused projection on this rank."""
     if fused == "qkv_proj":
-        kv = cfg.num_kv_heads * cfg.head_dim
-        return [cfg.num_heads * cfg.head_dim, kv, kv]
-    return [cfg.intermediate_size, cfg.intermediate_size]
+        kv = shard.kv_heads(cfg)[1] * cfg.head_dim
+        return [shard.q_heads(cfg)[1] * cfg.head_dim, kv, kv]
+    inter = shard.ffn(cfg)[1]
+    return [inter, inter]
+
+
+def _rank_slice(tensor, name: str, part: int | None, cfg: ModelConfig, shard: Shard) -> torch.Tensor:
+    """This rank's part of a checkpoint tensor (engine.model.shard), read from a safetensors slice
+    so that a rank never loads a whole tensor it holds a part of."""
+    if shard.size == 1:
+        return tensor[:]
+    d = cfg.head_dim
+    if part is not None:  # a fused projection's rows (weight or bias)
+        if ".qkv_proj." in name:
+            first, count = shard.q_heads(cfg) if part == 0 else shard.kv_heads(cfg)
+            return tensor[first * d:(first + count) * d]
+        first, count = shard.ffn(cfg)
+        return tensor[first:first + count]
+    if name.endswith(("o_proj.weight", "down_proj.weight")):  # row-parallel: input columns
+        first, count = shard.q_heads(cfg) if "o_proj" in name else shard.ffn(cfg)
+        if "o_proj" in name:
+            first, count = first * d, count * d
+        return tensor[:, first:first + count]
+    if name.endswith(("o_proj.bias", "down_proj.bias")):  # added once, after the all-reduce
+        whole = tensor[:]
+        return whole if shard.rank == 0 else torch.zeros_like(whole)
+    if name in ("embed_tokens.weight", "lm_head.weight"):  # vocabulary rows, the last padded
+        first, rows = shard.vocab(cfg)
+        part_rows = tensor[first:min(first + rows, cfg.vocab_size)]
+        pad = rows - part_rows.shape[0]
+        return torch.cat([part_rows, part_rows.new_zeros(pad, part_rows.shape[1])]) if pad else part_rows
+    return tensor[:]
 
 
 def _target(name: str) -> tuple[str, int | None]:
@@ -66,18 +97,20 @@ def _target(name: str) -> tuple[str, int | None]:
 
 def load_model(
     path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-    load_format: str = "auto",
+    load_format: str = "auto", shard: Shard | None = None,
 ) -> tuple[LlamaForCausalLM, object]:
     """Returns (model in eval mode on device, transformers config). load_format "dummy" (as in
     vLLM) skips the weight files and fills random weights on the device: benchmarks of a model
-    shape need only its config.json and a tokenizer."""
+    shape need only its config.json and a tokenizer. shard: load only one tensor-parallel rank's
+    part (engine.model.shard)."""
+    shard = shard or Shard()
     path = Path(path)
     if load_format not in ("auto", "dummy"):
         raise CheckpointError(f"load_format must be 'auto' or 'dummy', not {load_format!r}")
     hf_config = load_hf_config(path, weights=load_format == "auto")
     cfg = ModelConfig.from_hf(hf_config)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(cfg, shard)
     model = model.to_empty(device=device).to(dtype)
     model.init_rotary()
     if load_format == "dummy":
@@ -89,7 +122,7 @@ def load_model(
     filled: dict[str, int] = {}  # parameter -> parts loaded
     for file in sorted(path.glob("*.safetensors")):
         try:
-            _load_file(file, params, cfg, model, filled)
+            _load_file(file, params, cfg, model, filled, shard)
         except CheckpointError:
             raise
         except Exception as e:  # a truncated or corrupt file: say which one
@@ -97,7 +130,7 @@ def load_model(
                                   f"the file is truncated or not safetensors") from e
     missing = [
         n for n, p in params.items()
-        if filled.get(n, 0) < (len(_part_sizes(cfg, n.rsplit(".", 2)[-2])) if _is_fused(n) else 1)
+        if filled.get(n, 0) < (len(_part_sizes(cfg, n.rsplit(".", 2)[-2], shard)) if _is_fused(n) else 1)
     ]
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
@@ -106,7 +139,7 @@ def load_model(
 
 
 def _load_file(file: Path, params: dict, cfg: ModelConfig, model: LlamaForCausalLM,
-               filled: dict) -> None:
+               filled: dict, shard: Shard) -> None:
     with safe_open(str(file), framework="pt") as f:
         for key in f.keys():
             name, part = _target(key)
@@ -114,12 +147,12 @@ def _load_file(file: Path, params: dict, cfg: ModelConfig, model: LlamaForCausal
                 if "rotary_emb" in key or (key == "lm_head.weight" and model.lm_head is None):
                     continue
                 raise CheckpointError(f"{file.name}: unexpected tensor {key!r}")
-            tensor = f.get_tensor(key)
+            tensor = _rank_slice(f.get_slice(key), name, part, cfg, shard)
             param = params[name]
             if part is None:
                 dest = param.data
             else:
-                sizes = _part_sizes(cfg, name.rsplit(".", 2)[-2])
+                sizes = _part_sizes(cfg, name.rsplit(".", 2)[-2], shard)
                 dest = param.data.narrow(0, sum(sizes[:part]), sizes[part])
             if dest.shape != tensor.shape:
                 raise CheckpointError(

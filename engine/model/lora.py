@@ -119,6 +119,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, dtype: torch.dtype |
             plan.append((slot, None, None))
             continue
         a, b = tensors.get(f"{name}.lora_a"), tensors.get(f"{name}.lora_b")
+        shard = getattr(model, "shard", None)
+        if a is not None and b is not None and shard is not None and shard.size > 1:
+            a, b = _rank_part(model, name.rsplit(".", 1)[1], a, b)
         out_dim, in_dim = linear.weight.shape
         if a is None or b is None or a.shape != (cfg.rank, in_dim) or b.shape != (out_dim, cfg.rank):
             shapes = [None if t is None else tuple(t.shape) for t in (a, b)]
@@ -130,6 +133,25 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, dtype: torch.dtype |
         slot.set(a, b, cfg.scale if a is not None else 0.0)
     model.adapter_config = cfg
     return cfg
+
+
+def _rank_part(model: nn.Module, target: str, a: torch.Tensor, b: torch.Tensor,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tensor-parallel rank's part of one projection's adapter, split as the projection is:
+    B's rows for the column-parallel ones (qkv, gate_up), A's columns for the row-parallel ones
+    (o_proj, down_proj: their partial sums are all-reduced with the projection's)."""
+    cfg, shard = model.config, model.shard
+    if target == "qkv_proj" and b.shape[0] == (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim:
+        return a, b[shard.qkv_rows(cfg)]
+    if target == "gate_up_proj" and b.shape[0] == 2 * cfg.intermediate_size:
+        return a, b[shard.gate_up_rows(cfg)]
+    if target == "o_proj" and a.shape[1] == cfg.num_heads * cfg.head_dim:
+        first, count = shard.q_heads(cfg)
+        return a[:, first * cfg.head_dim:(first + count) * cfg.head_dim], b
+    if target == "down_proj" and a.shape[1] == cfg.intermediate_size:
+        first, count = shard.ffn(cfg)
+        return a[:, first:first + count], b
+    return a, b  # a wrong shape: the check that follows names it
 
 
 def has_adapter(model: nn.Module) -> bool:
