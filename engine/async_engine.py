@@ -26,6 +26,7 @@ gets the steps it missed merged into one delta, and the loop sleeps when idle.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import gc
 import itertools
 import multiprocessing
@@ -219,8 +220,10 @@ class AsyncEngine:
         ctx = multiprocessing.get_context("spawn")  # no forked CUDA or thread state
         to_child, self._to_child = ctx.Pipe(duplex=False)
         self._from_child, from_child = ctx.Pipe(duplex=False)
+        # Not a daemon: it may start processes of its own (tensor-parallel ranks). It still ends
+        # with this process: shutdown() at exit, and EOF on its pipe if this process is killed.
         self._process = ctx.Process(target=_child_main, args=(config, to_child, from_child),
-                                    name="selfeval-engine", daemon=True)
+                                    name="selfeval-engine", daemon=False)
         self._process.start()
         to_child.close()
         from_child.close()
@@ -240,6 +243,7 @@ class AsyncEngine:
         self._sender.start()
         self._thread = threading.Thread(target=self._run_reader, name="selfeval-engine-reader", daemon=True)
         self._thread.start()
+        atexit.register(self.shutdown)
         return self
 
     def _setup(self, inputs: InputProcessor, live: dict) -> None:

@@ -19,7 +19,8 @@ def _config(args):
     if adapter is None and (Path(args.model) / "adapter").is_dir():  # as `demo` does
         adapter = str(Path(args.model) / "adapter")
     return EngineConfig(model=args.model, device=args.device, block_size=args.block_size, adapter=adapter,
-                        load_format=getattr(args, "load_format", "auto"))
+                        load_format=getattr(args, "load_format", "auto"),
+                        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1))
 
 
 def _engine(args):
@@ -169,8 +170,15 @@ def cmd_serve(args) -> int:
         print(f"selfeval: error: serving needs FastAPI and uvicorn ({e}); "
               f"pip install -e '.[serve]'", file=sys.stderr)
         return 2
+    import os
+
     from engine.async_engine import AsyncEngine
 
+    if int(os.environ.get("RANK", "0")) > 0:  # a torchrun rank > 0: hold a shard, serve nothing
+        from engine.tensor_parallel import run_worker
+
+        run_worker(_config(args))
+        return 0
     engine = AsyncEngine.start(_config(args)) if args.engine_process else AsyncEngine(_engine(args))
     name = args.served_model_name or args.model.rstrip("/").rsplit("/", 1)[-1]
     app = build_app(engine, name, max_waiting=args.max_waiting)
@@ -304,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(default: the model directory's name)")
     sv.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                     help="dummy: random weights of the checkpoint's shape (benchmarks without weights)")
+    sv.add_argument("--tensor-parallel-size", type=positive_int, default=1,
+                    help="split the model over this many processes (started here; under torchrun its ranks)")
     sv.add_argument("--max-waiting", type=positive_int, default=None,
                     help="answer 503 while this many requests wait (default: no bound)")
     sv.add_argument("--log-level", default="warning", help="uvicorn log level")

@@ -73,7 +73,7 @@ def make_model(out: str | Path, arch: str = "llama", seed: int = 0, max_shard_si
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer()
-    config = hf_config(arch, len(tokenizer), **overrides)
+    config = hf_config(arch, overrides.pop("vocab_size", len(tokenizer)), **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     # Wider than the default init so that random logits are not all near-ties.
