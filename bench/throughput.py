@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--hf-batch", type=int, default=32)
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="the engine over N ranks (the roofline is then one rank's: its weight shard)")
     ap.add_argument("--out", default=None)
     cpu = ap.add_argument_group("CPU against transformers (--device cpu without --toy)")
     cpu.add_argument("--batch-sizes", type=lambda s: [int(b) for b in s.split(",")], default=[1, 16])
@@ -266,6 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
             dtype=dtype,
             load_format="dummy" if dummy else "auto",
             max_batch_tokens=8192 if not toy else 512,
+            tensor_parallel_size=args.tensor_parallel_size,
         )
         work = workload(n, lo, hi, eng.model.config.vocab_size)
         bandwidth = copy_bandwidth(device, (8 << 20) if toy else None)
@@ -274,6 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
         floor = roofline_seconds(eng, prof, bandwidth, rate)
         weight_bytes = sum(p.numel() * p.element_size() for p in eng.model.parameters())
         bs1 = bs1_latency(eng, 128 if not toy else 16, 256 if not toy else 16)
+        eng.shutdown()
         del eng
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -293,6 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": prof.summary(),
         "copy_bandwidth_gbs": bandwidth / 1e9,
         "matmul_tflops": rate / 1e12,
+        "tensor_parallel_size": args.tensor_parallel_size,
     }
     print(
         f"engine {metrics['tokens_per_s']:.0f} tok/s = {metrics['of_roofline']:.0%} of the roofline "
