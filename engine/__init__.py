@@ -6,6 +6,7 @@ from engine.errors import (
     InvalidRequestError,
     OutOfBlocksError,
     SequenceIdError,
+    WorkerError,
 )
 from engine.sampling import RequestOutput, Sample, SamplingParams
 
@@ -19,6 +20,8 @@ __all__ = [
     "SequenceIdError",
     "CheckpointError",
     "InvalidRequestError",
+    "WorkerError",
+    "EngineConfig",
 ]
 
 
@@ -28,4 +31,8 @@ def __getattr__(name: str):
         from engine.api import Engine
 
         return Engine
+    if name == "EngineConfig":
+        from engine.config import EngineConfig
+
+        return EngineConfig
     raise AttributeError(name)
