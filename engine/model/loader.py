@@ -189,6 +189,8 @@ def save_model(model: torch.nn.Module, hf_config, tokenizer, out_dir: str | Path
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.config
+    if model.shard.size > 1:
+        raise CheckpointError("save_model writes a whole model; this one is one tensor-parallel rank's part")
     unfused = {fused: [p for p, (f, _) in sorted(_FUSED.items(), key=lambda kv: kv[1][1]) if f == fused]
                for fused in ("qkv_proj", "gate_up_proj")}
     tensors = {}
@@ -198,7 +200,7 @@ def save_model(model: torch.nn.Module, hf_config, tokenizer, out_dir: str | Path
         hf = name if name.startswith("lm_head") else f"model.{name}"
         fused = name.rsplit(".", 2)[-2]
         if fused in unfused and name.endswith(("weight", "bias")):
-            for part, t in zip(unfused[fused], param.detach().split(_part_sizes(cfg, fused), dim=0)):
+            for part, t in zip(unfused[fused], param.detach().split(_part_sizes(cfg, fused, Shard()), dim=0)):
                 tensors[hf.replace(f".{fused}.", f".{part}.")] = t.contiguous().cpu()
         else:
             tensors[hf] = param.detach().contiguous().cpu()
