@@ -115,8 +115,10 @@ def load_model(
     model.init_rotary()
     if load_format == "dummy":
         g = torch.Generator(device=device).manual_seed(0)
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             p.data.normal_(0.0, 0.02, generator=g) if p.dim() > 1 else p.data.fill_(1.0)
+            if shard.rank > 0 and name.endswith(("o_proj.bias", "down_proj.bias")):
+                p.data.zero_()  # added once, after the all-reduce (as _rank_slice loads them)
         return model.eval(), hf_config
     params = dict(model.named_parameters())
     filled: dict[str, int] = {}  # parameter -> parts loaded
