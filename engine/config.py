@@ -68,6 +68,10 @@ class EngineConfig:
             positive_int(name)
         for name in ("num_blocks", "max_model_len", "kv_cache_memory"):
             positive_int(name, allow_none=True)
+        t = self.tensor_parallel_timeout
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+            raise InvalidRequestError(f"tensor_parallel_timeout must be a positive number of seconds, "
+                                      f"got {t!r}")
         if self.load_format not in ("auto", "dummy"):
             raise InvalidRequestError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):

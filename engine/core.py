@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import random
 import time
+import weakref
 
 import torch
 
@@ -39,6 +40,8 @@ class EngineCore:
         self.device, self.dtype = config.torch_device, config.torch_dtype
         # Tensor parallelism: this is rank 0; the other ranks run shards (engine.tensor_parallel).
         self.tp = TensorParallel(config) if config.tensor_parallel_size > 1 else None
+        if self.tp is not None:  # an engine dropped without shutdown() still stops its ranks
+            weakref.finalize(self, self.tp.shutdown)
         try:
             self._build(config)
         except BaseException:

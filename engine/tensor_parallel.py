@@ -27,7 +27,9 @@ from __future__ import annotations
 import datetime
 import multiprocessing
 import os
+import signal
 import socket
+import threading
 import time
 
 import torch
@@ -56,8 +58,19 @@ def _timeout(config: EngineConfig) -> datetime.timedelta:
     return datetime.timedelta(seconds=config.tensor_parallel_timeout)
 
 
-def _init_group(config: EngineConfig, rank: int, world: int, store=None) -> None:
-    """Join the group: over `store` (ranks this engine spawned), else torchrun's environment."""
+def _start_timeout(config: EngineConfig) -> datetime.timedelta:
+    """How long ranks may take to start and join (importing torch, loading): minutes, not a
+    collective's bound; a rank that dies meanwhile fails the start at once anyway."""
+    return datetime.timedelta(seconds=max(config.tensor_parallel_timeout, 300.0))
+
+
+_IDLE = datetime.timedelta(days=365)  # the control group's timeout: a server may idle for long
+
+
+def _init_group(config: EngineConfig, rank: int, world: int, store=None):
+    """Join the group (over `store` for ranks this engine spawned, else torchrun's environment) and
+    return the control group: messages from rank 0 cross a gloo group of their own whose timeout
+    is an idle server's, not a collective's (a dead peer still fails it at once: its socket closes)."""
     if config.torch_device.type == "cuda":
         torch.cuda.set_device(_rank_device(config, rank))
     if store is None:
@@ -66,11 +79,12 @@ def _init_group(config: EngineConfig, rank: int, world: int, store=None) -> None
     else:
         dist.init_process_group(_backend(config), store=store, rank=rank, world_size=world,
                                 timeout=_timeout(config))
+    return dist.new_group(backend="gloo", timeout=_IDLE)
 
 
-def _receive() -> tuple:
+def _receive(control) -> tuple:
     box = [None]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=control)
     return box[0]
 
 
@@ -87,16 +101,16 @@ def run_worker(config: EngineConfig, rank: int | None = None, world: int | None 
     world = int(os.environ["WORLD_SIZE"]) if world is None else world
     store = None
     if address is not None:
-        store = dist.TCPStore(address[0], address[1], world, is_master=False, timeout=_timeout(config))
+        store = dist.TCPStore(address[0], address[1], world, is_master=False, timeout=_start_timeout(config))
         store.set(f"joined/{rank}", "1")
-    _init_group(config, rank, world, store)
+    control = _init_group(config, rank, world, store)
     try:
         device = _rank_device(config, rank)
         shard = Shard(rank, world)
         model, _ = load_model(config.model, device, config.torch_dtype, config.load_format, shard)
         if config.adapter is not None:
             load_adapter(model, config.adapter)
-        message = _receive()
+        message = _receive(control)
         if message[0] == "stop":  # rank 0 failed to build its part
             return
         _, num_blocks, max_model_len, graphs = message
@@ -104,7 +118,7 @@ def run_worker(config: EngineConfig, rank: int | None = None, world: int | None 
                              graphs=graphs, max_graph_batch=config.max_num_seqs,
                              adapter_loaded=has_adapter(model))
         while True:
-            message = _receive()
+            message = _receive(control)
             if message[0] == "stop":
                 break
             runner.execute(message[1])
@@ -126,21 +140,21 @@ class TensorParallel:
         from engine.model.loader import load_hf_config
 
         world = config.tensor_parallel_size
-        self.config, self.workers, self.dead = config, [], False
+        self.config, self.workers, self.dead, self.closed = config, [], False, False
         hf = load_hf_config(config.model, weights=config.load_format == "auto")
         Shard(0, world).check(ModelConfig.from_hf(hf))  # before any process starts
         if _under_torchrun():
             if int(os.environ["WORLD_SIZE"]) != world:
                 raise WorkerError(f"torchrun started {os.environ['WORLD_SIZE']} ranks but "
                                   f"tensor_parallel_size is {world}")
-            _init_group(config, 0, world, None)
+            self.control = _init_group(config, 0, world, None)
         else:
             if dist.is_initialized():
                 raise WorkerError("a torch.distributed group is already running in this process; shut "
                                   "down the other tensor-parallel engine first")
             address = ("127.0.0.1", _free_port())
             store = dist.TCPStore(*address, world, is_master=True, wait_for_workers=False,
-                                  timeout=_timeout(config))
+                                  timeout=_start_timeout(config))
             ctx = multiprocessing.get_context("spawn")
             for rank in range(1, world):
                 process = ctx.Process(target=run_worker, args=(config, rank, world, address),
@@ -149,7 +163,7 @@ class TensorParallel:
                 self.workers.append(process)
             try:
                 self._wait_for_workers(store)
-                _init_group(config, 0, world, store)
+                self.control = _init_group(config, 0, world, store)
             except BaseException:
                 self.dead = True
                 self._stop_workers(timeout=0)
@@ -159,7 +173,7 @@ class TensorParallel:
     def _wait_for_workers(self, store) -> None:
         """Until every spawned rank has joined; one that exits first fails the start at once."""
         keys = [f"joined/{rank}" for rank in range(1, len(self.workers) + 1)]
-        deadline = time.monotonic() + self.config.tensor_parallel_timeout
+        deadline = time.monotonic() + _start_timeout(self.config).total_seconds()
         while not store.check(keys):
             for rank, p in enumerate(self.workers, start=1):
                 if not p.is_alive():
@@ -169,7 +183,7 @@ class TensorParallel:
                         f"with `if __name__ == '__main__':`)")
             if time.monotonic() > deadline:
                 raise WorkerError(f"tensor-parallel ranks did not join within "
-                                  f"{self.config.tensor_parallel_timeout} s")
+                                  f"{_start_timeout(self.config).total_seconds():.0f} s")
             time.sleep(0.05)
 
     def setup(self, num_blocks: int, max_model_len: int, graphs: str | None) -> None:
@@ -183,13 +197,16 @@ class TensorParallel:
             raise WorkerError("a tensor-parallel rank failed earlier: shut this engine down and start "
                               "another")
         try:
-            dist.broadcast_object_list([message], src=0)
+            dist.broadcast_object_list([message], src=0, group=self.control)
         except Exception as e:  # noqa: BLE001 - a rank is gone: say which, stop the rest
             raise self.failed(e) from e
 
     def failed(self, error: BaseException) -> WorkerError:
         """The engine cannot step any more: stop every worker; the error to raise."""
         self.dead = True
+        deadline = time.monotonic() + 2.0  # a peer's socket can close a moment before it is reaped
+        while self.workers and all(p.is_alive() for p in self.workers) and time.monotonic() < deadline:
+            time.sleep(0.02)
         exits = [f"rank {i + 1} exited with code {p.exitcode}" for i, p in enumerate(self.workers)
                  if not p.is_alive()]
         self._stop_workers(timeout=0)
@@ -204,7 +221,11 @@ class TensorParallel:
                 p.join()
 
     def shutdown(self) -> None:
-        """Tell the workers to stop, join them (killing stragglers) and leave the group."""
+        """Tell the workers to stop, join them (killing stragglers) and leave the group. Once: a
+        later call must not tear down a group another engine made since."""
+        if self.closed:
+            return
+        self.closed = True
         if not self.dead:
             try:
                 self._send(("stop",))
@@ -226,8 +247,21 @@ class TensorParallelRunner:
         return getattr(self.runner, name)
 
     def execute(self, step, phase=None) -> torch.Tensor:
+        """Once the step is broadcast every rank must finish it, so a Ctrl-C that reaches this
+        process alone (a notebook's interrupt) waits for the forward to end and is raised then:
+        the core undoes the step as usual. Any other failure here leaves the ranks out of step."""
         self.tp.run(step)
+        interrupted = []
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
         try:
-            return self.runner.execute(step, phase)
+            logits = self.runner.execute(step, phase)
         except BaseException as e:  # the ranks' collectives are out of step now (or a rank is gone)
             raise self.tp.failed(e) from e
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        if interrupted:
+            raise KeyboardInterrupt
+        return logits

@@ -4,8 +4,10 @@ with a LoRA adapter loaded: identical greedy tokens, logits and self-evaluation 
 float32 tolerance, n > 1 under a Prune policy; a rank killed mid-run fails the engine fast and
 leaves no process behind."""
 
+import gc
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -89,6 +91,49 @@ def test_a_killed_rank_fails_the_engine_fast_and_leaves_no_process(checkpoints):
     eng.shutdown()
     with Engine(path, num_blocks=64, tensor_parallel_size=2) as again:  # the group was left cleanly
         assert again.generate([PROMPTS[1]], GREEDY)[0].samples[0].token_ids
+
+
+def test_ranks_wait_idle_past_the_collective_timeout(checkpoints):
+    """A server idles between requests: waiting for rank 0 is not a collective that times out."""
+    path, _ = checkpoints["llama"]
+    with Engine(path, num_blocks=64, tensor_parallel_size=2, tensor_parallel_timeout=1.0) as eng:
+        first = eng.generate([PROMPTS[0]], GREEDY)[0].samples[0].token_ids
+        time.sleep(3)
+        assert all(p.is_alive() for p in eng.core.tp.workers)
+        assert eng.generate([PROMPTS[0]], GREEDY)[0].samples[0].token_ids == first
+
+
+def test_an_engine_dropped_without_shutdown_stops_its_ranks_and_a_second_shutdown_is_harmless(checkpoints):
+    path, _ = checkpoints["llama"]
+    eng = Engine(path, num_blocks=64, tensor_parallel_size=2)
+    [worker] = eng.core.tp.workers
+    del eng
+    gc.collect()
+    worker.join(timeout=10)
+    assert not worker.is_alive()
+    first = Engine(path, num_blocks=64, tensor_parallel_size=2)  # the group was released
+    first.shutdown()
+    with Engine(path, num_blocks=64, tensor_parallel_size=2) as second:
+        first.shutdown()  # must not tear down the group `second` made
+        assert second.generate([PROMPTS[0]], GREEDY)[0].samples[0].token_ids
+
+
+def test_ctrl_c_on_rank_0_alone_interrupts_the_call_and_the_engine_goes_on(checkpoints):
+    """A notebook's interrupt reaches rank 0 only: the step in flight finishes on every rank, is
+    undone, and the engine steps on."""
+    path, _ = checkpoints["llama"]
+    long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+    with Engine(path, num_blocks=256, tensor_parallel_size=2) as eng:
+        want = eng.generate([PROMPTS[1]], GREEDY)[0].samples[0].token_ids
+        timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            eng.generate([PROMPTS[0]] * 4, long)
+        timer.join()
+        for rid in list(eng.core.requests):
+            eng.abort(rid)
+        assert eng.generate([PROMPTS[1]], GREEDY)[0].samples[0].token_ids == want
+        assert eng.num_free_blocks == 256
 
 
 def test_a_model_that_does_not_split_is_refused_before_any_process_starts(checkpoints):
