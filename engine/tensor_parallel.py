@@ -16,10 +16,15 @@ Design
   `run_worker(config)` (`selfeval serve` does), which is how several nodes are used.
 - Setup crosses as one broadcast too: rank 0 sizes the KV cache and sends the block count, the
   longest sequence and the CUDA graph settings before any rank builds its runner.
+- Messages from rank 0 (setup, each step, stop) cross a gloo control group of their own whose
+  timeout is a year: a server idles between requests, and a collective's timeout must not end its
+  ranks. The model's collectives use the main group (gloo or NCCL) and `tensor_parallel_timeout`.
 - Failure: a rank that dies or raises closes its sockets, so the others' next collective fails
   within seconds. Rank 0 then raises WorkerError (no step can run without every shard), kills
   the workers it spawned and joins them; a worker whose rank 0 is gone sees its collective fail
-  and exits. A stuck rank is bounded by the group's timeout (`tensor_parallel_timeout`).
+  and exits. A stuck rank is bounded by `tensor_parallel_timeout`. Once a step is broadcast every
+  rank must finish it: an exception in rank 0's forward ends the engine too, and a Ctrl-C that
+  reaches rank 0 alone is held until its forward ends (then the core undoes the step as usual).
 """
 
 from __future__ import annotations
