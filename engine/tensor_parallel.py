@@ -255,15 +255,16 @@ class TensorParallelRunner:
         """Once the step is broadcast every rank must finish it, so a Ctrl-C that reaches this
         process alone (a notebook's interrupt) waits for the forward to end and is raised then:
         the core undoes the step as usual. Any other failure here leaves the ranks out of step."""
-        self.tp.run(step)
         interrupted = []
         previous = None
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():  # held from before the broadcast
             previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
         try:
-            logits = self.runner.execute(step, phase)
-        except BaseException as e:  # the ranks' collectives are out of step now (or a rank is gone)
-            raise self.tp.failed(e) from e
+            self.tp.run(step)
+            try:
+                logits = self.runner.execute(step, phase)
+            except BaseException as e:  # the ranks' collectives are out of step now (or a rank is gone)
+                raise self.tp.failed(e) from e
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
