@@ -5,7 +5,8 @@
 # one 600 s call). Run the two parts as two device calls; `all` runs both. Results land in $OUT
 # (or bench/results); copy them into the repository afterwards.
 # Part 3 (its own call): the HTTP server under load at the 8B shape (bench/serve_load.py).
-#   bash bench/gpu_check.sh 1|2|3|all
+# Part 4 (its own call): host time per decode step at the 8B shape (bench/host_overhead.py).
+#   bash bench/gpu_check.sh 1|2|3|4|all
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART="${1:-all}"
@@ -34,6 +35,10 @@ fi
 if [[ "$PART" == 3 ]]; then
   # The HTTP server under load at the 8B shape vs offline at the same concurrency (issue 14).
   timeout 420 python bench/serve_load.py --out "$OUT" 2>&1 | tee "$OUT/serve_load-gpu.txt" | tail -8
+fi
+if [[ "$PART" == 4 ]]; then
+  # Host time per decode step as a share of an 8B-shape step (issue 17's <= 15% target).
+  timeout 480 python bench/host_overhead.py --device cuda --steps 50 --out "$OUT" 2>&1 | tee "$OUT/host_overhead-gpu.txt" | tail -8
 fi
 if [[ -n "${GPU_CHECK_TAR:-}" ]]; then
   # The device returns at most 8 files: pack everything into one archive.
