@@ -98,8 +98,8 @@ class ModelRunner:
                 adapter_mask=to(step.adapter_mask, torch.bool) if adapter else None,
             )
             ids = to(step.token_ids, torch.int64)
-            rows, every = None, np.arange(step.num_tokens)
-            if len(step.logit_rows) != step.num_tokens or (step.logit_rows != every).any():
+            rows, n = None, step.num_tokens
+            if len(step.logit_rows) != n or (step.logit_rows != np.arange(n)).any():  # built only if needed
                 rows = to(step.logit_rows, torch.int64)
         with phase("forward"):
             hidden = self.model(ids, meta, self.kv_cache)
