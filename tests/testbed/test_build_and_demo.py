@@ -2,12 +2,15 @@
 the table's structure with best-of-16 by self-evaluation clearly above one sample."""
 
 import json
+from types import SimpleNamespace
+from unittest.mock import patch
 
 import pytest
 
 from engine.cli import main
 from engine.testbed import BUNDLED
 from engine.testbed.build import main as build
+from engine.testbed.demo import _aurocs, _prune_offline
 
 
 def test_build_recipe_end_to_end_at_toy_size(tmp_path):
@@ -38,22 +41,84 @@ def demo(tmp_path_factory):
 @needs_bundled
 def test_demo_on_the_bundled_model_gives_the_table(demo):
     out, r = demo
-    assert {"greedy_acc", "sample_acc", "best_of_n", "adaptive", "prune", "auroc"} <= r.keys()
+    assert {"greedy_acc", "sample_acc", "best_of_n", "adaptive", "adaptive_baselines", "prune", "auroc",
+            "goals", "mean_response_tokens"} <= r.keys()
     assert set(r["best_of_n"]) == {"2", "4", "8", "16"}
     for v in r["best_of_n"].values():
         assert set(v) == {"selfeval", "oracle", "logprob", "confidence"}
         assert v["oracle"] >= max(v["selfeval"], v["logprob"], v["confidence"])
-    assert all({"threshold", "avg_samples", "acc", "frac_gain"} <= a.keys() for a in r["adaptive"])
-    assert all(1 <= a["avg_samples"] <= 16 for a in r["adaptive"])
-    assert all({"checkpoint", "frac_pruned", "acc", "tokens_saved_frac"} <= p.keys() for p in r["prune"])
-    assert all(0 < p["frac_pruned"] < 1 and 0 < p["tokens_saved_frac"] < 1 for p in r["prune"])
-    assert {"end", "8", "16", "32", "end_within_prompt"} <= r["auroc"].keys()
+    base = r["adaptive_baselines"]
+    assert base["gain_of_every_round"] == pytest.approx(base["every_round_acc"] - base["first_round_acc"])
+    for a in r["adaptive"]:
+        assert 1 <= a["avg_samples"] <= 16
+        assert a["gain"] == pytest.approx(a["acc"] - base["first_round_acc"])
+        assert a["vs_greedy"] == pytest.approx(a["acc"] - r["greedy_acc"])
+        if base["gain_of_every_round"] > 0:
+            assert a["frac_gain"] == pytest.approx(a["gain"] / base["gain_of_every_round"])
+        else:
+            assert a["frac_gain"] is None and r["gain_at_1_2_samples"] is None
+    for p in r["prune"]:
+        assert {"checkpoint", "keep", "frac_pruned", "acc", "tokens_saved_frac", "offline"} <= p.keys()
+        assert 0 < p["frac_pruned"] < 1 and 0 < p["tokens_saved_frac"] < 1
+        assert set(p["offline"]) == {"selfeval", "random", "logprob"}
+        # The replay of Prune's rule on the best-of-16 samples is the policy itself, up to float
+        # ties between samples with the same text (their scores differ in the last bits between runs).
+        replay = p["offline"]["selfeval"]
+        assert abs(replay["frac_pruned"] - p["frac_pruned"]) <= 0.02
+        assert abs(replay["acc"] - p["acc"]) <= 2 / 48 + 1e-9
+        for o in p["offline"].values():  # every row prunes the same samples' share
+            assert o["frac_pruned"] == pytest.approx(replay["frac_pruned"])
+    for name in ("selfeval", "logprob"):
+        assert set(r["auroc"][name]) == {"end", "8", "16", "32"}
+        for v in r["auroc"][name].values():
+            assert {"within_prompt", "pooled", "prompts"} <= v.keys()
+    # Mid-generation AUROC is over samples still generating, so fewer prompts have both kinds.
+    assert r["auroc"]["selfeval"]["32"]["prompts"] <= r["auroc"]["selfeval"]["8"]["prompts"]
+    assert r["auroc"]["selfeval"]["8"]["prompts"] <= r["auroc"]["selfeval"]["end"]["prompts"]
+    for g in r["goals"]:
+        v, bound = g["value"], g["bound"]
+        assert g["met"] == (v is not None and (v >= bound if g["op"] == ">=" else v <= bound))
+    b16 = r["best_of_n"]["16"]
+    assert r["goals"][0]["value"] == pytest.approx(b16["selfeval"] - b16["logprob"])
     h = r["habits"]
     assert 0 <= h["direct_share"] <= 1 and 0 <= h["direct_share_of_selfeval_picks"] <= 1
     for part, present in (("direct_acc", h["direct_share"] > 0), ("worked_acc", h["direct_share"] < 1)):
         assert (h[part] is not None) == present
     for name in ("best_of_n.png", "adaptive.png", "prune.png"):
         assert (out / name).stat().st_size > 1000
+
+
+def _sample(index, n_tokens, score, mid, logprobs=None):
+    return SimpleNamespace(index=index, token_ids=[0] * n_tokens, score=score, checkpoint_scores=[(4, mid)],
+                           logprobs=logprobs or [-1.0] * n_tokens)
+
+
+def test_prune_replay_follows_the_policys_rule():
+    """Prune decides after the step that scores at c and samples token c+1: a sample that ended by
+    then is complete, not pruned; the best round(keep * live) stay; the pick is by the end score."""
+    samples = [_sample(0, 5, 0.5, 0.1),    # ended at c+1 = 5 tokens: kept whatever its mid score
+               _sample(1, 20, 0.8, 0.9),   # live, best at c: kept
+               _sample(2, 20, 0.99, 0.2),  # live, pruned (best end score, but gone)
+               _sample(3, 12, 0.7, 0.5)]   # live, second best at c: kept with keep=2/3
+    outs, correct = [SimpleNamespace(samples=samples)], [[0.0, 1.0, 0.0, 0.0]]
+    r = _prune_offline(outs, correct, 4, 2 / 3, lambda s, c: dict(s.checkpoint_scores)[c], seed=0)
+    assert r["acc"] == 1.0 and r["frac_pruned"] == 0.25
+    assert r["tokens_saved_frac"] == pytest.approx(1 - (5 + 20 + 5 + 12) / 57)
+    rand = _prune_offline(outs, correct, 4, 1 / 3, None, seed=0, draws=200)
+    # One of the three live samples is kept at random; it outscores the ended sample 0 at the end
+    # either way, so the pick is right only when sample 1 is the one kept.
+    assert rand["frac_pruned"] == 0.5 and 0.2 < rand["acc"] < 0.45
+
+
+def test_checkpoint_auroc_counts_only_samples_still_generating():
+    right_long = _sample(0, 20, 0.9, 0.8)
+    wrong_long = _sample(1, 20, 0.1, 0.3)
+    wrong_short = _sample(2, 4, 0.2, 0.95)  # ended at the checkpoint: not a mid-generation sample
+    outs = [SimpleNamespace(samples=[right_long, wrong_long, wrong_short])]
+    with patch("engine.testbed.demo.CHECKPOINTS", (4,)):
+        roc = _aurocs(outs, [[1.0, 0.0, 0.0]])
+    assert roc["selfeval"]["4"]["within_prompt"] == 1.0 and roc["selfeval"]["end"]["within_prompt"] == 1.0
+    assert roc["selfeval"]["4"]["pooled"] == 1.0 and roc["selfeval"]["4"]["prompts"] == 1
 
 
 @needs_bundled
