@@ -62,14 +62,22 @@ def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
         return o.transpose(1, 2).reshape(tokens, q.shape[1], q.shape[2])
-    seg = torch.repeat_interleave(torch.arange(len(lens), device=q.device), lens)
-    idx = torch.arange(tokens, device=q.device)
-    mask = (seg[:, None] == seg[None, :]) & (idx[:, None] >= idx[None, :])
-    qh = q.transpose(0, 1)
-    kh = k.transpose(0, 1).repeat_interleave(group, dim=0)
-    vh = v.transpose(0, 1).repeat_interleave(group, dim=0)
-    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
-    return o.transpose(0, 1)
+    # Unequal lengths: pad each sequence to the longest (B x n x n masks, not one T x T over the
+    # whole batch: a batch of 32 sequences of ~95 tokens costs 32x less), attend, and unpad.
+    b, n = len(lens), int(lens.max()) if len(lens) else 0
+    pos = torch.arange(tokens, device=q.device) - torch.repeat_interleave(query_start_loc[:-1].long(), lens)
+    row = torch.repeat_interleave(torch.arange(b, device=q.device), lens) * n + pos  # each token's padded row
+
+    def pad(t):
+        out = t.new_zeros(b * n, t.shape[1], t.shape[2])
+        return out.index_copy(0, row, t).view(b, n, t.shape[1], t.shape[2]).transpose(1, 2)
+
+    qh, kh, vh = pad(q), pad(k), pad(v)
+    kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
+    idx = torch.arange(n, device=q.device)
+    mask = (idx[None, :] <= idx[:, None])[None] & (idx[None, None, :] < lens[:, None, None])  # [B, n, n]
+    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[:, None], scale=scale)
+    return o.transpose(1, 2).reshape(b * n, q.shape[1], q.shape[2]).index_select(0, row)
 
 
 def paged_attention_ref(

@@ -140,3 +140,30 @@ def test_cpu_attention_empty_batch_and_rows_without_queries():
     empty = paged_attention_cpu(q[:0], kc, vc, bt[:0], ctx[:0], qsl[:1], 4, 0.125)
     assert empty.shape == (0, 4, 64)
     assert paged_attention_ref(q[:0], kc, vc, bt[:0], ctx[:0], qsl[:1], 4, 0.125).shape == (0, 4, 64)
+
+
+@pytest.mark.parametrize("lens,group", [([5, 1, 17, 9], 3), ([8, 8, 8], 1), ([1], 2), ([30, 2], 4)])
+def test_packed_causal_attention_matches_each_sequence_alone(lens, group):
+    """Training's attention over packed sequences of unequal length (padded per batch, not one
+    T x T mask) equals causal attention over each sequence on its own, values and gradients."""
+    from kernels.attention import packed_causal_attention
+
+    g = torch.Generator().manual_seed(sum(lens) + group)
+    heads_kv, d, t = 2, 16, sum(lens)
+    q, k, v = (torch.randn(t, h, d, generator=g, dtype=torch.float64, requires_grad=True)
+               for h in (heads_kv * group, heads_kv, heads_kv))
+    qsl = torch.tensor([0] + lens).cumsum(0).int()
+    out = packed_causal_attention(q, k, v, qsl, 0.25)
+    ref = []
+    for a, b in zip(qsl[:-1].tolist(), qsl[1:].tolist()):
+        qh = q[a:b].transpose(0, 1)
+        kh, vh = (x[a:b].transpose(0, 1).repeat_interleave(group, dim=0) for x in (k, v))
+        ref.append(torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=0.25)
+                   .transpose(0, 1))
+    ref = torch.cat(ref)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    grads_ref = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
