@@ -259,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seed", type=seed_int, default=0, help="data order and init")
     t.set_defaults(func=cmd_train)
 
-    d = sub.add_parser("demo", help="the paper's results in miniature on the bundled testbed model",
-                       formatter_class=fmt)
+    d = sub.add_parser("demo", help="the paper's experiments in miniature on the bundled testbed model, "
+                       "against the simple baselines", formatter_class=fmt)
     d.add_argument("--out", default="selfeval-demo", help="directory for results.json and plots")
     d.add_argument("--full", action="store_true", help="the larger run (more problems)")
     d.add_argument("--problems", type=positive_int, default=None,

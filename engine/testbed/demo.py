@@ -1,4 +1,4 @@
-"""`selfeval demo`: the paper's results in miniature on the bundled testbed model and adapter,
+"""`selfeval demo`: the paper's experiments in miniature on the bundled testbed model and adapter,
 each measured against the strongest simple baseline.
 
 On held-out problems: greedy decoding and one sample; best-of-{2,4,8,16} picked by self-evaluation,
