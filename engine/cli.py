@@ -119,7 +119,7 @@ def cmd_build_data(args) -> int:
         eng, records, reward=load_verifier(args.verifier) if args.verifier else None,
         batch_reward=reward_model_fn(args.reward_model, args.device) if args.reward_model else None,
         n=args.n, checkpoints=[int(c) for c in args.checkpoints.split(",") if c],
-        completions=args.completions, params=params, chat=not args.no_chat)
+        completions=args.completions, params=params, chat=not args.no_chat, targets=args.targets)
     count = write_jsonl(examples, args.out)
     print(f"wrote {count} examples for {len(records)} prompts to {args.out}")
     return 0
@@ -236,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("-n", type=positive_int, default=8, help="samples per prompt")
     b.add_argument("--checkpoints", default="16,32", help="mid-generation lengths, comma-separated")
     b.add_argument("--completions", type=positive_int, default=4, help="completions per prefix")
+    b.add_argument("--targets", choices=["win-tie", "win-half", "reward"], default="win-tie",
+                   help="win-tie: the share of the prompt's other samples this one is not worse than (the "
+                   "paper); win-half: ties count half; reward: the verifier's value (P(right))")
     b.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     b.add_argument("--max-tokens", type=positive_int, default=128, help="tokens per sample")
     b.add_argument("--seed", type=seed_int, default=0, help="reproducible samples")

@@ -2,10 +2,12 @@
 
     python -m engine.testbed.build --out engine/testbed/model
 
-1. pretrain the base model (engine.testbed.pretrain) on generated problems, a --direct-frac share
-   of them answered with no working (a second habit, which fails on long problems); with --check-steps,
-   go on with half of each batch the answer-checking task (synthetic right/corrupted solutions,
-   "right"/"wrong"; off by default: 300 steps left the model checking at chance);
+1. pretrain the base model (engine.testbed.pretrain) on generated problems of --task (arith:
+   chained addition, engine.testbed.task; paths: a path in a small graph, engine.testbed.paths), for
+   arith a --direct-frac share of them answered with no working (a second habit, which fails on long
+   problems); with --check-steps, go on with half of each batch the answer-checking task (synthetic
+   right/corrupted solutions, "right"/"wrong"; off by default: for arith 300 steps left the model
+   checking at chance);
 2. measure its greedy and sampled accuracy on held-out problems;
 3. `build-data`: N samples per training prompt, verifier rewards, win-tie targets, mid-generation
    prefixes completed k times;
@@ -25,24 +27,28 @@ from pathlib import Path
 
 from engine.api import Engine
 from engine.sampling import SamplingParams, seeds_per_prompt
-from engine.testbed.demo import DEMO_LEVELS
+from engine.testbed import load_task
+from engine.testbed.demo import HELD_OUT_SEED
 from engine.testbed.pretrain import PretrainConfig, pretrain
-from engine.testbed.task import problems, verify
-from engine.train.data import build_examples, write_jsonl
+from engine.train.data import TARGETS, build_examples, write_jsonl
 from engine.train.trainer import TrainConfig, train
 
 DATA_SEED = 1
-DATA_LEVELS = [1, 2, 3, 4, 5]  # level 0 is always solved: it teaches the adapter nothing
 
 
-def accuracy(model_dir: Path, n: int, temperature: float, device: str, seed: int = 7) -> float:
+def accuracy(model_dir: Path, task, n: int, temperature: float, device: str, seed: int = 7) -> dict:
+    """Accuracy of one sample per held-out problem at the demo's levels, overall and by level."""
     eng = Engine(str(model_dir), device=device, seed=seed)
-    recs = [p.record() for p in problems(n, 2024, DEMO_LEVELS)]
+    recs = [p.record() for p in task.problems(n, HELD_OUT_SEED, task.DEMO_LEVELS)]
     outs = eng.chat(
         [[{"role": "user", "content": r["prompt"]}] for r in recs],
-        seeds_per_prompt(SamplingParams(temperature=temperature, max_tokens=64, seed=seed), n),
+        seeds_per_prompt(SamplingParams(temperature=temperature, max_tokens=task.MAX_TOKENS, seed=seed), n),
     )
-    return sum(verify(r, o.samples[0].text) for r, o in zip(recs, outs)) / n
+    right = [(r["level"], task.verify(r, o.samples[0].text)) for r, o in zip(recs, outs)]
+    levels = sorted({lv for lv, _ in right})
+    by_level = {str(lv): sum(ok for x, ok in right if x == lv) / sum(x == lv for x, _ in right)
+                for lv in levels}
+    return {"acc": sum(ok for _, ok in right) / n, "by_level": by_level}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,37 +56,53 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--work", default=None, help="scratch directory for the data (default OUT/../build)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--task", choices=["arith", "paths"], default="arith")
     ap.add_argument("--steps", type=int, default=1600)
+    ap.add_argument("--batch-size", type=int, default=64, help="pretraining batch")
     ap.add_argument("--direct-frac", type=float, default=0.35,
                     help="share of pretraining solutions that answer with no working")
     ap.add_argument("--check-steps", type=int, default=0)
     ap.add_argument("--data-prompts", type=int, default=384)
     ap.add_argument("-n", type=int, default=8)
-    ap.add_argument("--checkpoints", default="8,16")
+    ap.add_argument("--checkpoints", default=None, help="mid-generation lengths (default: the task's)")
     ap.add_argument("--completions", type=int, default=3)
+    ap.add_argument("--targets", choices=TARGETS, default="win-tie",
+                    help="see engine.train.data.win_tie_against")
     ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=16, help="adapter rank")
+    ap.add_argument("--lr", type=float, default=2e-3, help="adapter learning rate")
     ap.add_argument("--eval-problems", type=int, default=200)
     ap.add_argument("--redo", action="store_true")
     ap.add_argument("--until", choices=["pretrain", "data", "adapter"], default="adapter",
                     help="stop after this stage (e.g. build the data here, train the adapter on a GPU)")
     args = ap.parse_args(argv)
+    task = load_task(args.task)
+    if args.direct_frac and not hasattr(task.Problem, "direct"):
+        args.direct_frac = 0.0  # the habit is arith's
+    checkpoints = ([int(c) for c in args.checkpoints.split(",") if c] if args.checkpoints is not None
+                   else list(task.DATA_CHECKPOINTS))
     out = Path(args.out)
     work = Path(args.work) if args.work else out.parent / "build"
     work.mkdir(parents=True, exist_ok=True)
     recipe_path = out / "RECIPE.json"
     recipe = json.loads(recipe_path.read_text()) if recipe_path.exists() and not args.redo else {}
+    if recipe.get("task", "arith") != args.task and (out / "model.safetensors").exists():
+        ap.error(f"{out} holds a model of the {recipe.get('task', 'arith')} task: --redo to rebuild it")
     recipe["command"] = "python -m engine.testbed.build " + " ".join(argv or sys.argv[1:])
+    recipe["task"] = args.task
 
     def save() -> None:  # after every stage, so an interrupted build keeps what it made
         recipe_path.write_text(json.dumps(recipe, indent=2) + "\n")
 
     if args.redo or not (out / "model.safetensors").exists():
-        cfg = PretrainConfig(steps=args.steps, threads=0, direct_frac=args.direct_frac)
+        cfg = PretrainConfig(steps=args.steps, batch_size=args.batch_size, threads=0,
+                             direct_frac=args.direct_frac, task=args.task)
         recipe["pretrain"] = pretrain(out, cfg, args.device)
         recipe.pop("pretrain_check", None)
         save()
     if "pretrain_check" not in recipe and args.check_steps:
-        cfg = PretrainConfig(steps=args.check_steps, lr=1e-3, warmup=20, check_frac=0.5, seed=3, threads=0)
+        cfg = PretrainConfig(steps=args.check_steps, batch_size=args.batch_size, lr=1e-3, warmup=20,
+                             check_frac=0.5, seed=3, threads=0, task=args.task)
         recipe["pretrain_check"] = pretrain(out, cfg, args.device, init_from=out)
         recipe["pretrain_check"]["note"] = "continued from the pretrain stage's checkpoint"
         for stage in ("base_metrics", "data", "adapter"):
@@ -88,9 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         save()
     base = recipe.setdefault("base_metrics", {})
     if "greedy_acc" not in base:
-        base["greedy_acc"] = accuracy(out, args.eval_problems, 0.0, args.device)
-        base["sample_acc_t1"] = accuracy(out, args.eval_problems, 1.0, args.device)
+        greedy = accuracy(out, task, args.eval_problems, 0.0, args.device)
+        sample = accuracy(out, task, args.eval_problems, 1.0, args.device)
+        base["greedy_acc"], base["greedy_by_level"] = greedy["acc"], greedy["by_level"]
+        base["sample_acc_t1"], base["sample_by_level"] = sample["acc"], sample["by_level"]
         base["held_out_problems"] = args.eval_problems
+        base["levels"] = task.DEMO_LEVELS
         save()
     print("base model:", base, flush=True)
     if args.until == "pretrain":
@@ -100,27 +125,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.redo or not data.exists() or "data" not in recipe:
         start = time.perf_counter()
         eng = Engine(str(out), device=args.device, seed=DATA_SEED)
-        recs = [p.record() for p in problems(args.data_prompts, DATA_SEED, DATA_LEVELS)]
-        params = SamplingParams(temperature=1.0, max_tokens=64, seed=DATA_SEED)
+        recs = [p.record() for p in task.problems(args.data_prompts, DATA_SEED, task.DATA_LEVELS)]
+        params = SamplingParams(temperature=1.0, max_tokens=task.MAX_TOKENS, seed=DATA_SEED)
         count = write_jsonl(
             build_examples(
                 eng,
                 recs,
-                reward=verify,
+                reward=task.verify,
                 n=args.n,
                 params=params,
                 completions=args.completions,
-                checkpoints=[int(c) for c in args.checkpoints.split(",")],
+                checkpoints=checkpoints,
+                targets=args.targets,
             ),
             data,
         )
         recipe["data"] = {
             "prompts": args.data_prompts,
             "seed": DATA_SEED,
-            "levels": DATA_LEVELS,
+            "levels": task.DATA_LEVELS,
             "n": args.n,
-            "checkpoints": args.checkpoints,
+            "checkpoints": checkpoints,
             "completions": args.completions,
+            "targets": args.targets,
             "temperature": 1.0,
             "examples": count,
             "seconds": round(time.perf_counter() - start, 1),
@@ -133,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         if (out / "adapter").exists():
             shutil.rmtree(out / "adapter")
         cfg = TrainConfig(
-            rank=16, alpha=32, lr=2e-3, epochs=args.epochs, batch_size=32, eval_frac=0.1, device=args.device
+            rank=args.rank, alpha=2 * args.rank, lr=args.lr, epochs=args.epochs, batch_size=32, eval_frac=0.1,
+            device=args.device
         )
         start = time.perf_counter()
         report = train(str(out), str(data), str(out / "adapter"), cfg)

@@ -1,14 +1,16 @@
-"""`selfeval demo`: the paper's experiments in miniature on the bundled testbed model and adapter,
-each measured against the strongest simple baseline.
+"""`selfeval demo`: the paper's experiments in miniature on the bundled testbed model and adapter (or
+another testbed build: its RECIPE.json names the task), each measured against the strongest simple
+baseline.
 
-On held-out problems: greedy decoding and one sample; best-of-{2,4,8,16} picked by self-evaluation,
-by mean log-probability (the baseline to beat), by DeepConf-style confidence and by an oracle;
-the Adaptive policy at several thresholds, against its own first round alone (the same
-near-greedy temperature, no score), against all its rounds drawn and against greedy; the Prune
-policy at 8/16/32 tokens, against random pruning and pruning on log-probability so far, replayed on
-the same samples; AUROC of the score and of mean log-probability for right vs wrong samples, within
-a prompt and pooled, at the end and mid-generation (over the samples still generating); and the
-goal of issue 16, each line met or not. Prints a table, writes results.json and PNG plots."""
+On held-out problems: greedy decoding and one sample; best-of-{2,4,8,16} picked by
+self-evaluation, by mean log-probability (the baseline to beat), by DeepConf-style confidence and
+by an oracle; the Adaptive policy at several thresholds, against its own first round alone (the
+same near-greedy temperature, no score), against all its rounds drawn and against greedy; the
+Prune policy at the task's checkpoints (arith: 8/16/32 tokens), against random pruning and pruning
+on log-probability so far, replayed on the same samples; AUROC of the score and of mean
+log-probability for right vs wrong samples, within a prompt and pooled, at the end and
+mid-generation (over the samples still generating); and the goal of issue 16, each line met or
+not. Prints a table, writes results.json and PNG plots."""
 
 from __future__ import annotations
 
@@ -21,13 +23,10 @@ from pathlib import Path
 from engine.api import Engine
 from engine.policies import Adaptive, ConfidenceScorer, Prune
 from engine.sampling import SamplingParams, seeds_per_prompt
-from engine.testbed import BUNDLED
-from engine.testbed.task import problems, verify
+from engine.testbed import BUNDLED, task_of
 from engine.train.trainer import auroc
 
 HELD_OUT_SEED = 2024  # training streams use seeds 0 (pretraining) and 1 (adapter data)
-DEMO_LEVELS = [2, 3, 4, 5]  # the levels where samples are right only part of the time
-CHECKPOINTS = (8, 16, 32)
 NS = (2, 4, 8, 16)
 
 
@@ -41,25 +40,23 @@ def _mean_or_none(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def _is_direct(sample) -> bool:
-    """The reply skipped the working (the testbed's second habit, Problem.direct)."""
-    return sample.text.lstrip().startswith("####")
-
-
 def _argmax(values):
     """Index of the largest value (None counts as -inf; ties go to the first)."""
     return max(range(len(values)), key=lambda i: (values[i] if values[i] is not None else -math.inf, -i))
 
 
 def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Path | None = None,
-             num_problems: int = 60, temperature: float = 1.0, max_tokens: int = 64,
+             num_problems: int = 60, temperature: float = 1.0, max_tokens: int | None = None,
              thresholds=(0.5, 0.7, 0.8, 0.9, 0.95), keeps=(0.5, 0.25, 0.125), seed: int = 0,
              device: str = "cpu", use_tqdm: bool = True, log=print) -> dict:
     start = time.perf_counter()
+    task = task_of(model)
+    verify, checkpoints = task.verify, task.CHECKPOINTS
+    max_tokens = max_tokens or task.MAX_TOKENS
     adapter = adapter if adapter is not None else Path(model) / "adapter"
     eng = Engine(str(model), device=device, adapter=str(adapter) if Path(adapter).exists() else None,
                  seed=seed)
-    records = [p.record() for p in problems(num_problems, HELD_OUT_SEED, DEMO_LEVELS)]
+    records = [p.record() for p in task.problems(num_problems, HELD_OUT_SEED, task.DEMO_LEVELS)]
     convs = [[{"role": "user", "content": r["prompt"]}] for r in records]
 
     def bar(what: str) -> str | bool:
@@ -73,7 +70,7 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
 
     n_max = max(NS)
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens, n=n_max, score=True,
-                            score_at=CHECKPOINTS, confidence=True, seed=seed)
+                            score_at=checkpoints, confidence=True, seed=seed)
     # Seeds differ per prompt (one shared seed would correlate sample i across prompts) and repeat
     # across runs: sample i of a policy run below is sample i of this run, token for token, until
     # the policy drops it, so the policies and the offline baselines judge the same samples.
@@ -96,15 +93,17 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
             "confidence": pick_acc(n, lambda s: conf(s) if s.confidences else None),
         }
 
-    # The model has two habits (pretrain.py): show working, or answer directly. Which one the
+    # The arith model has two habits (pretrain.py): show working, or answer directly. Which one the
     # samples and the self-evaluation's picks took, and how each does.
-    flat = [(s, c) for o, row in zip(outs, correct) for s, c in zip(o.samples, row)]
-    is_direct = [_is_direct(s) for s, _ in flat]
-    picks = [o.samples[_argmax([s.score for s in o.samples])] for o in outs]
-    habits = {"direct_share": _mean(is_direct),
-              "direct_acc": _mean_or_none(c for (_, c), d in zip(flat, is_direct) if d),
-              "worked_acc": _mean_or_none(c for (_, c), d in zip(flat, is_direct) if not d),
-              "direct_share_of_selfeval_picks": _mean(_is_direct(s) for s in picks)}
+    habits = None
+    if hasattr(task, "is_direct"):
+        flat = [(s, c) for o, row in zip(outs, correct) for s, c in zip(o.samples, row)]
+        is_direct = [task.is_direct(s.text) for s, _ in flat]
+        picks = [o.samples[_argmax([s.score for s in o.samples])] for o in outs]
+        habits = {"direct_share": _mean(is_direct),
+                  "direct_acc": _mean_or_none(c for (_, c), d in zip(flat, is_direct) if d),
+                  "worked_acc": _mean_or_none(c for (_, c), d in zip(flat, is_direct) if not d),
+                  "direct_share_of_selfeval_picks": _mean(task.is_direct(s.text) for s in picks)}
 
     # Adaptive sampling, measured against itself: its first round alone (the same near-greedy
     # temperature, no score) and all its rounds drawn (its own best-of-16); and against greedy.
@@ -136,7 +135,7 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
     # samples it kept by the end self-evaluation score.
     prune = []
     full_tokens = sum(lengths)
-    for c in CHECKPOINTS:
+    for c in checkpoints:
         for keep in keeps:
             policy = Prune(n_max, checkpoints=(c,), keep=keep)
             res = eng.chat(convs, one, use_tqdm=bar(f"prune at {c} tokens, keep {keep}"), policy=policy)
@@ -150,15 +149,15 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
                           "acc": accuracy(res), "tokens_saved_frac": 1 - generated / full_tokens,
                           "offline": offline})
 
-    roc = _aurocs(outs, correct)
+    roc = _aurocs(outs, correct, checkpoints)
     results = {"greedy_acc": greedy_acc, "sample_acc": sample_acc, "best_of_n": best_of_n,
                "mean_response_tokens": mean_len,
                "adaptive_baselines": adaptive_base, "adaptive": adaptive,
                "gain_at_1_2_samples": _interp(curve, 1.2),
                "prune": prune, "auroc": roc, "habits": habits,
-               "setup": {"problems": num_problems, "temperature": temperature, "max_tokens": max_tokens,
-                         "seed": seed, "levels": DEMO_LEVELS, "model": str(model), "adapter": str(adapter),
-                         "checkpoints": list(CHECKPOINTS)}}
+               "setup": {"task": task.NAME, "problems": num_problems, "temperature": temperature,
+                         "max_tokens": max_tokens, "seed": seed, "levels": task.DEMO_LEVELS,
+                         "model": str(model), "adapter": str(adapter), "checkpoints": list(checkpoints)}}
     results["goals"] = _goals(results, curve)
     results["setup"]["seconds"] = round(time.perf_counter() - start, 1)
     out = Path(out_dir)
@@ -208,7 +207,7 @@ def _finite_or(x, default):
     return x if x is not None and math.isfinite(x) else default
 
 
-def _aurocs(outs, correct) -> dict:
+def _aurocs(outs, correct, checkpoints) -> dict:
     """AUROC of a value for right vs wrong samples: within prompt (the mean over prompts with both;
     what picking among one prompt's samples needs) and pooled across prompts; at the end and at
     each checkpoint, there over the samples still generating (longer than the checkpoint). Each
@@ -217,7 +216,7 @@ def _aurocs(outs, correct) -> dict:
               "logprob": (_mean_logprob, lambda s, c: _mean(s.logprobs[:c]))}
     roc = {}
     for name, (end, mid) in values.items():
-        for at in ("end",) + tuple(str(c) for c in CHECKPOINTS):
+        for at in ("end",) + tuple(str(c) for c in checkpoints):
             within, pos_all, neg_all = [], [], []
             for o, row in zip(outs, correct):
                 pairs = [(end(s) if at == "end" else mid(s, int(at)), ok) for s, ok in zip(o.samples, row)
@@ -257,7 +256,7 @@ def _goals(r: dict, curve) -> list[dict]:
                   best["acc"] - best["offline"]["random"]["acc"] if best else None, ">=", 0.03))
     goals.append(("within-prompt AUROC at the end", r["auroc"]["selfeval"]["end"]["within_prompt"],
                   ">=", 0.85))
-    mids = [c for c in CHECKPOINTS if c <= half]
+    mids = [int(at) for at in r["auroc"]["selfeval"] if at != "end" and int(at) <= half]
     if mids:
         goals.append((f"within-prompt AUROC at {max(mids)} tokens (<= half the mean response)",
                       r["auroc"]["selfeval"][str(max(mids))]["within_prompt"], ">=", 0.70))
@@ -369,9 +368,10 @@ def _print(r: dict, log) -> None:
         log(f"  {at:>3}       self-eval {fmt(s['within_prompt'])} / {fmt(s['pooled'])}   mean logprob "
             f"(so far) {fmt(lp['within_prompt'])} / {fmt(lp['pooled'])}   ({s['prompts']} prompts)")
     h = r["habits"]
-    log(f"habits      answered directly {fmt(h['direct_share'])} of samples (acc {fmt(h['direct_acc'])}), "
-        f"with working acc {fmt(h['worked_acc'])}; of best-of-16 self-eval picks "
-        f"{fmt(h['direct_share_of_selfeval_picks'])} direct")
+    if h is not None:
+        log(f"habits      answered directly {fmt(h['direct_share'])} of samples "
+            f"(acc {fmt(h['direct_acc'])}), with working acc {fmt(h['worked_acc'])}; "
+            f"of best-of-16 self-eval picks {fmt(h['direct_share_of_selfeval_picks'])} direct")
     log("goals       (issue 16)")
     for g in r["goals"]:
         log(f"  {'met' if g['met'] else 'NOT MET':<8}  {g['goal']}: {fmt(g['value'])} "

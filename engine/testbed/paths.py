@@ -1,4 +1,4 @@
-"""A second testbed task, for issue 16 (not yet wired into the build): find a path in a small
+"""A second testbed task (`python -m engine.testbed.build --task paths`): find a path in a small
 graph listed in the question (a "path-star" graph), easy to hard:
 
     Q: path from H to Q: KQ HD DW HK WM        (user; "KQ" is the edge K->Q; shuffled)
@@ -21,7 +21,15 @@ import re
 import string
 from dataclasses import dataclass
 
+NAME = "paths"
 LEVELS = [(2, 2), (3, 2), (2, 3), (3, 3), (2, 4), (3, 4)]  # (arms, nodes per arm)
+DEMO_LEVELS = [0, 1, 2, 3, 4, 5]
+DATA_LEVELS = [0, 1, 2, 3, 4, 5]
+# A line is 3 tokens ("HK" and a newline): checkpoints right after the 1st, 2nd and 3rd edge.
+CHECKPOINTS = (2, 5, 8)
+DATA_CHECKPOINTS = (2, 5, 8)
+MAX_TOKENS = 32
+SPLIT_LETTERS = True  # every capital letter its own token
 NODES = string.ascii_uppercase
 _EDGE = re.compile(r"^([A-Z])([A-Z])$")
 _QUESTION = re.compile(r"^Q: path from ([A-Z]) to ([A-Z]): ((?:[A-Z][A-Z] ?)+)$")
@@ -89,3 +97,15 @@ def verify(record: dict, text: str) -> float:
     """1.0 when every line is an edge of the question, each starting where the last ended, from
     the source to the target; else 0.0."""
     return float(check(record["prompt"], text)[0])
+
+
+def corrupt(rng: random.Random, problem: Problem) -> str:
+    """A wrong path as a sampling model writes one: down another arm to its end, and half the time
+    a last edge that is not in the question, to the target."""
+    wrong = [e for e in problem.edges if e[0] == problem.source and e != problem.path[0] + problem.path[1]]
+    lines = [rng.choice(wrong)]
+    while nxt := [e for e in problem.edges if e[0] == lines[-1][1]]:
+        lines.append(nxt[0])
+    if rng.random() < 0.5:
+        lines[-1] = lines[-1][0] + problem.target
+    return "\n".join(lines)

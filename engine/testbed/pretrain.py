@@ -1,17 +1,19 @@
 """Pretrains the testbed's base model with our own model code (Llama architecture, dense causal
 attention, torch references so autograd runs on any device): next-token loss on the assistant's
-solution of freshly generated problems, AdamW with warm-up and cosine decay.
+solution of freshly generated problems of the task (cfg.task), AdamW with warm-up and cosine
+decay.
 
-With direct_frac > 0 that share of the solutions gives the answer with no working ("#### 374"),
-as people and LLMs sometimes do. The model then learns both habits and picks one with its first
+With direct_frac > 0 that share of the solutions gives the answer with no working ("#### 374"), as
+people and LLMs sometimes do. The model then learns both habits and picks one with its first
 sampled token; answering directly is fine on easy problems and mostly wrong on long ones, so which
 habit a sample took, and on which problem, is something a self-evaluation can see.
 
 With check_frac > 0 a share of each batch is the answer-checking task a real LLM brings from its
-own training: a solution (right, or with one step's result corrupted and the chain carried on
-from it), then the user asks CHECK_QUESTION and the assistant says "right" or "wrong". The
-solutions are synthetic, never the model's samples, and the question and answer words are not the
-self-evaluation ones: the adapter still has to learn to use this skill on its own samples."""
+own training: a solution (right, or corrupted as the task's `corrupt` does: for arith one step's
+result off and the chain carried on from it), then the user asks CHECK_QUESTION and the assistant
+says "right" or "wrong". The solutions are synthetic, never the model's samples, and the question
+and answer words are not the self-evaluation ones: the adapter still has to learn to use this
+skill on its own samples."""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import torch
 from engine.model.config import ModelConfig
 from engine.model.llama import AttentionMetadata, LlamaForCausalLM
 from engine.model.loader import load_model, load_tokenizer, save_model
-from engine.testbed.task import LEVELS, Problem, make_problem
+from engine.testbed import load_task
 from engine.testbed.tokenizer import make_tokenizer
 from kernels.dispatch import reference_only
 
@@ -47,26 +49,11 @@ class PretrainConfig:
     seed: int = 0
     threads: int = 0  # torch threads (0: torch's default)
     check_frac: float = 0.0  # share of examples that are the answer-checking task
-    direct_frac: float = 0.0  # share of solutions that give the answer with no working
+    direct_frac: float = 0.0  # share of solutions that give the answer with no working (arith)
+    task: str = "arith"  # engine.testbed.TASKS
 
 
 CHECK_QUESTION = "Check every line."
-
-
-def corrupt(rng: random.Random, problem: Problem) -> str:
-    """The solution with one step's result off by a small digit error and the rest of the chain
-    carried on from the wrong value, like a sampling slip."""
-    steps = problem.steps()
-    bad = rng.randrange(len(steps))
-    lines, acc = [], None
-    for i, (a, op, t, r) in enumerate(steps):
-        a = a if acc is None else acc
-        r = a + t if op == "+" else a - t
-        if i == bad:
-            r += rng.choice([-1, 1]) * 10 ** rng.randrange(max(1, len(str(abs(r))) if r else 1))
-        lines.append(f"{a}{op}{t} = {r}")
-        acc = r
-    return "\n".join(lines) + f"\n#### {acc}"
 
 
 def hf_config(cfg: PretrainConfig, tokenizer):
@@ -107,16 +94,17 @@ def encode_check(tokenizer, question: str, solution: str, right: bool) -> tuple[
     return _with_reply(tokenizer, turns, "right" if right else "wrong")
 
 
-def _example(tokenizer, rng, check_frac, direct_frac=0.0):
-    p = make_problem(rng, rng.randrange(len(LEVELS)))
+def _example(tokenizer, rng, check_frac, direct_frac=0.0, task="arith"):
+    spec = load_task(task)
+    p = spec.make_problem(rng, rng.randrange(len(spec.LEVELS)))
     if rng.random() >= check_frac:
         return encode(tokenizer, p.question, p.direct if rng.random() < direct_frac else p.solution)
     right = rng.random() < 0.5
-    return encode_check(tokenizer, p.question, p.solution if right else corrupt(rng, p), right)
+    return encode_check(tokenizer, p.question, p.solution if right else spec.corrupt(rng, p), right)
 
 
-def _batch(tokenizer, rng, size, device, check_frac=0.0, direct_frac=0.0):
-    seqs = [_example(tokenizer, rng, check_frac, direct_frac) for _ in range(size)]
+def _batch(tokenizer, rng, size, device, check_frac=0.0, direct_frac=0.0, task="arith"):
+    seqs = [_example(tokenizer, rng, check_frac, direct_frac, task) for _ in range(size)]
     width = max(len(s) for s, _ in seqs)
     ids = torch.full((size, width), tokenizer.pad_token_id, dtype=torch.int64)
     mask = torch.zeros(size, width, dtype=torch.bool)
@@ -143,6 +131,8 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig | None = None, device: str
              log=print, init_from: str | Path | None = None) -> dict:
     """Train from scratch, or go on from the checkpoint in init_from (its shape wins over cfg's)."""
     cfg = cfg or PretrainConfig()
+    if cfg.direct_frac and not hasattr(load_task(cfg.task).Problem, "direct"):
+        raise ValueError(f"the {cfg.task} task has no direct answers: direct_frac must be 0")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -152,7 +142,7 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig | None = None, device: str
         tokenizer = load_tokenizer(str(init_from))
         model, hf = load_model(str(init_from), dev, torch.float32)
     else:
-        tokenizer = make_tokenizer()
+        tokenizer = make_tokenizer(task=cfg.task)
         hf = hf_config(cfg, tokenizer)
         model = LlamaForCausalLM(ModelConfig.from_hf(hf)).to(dev)
         for name, p in model.named_parameters():
@@ -170,7 +160,7 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig | None = None, device: str
     model.train()
     with reference_only():
         for step in range(cfg.steps):
-            ids, mask = _batch(tokenizer, rng, cfg.batch_size, dev, cfg.check_frac, cfg.direct_frac)
+            ids, mask = _batch(tokenizer, rng, cfg.batch_size, dev, cfg.check_frac, cfg.direct_frac, cfg.task)
             logits = _forward(model, ids)
             target = mask[:, 1:]
             loss = torch.nn.functional.cross_entropy(logits[:, :-1][target], ids[:, 1:][target])

@@ -15,7 +15,14 @@ import random
 import re
 from dataclasses import dataclass
 
+NAME = "arith"
 LEVELS = [(2, 1), (2, 2), (3, 2), (2, 3), (3, 3), (4, 3)]  # (terms, max digits)
+DEMO_LEVELS = [2, 3, 4, 5]  # the levels where samples are right only part of the time
+DATA_LEVELS = [1, 2, 3, 4, 5]  # level 0 is always solved: it teaches the adapter nothing
+CHECKPOINTS = (8, 16, 32)  # generated tokens at which the demo scores mid-generation
+DATA_CHECKPOINTS = (8, 16)  # and the adapter data's mid-generation examples
+MAX_TOKENS = 64
+SPLIT_LETTERS = False  # the tokenizer keeps words whole (digits are always split)
 _ANSWER = re.compile(r"####\s*(-?\d+)")
 
 
@@ -71,6 +78,11 @@ def problems(n: int, seed: int, levels: list[int] | None = None) -> list[Problem
     return [make_problem(rng, levels[i % len(levels)]) for i in range(n)]
 
 
+def is_direct(text: str) -> bool:
+    """The reply skipped the working (the second habit, Problem.direct)."""
+    return text.lstrip().startswith("####")
+
+
 def extract_answer(text: str) -> int | None:
     found = _ANSWER.search(text)
     return int(found.group(1)) if found else None
@@ -79,3 +91,19 @@ def extract_answer(text: str) -> int | None:
 def verify(record: dict, text: str) -> float:
     """1.0 when the response's final '#### N' equals the record's answer, else 0.0."""
     return float(extract_answer(text) == int(record["answer"]))
+
+
+def corrupt(rng: random.Random, problem: Problem) -> str:
+    """The solution with one step's result off by a small digit error and the rest of the chain
+    carried on from the wrong value, like a sampling slip."""
+    steps = problem.steps()
+    bad = rng.randrange(len(steps))
+    lines, acc = [], None
+    for i, (a, op, t, r) in enumerate(steps):
+        a = a if acc is None else acc
+        r = a + t if op == "+" else a - t
+        if i == bad:
+            r += rng.choice([-1, 1]) * 10 ** rng.randrange(max(1, len(str(abs(r))) if r else 1))
+        lines.append(f"{a}{op}{t} = {r}")
+        acc = r
+    return "\n".join(lines) + f"\n#### {acc}"

@@ -18,16 +18,32 @@ from engine.sampling import SamplingParams, mix_seed, seeds_per_prompt
 RewardFn = Callable[[dict, str], float]
 
 
-def win_tie_targets(rewards: list[float]) -> list[float]:
-    """t_i = #{j != i : r_j <= r_i} / (N - 1): ties count as not better."""
-    n = len(rewards)
-    if n < 2:
-        return [0.5] * n
-    return [(sum(r <= ri for r in rewards) - 1) / (n - 1) for ri in rewards]
+TARGETS = ("win-tie", "win-half", "reward")
 
 
-def win_tie_against(reward: float, others: list[float]) -> float:
-    return sum(r <= reward for r in others) / len(others) if others else 0.5
+def win_tie_targets(rewards: list[float], kind: str = "win-tie") -> list[float]:
+    """Each sample's target against the other samples of its prompt (win_tie_against)."""
+    return [win_tie_against(r, rewards[:i] + rewards[i + 1:], kind) for i, r in enumerate(rewards)]
+
+
+def win_tie_against(reward: float, others: list[float], kind: str = "win-tie") -> float:
+    """The target of a sample with this reward beside the others of its prompt:
+    win-tie (the paper): the share of the others it is not worse than, #{r_j <= r} / (N - 1); ties
+        count as wins, so it says "sampling again would not do better" (the capability-aware
+        meaning adaptive stopping needs), and with a binary verifier every sample of an all-wrong
+        group gets 1.0;
+    win-half: ties count half, (#{r_j < r} + #{r_j = r} / 2) / (N - 1), which keeps right above wrong
+        within every prompt and puts an all-right or all-wrong group at 0.5;
+    reward: the sample's own reward (a verifier's 0/1: P(right))."""
+    if kind == "reward":
+        return float(reward)
+    if kind not in TARGETS:
+        raise InvalidRequestError(f"unknown target kind {kind!r}: one of {', '.join(TARGETS)}")
+    if not others:
+        return 0.5
+    ties = sum(r == reward for r in others)
+    wins = sum(r < reward for r in others) + (ties if kind == "win-tie" else ties / 2)
+    return wins / len(others)
 
 
 def load_verifier(spec: str) -> RewardFn:
@@ -69,11 +85,14 @@ def build_examples(
     engine: Engine, records: list[dict], reward: RewardFn | None = None,
     batch_reward: Callable[[list[dict], list[str]], list[float]] | None = None, n: int = 8,
     checkpoints: Iterable[int] = (16, 32), completions: int = 4, params: SamplingParams | None = None,
-    chat: bool = True, use_tqdm: bool = True,
+    chat: bool = True, use_tqdm: bool = True, targets: str = "win-tie",
 ) -> Iterator[dict]:
-    """Yield end-of-response and mid-generation examples for every prompt record."""
+    """Yield end-of-response and mid-generation examples for every prompt record. A mid-generation
+    example's target is the mean over its completions of the target of the completed sample
+    (win_tie_against; with targets="reward", P(right | prefix))."""
     if (reward is None) == (batch_reward is None):
         raise InvalidRequestError("give exactly one of a verifier (reward) or a reward model")
+    win_tie_against(0.0, [], targets)  # an unknown kind fails before any sampling
     score = batch_reward or (lambda recs, texts: [float(reward(r, t)) for r, t in zip(recs, texts)])
     params = params or SamplingParams(temperature=1.0, max_tokens=128)
     sample = SamplingParams(**{**params.__dict__, "n": n, "score": False, "score_at": ()})
@@ -90,7 +109,7 @@ def build_examples(
         outs = engine.generate(ids, seeds_per_prompt(sample, len(ids), lo))
         rewards = [score([rec] * len(o.samples), [s.text for s in o.samples]) for rec, o in zip(recs, outs)]
         for rec, pid, out, rew in zip(recs, ids, outs, rewards):
-            for s, r, t in zip(out.samples, rew, win_tie_targets(rew)):
+            for s, r, t in zip(out.samples, rew, win_tie_targets(rew, targets)):
                 yield {"prompt_ids": pid, "response_ids": s.token_ids, "target": t, "reward": r,
                        "kind": "end", "prompt": rec["prompt"]}
         # Mid-generation: complete every prefix `completions` times, all in one batch.
@@ -108,7 +127,7 @@ def build_examples(
                         for x in d.samples]
                 others = rewards[k][:i] + rewards[k][i + 1:]
                 ends = score([recs[k]] * len(full), full)
-                target = sum(win_tie_against(r, others) for r in ends) / len(full)
+                target = sum(win_tie_against(r, others, targets) for r in ends) / len(full)
                 yield {"prompt_ids": ids[k], "response_ids": prefix, "target": target,
                        "reward": rewards[k][i], "kind": "mid", "checkpoint": c, "prompt": recs[k]["prompt"]}
         if bar is not None:

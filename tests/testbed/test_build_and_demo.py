@@ -3,14 +3,14 @@ the table's structure with best-of-16 by self-evaluation clearly above one sampl
 
 import json
 from types import SimpleNamespace
-from unittest.mock import patch
 
 import pytest
 
 from engine.cli import main
 from engine.testbed import BUNDLED
 from engine.testbed.build import main as build
-from engine.testbed.demo import _aurocs, _prune_offline
+from engine.testbed.demo import _aurocs, _prune_offline, run_demo
+from engine.testbed.paths import CHECKPOINTS as PATH_CHECKPOINTS
 
 
 def test_build_recipe_end_to_end_at_toy_size(tmp_path):
@@ -25,6 +25,37 @@ def test_build_recipe_end_to_end_at_toy_size(tmp_path):
     assert {"greedy_acc", "sample_acc_t1"} <= recipe["base_metrics"].keys()
     assert (out / "adapter" / "adapter.safetensors").exists()
     assert (out / "adapter" / "calibration.json").exists()
+    assert recipe["task"] == "arith"
+
+
+def test_path_task_builds_and_demos_end_to_end_at_toy_size(tmp_path):
+    """The second task goes through every stage: its tokenizer, pretraining with the checking task,
+    targets with ties counted half, and a demo that takes the task, its levels and checkpoints from
+    the build's recipe (and has no arith habits to report)."""
+    out = tmp_path / "model"
+    assert build(["--out", str(out), "--task", "paths", "--steps", "3", "--batch-size", "8",
+                  "--data-prompts", "4", "-n", "2", "--completions", "2", "--targets", "win-half",
+                  "--epochs", "1", "--eval-problems", "6", "--check-steps", "2"]) == 0
+    recipe = json.loads((out / "RECIPE.json").read_text())
+    assert recipe["task"] == "paths" and recipe["pretrain"]["config"]["task"] == "paths"
+    assert recipe["pretrain"]["config"]["direct_frac"] == 0.0
+    assert recipe["data"]["checkpoints"] == list(PATH_CHECKPOINTS) and recipe["data"]["targets"] == "win-half"
+    assert set(recipe["base_metrics"]["greedy_by_level"]) == {str(lv) for lv in range(6)}
+    data = out.parent / "build" / "adapter-data.jsonl"
+    examples = [json.loads(line) for line in data.read_text().splitlines()]
+    ends = [e for e in examples if e["kind"] == "end"]
+    for a, b in zip(ends[::2], ends[1::2]):  # n=2: a pair per prompt, ties at 0.5
+        assert (a["target"], b["target"]) == ((0.5, 0.5) if a["reward"] == b["reward"] else
+                                              (float(a["reward"]), float(b["reward"])))
+    # A model dir of one task is not silently rebuilt as the other.
+    with pytest.raises(SystemExit):
+        build(["--out", str(out), "--task", "arith", "--steps", "3"])
+    r = run_demo(tmp_path / "demo", model=out, num_problems=4, thresholds=(0.5,), keeps=(0.5,),
+                 use_tqdm=False, log=lambda *a: None)
+    assert r["setup"]["task"] == "paths" and r["setup"]["checkpoints"] == list(PATH_CHECKPOINTS)
+    assert r["habits"] is None and r["setup"]["max_tokens"] == 32
+    assert set(r["auroc"]["selfeval"]) == {"end"} | {str(c) for c in PATH_CHECKPOINTS}
+    assert [p["checkpoint"] for p in r["prune"]] == list(PATH_CHECKPOINTS)
 
 
 needs_bundled = pytest.mark.skipif(not (BUNDLED / "adapter" / "adapter.safetensors").exists(),
@@ -115,8 +146,7 @@ def test_checkpoint_auroc_counts_only_samples_still_generating():
     wrong_long = _sample(1, 20, 0.1, 0.3)
     wrong_short = _sample(2, 4, 0.2, 0.95)  # ended at the checkpoint: not a mid-generation sample
     outs = [SimpleNamespace(samples=[right_long, wrong_long, wrong_short])]
-    with patch("engine.testbed.demo.CHECKPOINTS", (4,)):
-        roc = _aurocs(outs, [[1.0, 0.0, 0.0]])
+    roc = _aurocs(outs, [[1.0, 0.0, 0.0]], (4,))
     assert roc["selfeval"]["4"]["within_prompt"] == 1.0 and roc["selfeval"]["end"]["within_prompt"] == 1.0
     assert roc["selfeval"]["4"]["pooled"] == 1.0 and roc["selfeval"]["4"]["prompts"] == 1
 

@@ -4,8 +4,8 @@ one digit per token and gives Yes / No single tokens, the loss mask covers the a
 import random
 
 from engine.selfeval import build_spec
-from engine.testbed.pretrain import CHECK_QUESTION, _example, corrupt, encode, encode_check
-from engine.testbed.task import LEVELS, extract_answer, make_problem, problems, verify
+from engine.testbed.pretrain import CHECK_QUESTION, _example, encode, encode_check
+from engine.testbed.task import LEVELS, corrupt, extract_answer, make_problem, problems, verify
 from engine.testbed.tokenizer import make_tokenizer
 
 

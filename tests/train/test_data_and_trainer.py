@@ -8,6 +8,7 @@ import pytest
 
 from engine import Engine, SamplingParams
 from engine.cli import main
+from engine.errors import InvalidRequestError
 from engine.model.lora import has_adapter
 from engine.train.data import build_examples, win_tie_targets
 from engine.train.trainer import TrainConfig, auroc, calibration, train
@@ -17,6 +18,12 @@ def test_win_tie_targets():
     assert win_tie_targets([1, 0, 1, 0]) == [1.0, pytest.approx(1 / 3), 1.0, pytest.approx(1 / 3)]
     assert win_tie_targets([3, 1, 2]) == [1.0, 0.0, 0.5]
     assert win_tie_targets([5]) == [0.5]
+    # Ties count half: right stays above wrong in every group, an all-wrong group sits at 0.5.
+    assert win_tie_targets([1, 0, 1, 0], "win-half") == [pytest.approx(5 / 6), pytest.approx(1 / 6)] * 2
+    assert win_tie_targets([0, 0, 0], "win-half") == [0.5] * 3
+    assert win_tie_targets([1, 0, 0], "reward") == [1.0, 0.0, 0.0]
+    with pytest.raises(InvalidRequestError):
+        win_tie_targets([1, 0], "pairwise")
 
 
 def test_calibration_metrics():
