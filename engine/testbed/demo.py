@@ -93,6 +93,24 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
             "confidence": pick_acc(n, lambda s: conf(s) if s.confidences else None),
         }
 
+    # Where the score helps: each level's greedy, one sample and best-of-16 picks, and the
+    # within-prompt AUROC at the end.
+    by_level = {}
+    for level in sorted({r["level"] for r in records}):
+        rows = [i for i, r in enumerate(records) if r["level"] == level]
+        def pick(value, rows=rows):
+            return _mean(correct[i][_argmax([value(s) for s in outs[i].samples])] for i in rows)
+
+        aucs = [auroc([s.score for s, ok in zip(outs[i].samples, correct[i]) if ok],
+                      [s.score for s, ok in zip(outs[i].samples, correct[i]) if not ok]) for i in rows]
+        by_level[str(level)] = {
+            "problems": len(rows),
+            "greedy": _mean(verify(records[i], greedy[i].samples[0].text) for i in rows),
+            "sample": _mean(c for i in rows for c in correct[i]),
+            "selfeval_16": pick(lambda s: s.score), "logprob_16": pick(_mean_logprob),
+            "oracle_16": _mean(max(correct[i]) for i in rows),
+            "auroc_within_end": _mean_or_none(a for a in aucs if a is not None)}
+
     # The arith model has two habits (pretrain.py): show working, or answer directly. Which one the
     # samples and the self-evaluation's picks took, and how each does.
     habits = None
@@ -154,7 +172,7 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
                "mean_response_tokens": mean_len,
                "adaptive_baselines": adaptive_base, "adaptive": adaptive,
                "gain_at_1_2_samples": _interp(curve, 1.2),
-               "prune": prune, "auroc": roc, "habits": habits,
+               "prune": prune, "auroc": roc, "habits": habits, "by_level": by_level,
                "setup": {"task": task.NAME, "problems": num_problems, "temperature": temperature,
                          "max_tokens": max_tokens, "seed": seed, "levels": task.DEMO_LEVELS,
                          "model": str(model), "adapter": str(adapter), "checkpoints": list(checkpoints)}}
@@ -367,6 +385,11 @@ def _print(r: dict, log) -> None:
         s, lp = roc["selfeval"][at], roc["logprob"][at]
         log(f"  {at:>3}       self-eval {fmt(s['within_prompt'])} / {fmt(s['pooled'])}   mean logprob "
             f"(so far) {fmt(lp['within_prompt'])} / {fmt(lp['pooled'])}   ({s['prompts']} prompts)")
+    log("by level    problems  greedy  one sample  best-of-16: self-eval  logprob  oracle  within AUROC end")
+    for level, v in r["by_level"].items():
+        log(f"  {level:>3}       {v['problems']:<8}  {v['greedy']:.3f}   {v['sample']:.3f}       "
+            f"{v['selfeval_16']:.3f}                 {v['logprob_16']:.3f}    {v['oracle_16']:.3f}   "
+            f"{fmt(v['auroc_within_end'])}")
     h = r["habits"]
     if h is not None:
         log(f"habits      answered directly {fmt(h['direct_share'])} of samples "

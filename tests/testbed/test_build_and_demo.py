@@ -56,6 +56,10 @@ def test_path_task_builds_and_demos_end_to_end_at_toy_size(tmp_path):
     assert r["habits"] is None and r["setup"]["max_tokens"] == 32
     assert set(r["auroc"]["selfeval"]) == {"end"} | {str(c) for c in PATH_CHECKPOINTS}
     assert [p["checkpoint"] for p in r["prune"]] == list(PATH_CHECKPOINTS)
+    levels = r["by_level"]
+    assert sum(v["problems"] for v in levels.values()) == 4 and set(levels) <= {str(lv) for lv in range(6)}
+    for v in levels.values():
+        assert v["oracle_16"] >= max(v["selfeval_16"], v["logprob_16"], v["sample"])
 
 
 needs_bundled = pytest.mark.skipif(not (BUNDLED / "adapter" / "adapter.safetensors").exists(),
