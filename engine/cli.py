@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("-n", type=positive_int, default=8, help="samples per prompt")
     b.add_argument("--checkpoints", default="16,32", help="mid-generation lengths, comma-separated")
     b.add_argument("--completions", type=positive_int, default=4, help="completions per prefix")
-    b.add_argument("--targets", choices=["win-tie", "win-half", "reward"], default="win-tie",
+    b.add_argument("--targets", choices=["win-tie", "win-half", "reward"], default="win-tie",  # data.TARGETS
                    help="win-tie: the share of the prompt's other samples this one is not worse than (the "
                    "paper); win-half: ties count half; reward: the verifier's value (P(right))")
     b.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")

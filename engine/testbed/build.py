@@ -9,7 +9,7 @@
    right/corrupted solutions, "right"/"wrong"; off by default: for arith 300 steps left the model
    checking at chance);
 2. measure its greedy and sampled accuracy on held-out problems;
-3. `build-data`: N samples per training prompt, verifier rewards, win-tie targets, mid-generation
+3. `build-data`: N samples per training prompt, verifier rewards, targets per --targets, mid-generation
    prefixes completed k times;
 4. `train` the self-evaluation adapter into OUT/adapter;
 5. write OUT/RECIPE.json: the command, seeds, steps, data sizes, timings and final metrics.
@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--task", choices=["arith", "paths"], default="arith")
     ap.add_argument("--steps", type=int, default=1600)
     ap.add_argument("--batch-size", type=int, default=64, help="pretraining batch")
-    ap.add_argument("--direct-frac", type=float, default=0.35,
-                    help="share of pretraining solutions that answer with no working")
+    ap.add_argument("--direct-frac", type=float, default=None,
+                    help="arith: share of pretraining solutions that answer with no working (default 0.35)")
     ap.add_argument("--check-steps", type=int, default=0)
     ap.add_argument("--data-prompts", type=int, default=384)
     ap.add_argument("-n", type=int, default=8)
@@ -77,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="stop after this stage (e.g. build the data here, train the adapter on a GPU)")
     args = ap.parse_args(argv)
     task = load_task(args.task)
-    if args.direct_frac and not hasattr(task.Problem, "direct"):
-        args.direct_frac = 0.0  # the habit is arith's
+    if args.direct_frac is None:
+        args.direct_frac = 0.35 if hasattr(task.Problem, "direct") else 0.0  # the habit is arith's
+    elif args.direct_frac and not hasattr(task.Problem, "direct"):
+        ap.error(f"--direct-frac: the {args.task} task has no direct answers")
     checkpoints = ([int(c) for c in args.checkpoints.split(",") if c] if args.checkpoints is not None
                    else list(task.DATA_CHECKPOINTS))
     out = Path(args.out)
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     recipe_path = out / "RECIPE.json"
     recipe = json.loads(recipe_path.read_text()) if recipe_path.exists() and not args.redo else {}
-    if recipe.get("task", "arith") != args.task and (out / "model.safetensors").exists():
+    if not args.redo and recipe.get("task", "arith") != args.task and (out / "model.safetensors").exists():
         ap.error(f"{out} holds a model of the {recipe.get('task', 'arith')} task: --redo to rebuild it")
     recipe["command"] = "python -m engine.testbed.build " + " ".join(argv or sys.argv[1:])
     recipe["task"] = args.task

@@ -24,7 +24,7 @@ from engine.api import Engine
 from engine.policies import Adaptive, BestOfN, Prune
 from engine.profiler import StepProfiler
 from engine.sampling import SamplingParams, seeds_per_prompt
-from engine.testbed.task import problems, verify
+from engine.testbed import task_of
 
 POLICIES = ("best-of-n", "prune", "adaptive")
 BASELINE = "best-of-n"
@@ -35,15 +35,17 @@ def _policy(name: str, n: int, threshold: float, checkpoint: int, keep: float):
             "prune": lambda: Prune(n, checkpoints=(checkpoint,), keep=keep)}[name]
 
 
-def workload(num_problems: int, prompts: str | None, verifier: str | None
+def workload(num_problems: int, prompts: str | None, verifier: str | None, model: str = "."
              ) -> tuple[list[list[dict]], list[dict], Callable | None]:
-    """(conversations, records, verifier): the testbed's problems, or a prompts file's."""
+    """(conversations, records, verifier): the problems of the testbed task the model was built for
+    (arith for any other model), or a prompts file's."""
     from engine.train.data import load_verifier, read_prompts
 
     if prompts is None:
-        probs = problems(num_problems, 4242)
+        task = task_of(model)
+        probs = task.problems(num_problems, 4242)
         records = [p.record() for p in probs]
-        check = load_verifier(verifier) if verifier else verify
+        check = load_verifier(verifier) if verifier else task.verify
         return [[{"role": "user", "content": p.question}] for p in probs], records, check
     records = read_prompts(prompts)
     convs = [[{"role": "user", "content": r["prompt"]}] for r in records]
@@ -121,7 +123,7 @@ def run_profile(model: str, policies: list[str] | str, out_dir: str, num_problem
         raise ValueError(f"policies must be among {list(POLICIES)}, not {unknown or policies}")
     names = [BASELINE] + [p for p in dict.fromkeys(policies) if p != BASELINE]
     adapter = adapter or (str(Path(model) / "adapter") if (Path(model) / "adapter").exists() else None)
-    convs, records, check = workload(num_problems, prompts, verifier)
+    convs, records, check = workload(num_problems, prompts, verifier, model)
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed, ignore_eos=ignore_eos)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,9 @@ def win_tie_against(reward: float, others: list[float], kind: str = "win-tie") -
         within every prompt and puts an all-right or all-wrong group at 0.5;
     reward: the sample's own reward (a verifier's 0/1: P(right))."""
     if kind == "reward":
+        if not 0.0 <= reward <= 1.0:
+            raise InvalidRequestError(f"reward targets are P(right), in [0, 1]; got a reward of {reward} "
+                                      "(a reward model's raw value?): use win-tie or win-half")
         return float(reward)
     if kind not in TARGETS:
         raise InvalidRequestError(f"unknown target kind {kind!r}: one of {', '.join(TARGETS)}")

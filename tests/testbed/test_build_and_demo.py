@@ -60,6 +60,13 @@ def test_path_task_builds_and_demos_end_to_end_at_toy_size(tmp_path):
     assert sum(v["problems"] for v in levels.values()) == 4 and set(levels) <= {str(lv) for lv in range(6)}
     for v in levels.values():
         assert v["oracle_16"] >= max(v["selfeval_16"], v["logprob_16"], v["sample"])
+    # --redo rebuilds it as the other task; --direct-frac is arith's habit.
+    with pytest.raises(SystemExit):
+        build(["--out", str(out), "--task", "paths", "--redo", "--direct-frac", "0.3", "--until", "pretrain"])
+    assert build(["--out", str(out), "--task", "arith", "--redo", "--steps", "2", "--eval-problems", "2",
+                  "--until", "pretrain"]) == 0
+    recipe = json.loads((out / "RECIPE.json").read_text())
+    assert recipe["task"] == "arith" and recipe["pretrain"]["config"]["direct_frac"] == 0.35
 
 
 needs_bundled = pytest.mark.skipif(not (BUNDLED / "adapter" / "adapter.safetensors").exists(),

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from engine.testbed.paths import LEVELS, check, make_problem, problems, verify
+from engine.testbed.paths import LEVELS, check, corrupt, make_problem, problems, verify
 
 
 def test_solutions_verify_and_every_wrong_arm_fails():
@@ -46,3 +46,19 @@ def test_problem_sets_are_reproducible_and_spread_over_levels():
     a, b = problems(60, seed=5), problems(60, seed=5)
     assert a == b and a != problems(60, seed=6)
     assert {p.level for p in a} == set(range(len(LEVELS)))
+
+
+def test_corrupted_paths_are_wrong_and_look_like_sampled_ones():
+    """The checking task's wrong paths: another arm to its end (every line an edge of the
+    question), or that with a last edge to the target that the question does not have."""
+    rng = random.Random(1)
+    kinds = set()
+    for level, (_, length) in enumerate(LEVELS):
+        for _ in range(40):
+            p = make_problem(rng, level)
+            bad = corrupt(rng, p)
+            assert verify(p.record(), bad) == 0.0 and bad.count("\n") == length - 1
+            lines = bad.split("\n")
+            assert lines[0][0] == p.source and lines[0] != p.solution.split("\n")[0]
+            kinds.add(check(p.question, bad)[1] == length)  # all edges real, or the last one fake
+    assert kinds == {True, False}

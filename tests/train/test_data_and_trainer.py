@@ -10,8 +10,14 @@ from engine import Engine, SamplingParams
 from engine.cli import main
 from engine.errors import InvalidRequestError
 from engine.model.lora import has_adapter
-from engine.train.data import build_examples, win_tie_targets
+from engine.train.data import TARGETS, build_examples, win_tie_targets
 from engine.train.trainer import TrainConfig, auroc, calibration, train
+
+
+def test_build_data_cli_offers_every_target_kind(capsys):
+    with pytest.raises(SystemExit):
+        main(["build-data", "--help"])
+    assert "{" + ",".join(TARGETS) + "}" in capsys.readouterr().out
 
 
 def test_win_tie_targets():
@@ -24,6 +30,8 @@ def test_win_tie_targets():
     assert win_tie_targets([1, 0, 0], "reward") == [1.0, 0.0, 0.0]
     with pytest.raises(InvalidRequestError):
         win_tie_targets([1, 0], "pairwise")
+    with pytest.raises(InvalidRequestError):  # P(right) needs a reward in [0, 1], not a reward model's logit
+        win_tie_targets([2.5, 0], "reward")
 
 
 def test_calibration_metrics():
