@@ -50,6 +50,19 @@ class IncrementalDetokenizer:
         """Decode new tokens; returns the text now safe to emit. final: generation ended, flush
         what was held back for a stop string."""
         stream, ids = self._stream, self._ids
+        if len(token_ids) == 1 and stream is not None and not final and not self.stop and not self.stopped:
+            # The decode step's case, kept lean: one token, nothing held back, all of it emitted.
+            token = int(token_ids[0])
+            ids.append(token)
+            piece = stream.step(self._backend, token)
+            if piece is None:  # part of a character: the next token completes it
+                return ""
+            if len(ids) > 32:
+                del ids[:-8]
+            self._prefix = len(ids)
+            self._text += piece
+            self._emitted = len(self._text)
+            return piece
         for token in token_ids:
             if self.stopped:
                 break

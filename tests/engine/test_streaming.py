@@ -51,7 +51,10 @@ def test_random_token_ids_detokenize_exactly(eng):
             ids = [rng.randrange(vocab) for _ in range(rng.randint(1, 20))]
         d = IncrementalDetokenizer(eng.tokenizer, prompt)
         got = "".join(d.push([t]) for t in ids) + d.push([], final=True)
-        assert got == eng.tokenizer.decode(ids, skip_special_tokens=True)
+        assert got == d.text == eng.tokenizer.decode(ids, skip_special_tokens=True)
+        d = IncrementalDetokenizer(eng.tokenizer, prompt)  # several tokens a push: the general path
+        got = "".join(d.push(ids[i:i + 3]) for i in range(0, len(ids), 3)) + d.push([], final=True)
+        assert got == d.text == eng.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def test_stop_string_text_is_held_back_and_never_emitted(eng):
