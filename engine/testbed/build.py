@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--task", choices=["arith", "paths"], default="arith")
     ap.add_argument("--steps", type=int, default=1600)
     ap.add_argument("--batch-size", type=int, default=64, help="pretraining batch")
+    ap.add_argument("--layers", type=int, default=4, help="base model depth (hidden 192, 6 heads)")
+    ap.add_argument("--pretrain-lr", type=float, default=2e-3)
     ap.add_argument("--direct-frac", type=float, default=None,
                     help="arith: share of pretraining solutions that answer with no working (default 0.35)")
     ap.add_argument("--check-steps", type=int, default=0)
@@ -97,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         recipe_path.write_text(json.dumps(recipe, indent=2) + "\n")
 
     if args.redo or not (out / "model.safetensors").exists():
-        cfg = PretrainConfig(steps=args.steps, batch_size=args.batch_size, threads=0,
-                             direct_frac=args.direct_frac, task=args.task)
+        cfg = PretrainConfig(steps=args.steps, batch_size=args.batch_size, num_layers=args.layers,
+                             lr=args.pretrain_lr, threads=0, direct_frac=args.direct_frac, task=args.task)
         recipe["pretrain"] = pretrain(out, cfg, args.device)
         recipe.pop("pretrain_check", None)
         save()

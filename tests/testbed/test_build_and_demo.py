@@ -33,11 +33,12 @@ def test_path_task_builds_and_demos_end_to_end_at_toy_size(tmp_path):
     targets with ties counted half, and a demo that takes the task, its levels and checkpoints from
     the build's recipe (and has no arith habits to report)."""
     out = tmp_path / "model"
-    assert build(["--out", str(out), "--task", "paths", "--steps", "3", "--batch-size", "8",
+    assert build(["--out", str(out), "--task", "paths", "--steps", "3", "--batch-size", "8", "--layers", "2",
                   "--data-prompts", "4", "-n", "2", "--completions", "2", "--targets", "win-half",
                   "--epochs", "1", "--eval-problems", "6", "--check-steps", "2"]) == 0
     recipe = json.loads((out / "RECIPE.json").read_text())
     assert recipe["task"] == "paths" and recipe["pretrain"]["config"]["task"] == "paths"
+    assert recipe["pretrain"]["config"]["num_layers"] == 2 and recipe["pretrain"]["config"]["batch_size"] == 8
     assert recipe["pretrain"]["config"]["direct_frac"] == 0.0
     assert recipe["data"]["checkpoints"] == list(PATH_CHECKPOINTS) and recipe["data"]["targets"] == "win-half"
     assert set(recipe["base_metrics"]["greedy_by_level"]) == {str(lv) for lv in range(6)}
