@@ -1,6 +1,8 @@
 """What the host costs per decode step: everything but the model forward and the sampling math,
 split by phase (engine.profiler), at batch 1, 64 and 256, and at 256 with every sample scored in
-place at one checkpoint (the step that carries the suffixes, and the decode steps around it).
+place at one checkpoint (the step that carries the suffixes, and the decode steps around it). Every
+case steps with step_deltas() (streaming: text and a delta per request each step) but the last,
+b256+final-only, which steps with step() (only finished requests; text decoded when a sample ends).
 
 On the CPU a tiny model (2 layers, hidden 32) makes the forward nearly free, so the host's share
 shows plainly; on a GPU the Llama-3.1-8B shape (random bf16 weights) gives host time as a share
@@ -46,7 +48,7 @@ def tiny_model(out: Path) -> Path:
 
 
 def run_case(path: str, device: str, batch: int, steps: int, prompt_len: int, score: bool,
-             load_format: str) -> dict:
+             load_format: str, final_only: bool = False) -> dict:
     eng = Engine(path, device=device, block_size=16, max_num_seqs=max(batch, 1),
                  max_batch_tokens=max(2048, batch * prompt_len), load_format=load_format,
                  num_blocks=batch * -(-(prompt_len + steps + 40) // 16) + 64)
@@ -63,11 +65,12 @@ def run_case(path: str, device: str, batch: int, steps: int, prompt_len: int, sc
     prof = StepProfiler(device)
     eng.profiler = prof
     per_step = []
+    step = eng.step if final_only else eng.step_deltas  # step(): finished requests only, text at the end
     for _ in range(steps):
         before = dict(prof.phase_seconds)
         records = len(prof.steps)
         start = time.perf_counter()
-        eng.step_deltas()
+        step()
         if device == "cuda":
             torch.cuda.synchronize()
         wall = time.perf_counter() - start
@@ -82,7 +85,8 @@ def run_case(path: str, device: str, batch: int, steps: int, prompt_len: int, sc
         mine = [(w, p) for k, w, p in per_step if k == kind]
         if not mine:
             continue
-        row = {"case": f"b{batch}" + ("+score" if score else ""), "step": kind, "steps": len(mine)}
+        row = {"case": f"b{batch}" + ("+score" if score else "") + ("+final-only" if final_only else ""),
+               "step": kind, "steps": len(mine)}
         row["step_ms"] = statistics.median(w for w, _ in mine) * 1e3
         hosts = [w - sum(p.get(x, 0.0) for x in DEVICE_PHASES) for w, p in mine]
         row["host_ms"] = statistics.median(hosts) * 1e3
@@ -119,6 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
             rows += run_case(path, args.device, batch, args.steps, args.prompt_len, False, load_format)
         rows += run_case(path, args.device, max(batches), max(args.steps // 4, 2 * CHECKPOINT),
                          args.prompt_len, True, load_format)
+        rows += run_case(path, args.device, max(batches), args.steps, args.prompt_len, False, load_format,
+                         final_only=True)
     print_table(rows, ["case", "step", "steps", "step_ms", "host_ms", "host_share", "forward", "sample",
                        "snapshot", "schedule", "prepare", "to_device", "sample_prep", "update", "detokenize",
                        "policy", "output", "untimed"])

@@ -103,7 +103,7 @@ class Engine:
     @_serialized
     def step(self) -> list[RequestOutput]:
         """Run one step; returns the requests that finished in it."""
-        return [d.output for d in self.core.step() if d.finished]
+        return [d.output for d in self.core.step(deltas=False) if d.finished]
 
     @_serialized
     def abort(self, request_id: int) -> None:

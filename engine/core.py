@@ -182,10 +182,13 @@ class EngineCore:
             self.scheduler.release(request.root)
 
     # ---- one step -----------------------------------------------------------------------
-    def step(self) -> list[RequestDelta]:
+    def step(self, deltas: bool = True) -> list[RequestDelta]:
         """Run one batch; returns a delta for every request that changed in it. If anything
         raises before the results are applied (Ctrl-C too), the step is undone: stepping on gives
-        the tokens an uninterrupted run gives."""
+        the tokens an uninterrupted run gives. deltas=False (callers that want only finished
+        requests, as vLLM's FINAL_ONLY): only the finished requests' deltas, and text is decoded
+        when a sample ends unless stop strings need it as it grows; a later deltas=True step
+        carries what was skipped."""
         prof = self.profiler
         phase = prof.phase if prof is not None else _no_phase
         ready, self._ready = self._ready, []
@@ -204,9 +207,10 @@ class EngineCore:
         for request in self.requests.values():
             if request.policy is not None and not request.policy.done:
                 touched[request.request_id] = request
+        lazy = not deltas
         with phase("detokenize"):
             for request in touched.values():
-                self.outputs.advance_text(request)
+                self.outputs.advance_text(request, lazy)
         with phase("policy"):
             for request in touched.values():
                 if request.policy is not None and not request.policy.done:
@@ -214,9 +218,9 @@ class EngineCore:
                         request.policy.policy.update(request.policy)
                     except Exception as e:  # a policy's own bug fails its request only
                         self._fail(request, f"policy {type(request.policy.policy).__name__} raised {e!r}")
-                    self.outputs.advance_text(request)  # flush the text of samples it dropped
+                    self.outputs.advance_text(request, lazy)  # flush the text of samples it dropped
         with phase("output"):
-            live = [r for r in touched.values() if r.request_id in self.requests]
+            live = [r for r in touched.values() if r.request_id in self.requests and (deltas or r.finished)]
             return [self.outputs.delta(r, self.requests) for r in live]
 
     def _transaction(self, body, phase=_no_phase) -> BaseException | None:

@@ -15,11 +15,13 @@ class OutputProcessor:
     def __init__(self, tokenizer, scheduler: Scheduler):
         self.tokenizer, self.scheduler = tokenizer, scheduler
 
-    def advance_text(self, request: Request) -> None:
-        """Detokenize each sample's new tokens; a stop string ends its generation."""
+    def advance_text(self, request: Request, lazy: bool = False) -> None:
+        """Detokenize each sample's new tokens; a stop string ends its generation. lazy: leave a
+        sample still generating for later when no stop string needs its text now."""
         base = request.num_prompt
+        lazy = lazy and not request.params.stop
         for seq in request.seqs:  # once per sample per step: kept lean
-            if seq.is_root:
+            if seq.is_root or (lazy and seq.finish_reason is None):
                 continue
             if seq.detokenizer is None:
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_ids,

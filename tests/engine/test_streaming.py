@@ -140,3 +140,50 @@ def test_top_logprobs_are_the_models_most_likely_tokens(eng, llama_dir):
         for top, token, lp in zip(s.top_logprobs, s.token_ids, s.logprobs):
             assert top[0][1] >= top[1][1]
             assert dict(top).get(token, lp) == pytest.approx(lp, abs=1e-5)  # sampled: the same value
+
+
+def _outputs(eng, prompts, params, policy=None, deltas_from: int | None = None):
+    """Run to the end with step() (finished requests only), switching to step_deltas() at step
+    deltas_from; (outputs by prompt, the deltas' text and tokens joined by (prompt, index))."""
+    ids = [eng.add_request(p, params, policy) for p in prompts]
+    outs, joined, steps = {}, {}, 0
+    while eng.has_unfinished_requests():
+        if deltas_from is None or steps < deltas_from:
+            done = eng.step()
+        else:
+            done = []
+            for delta in eng.step_deltas():
+                for d in delta.samples:
+                    text, toks = joined.get((ids.index(delta.request_id), d.index), ("", []))
+                    joined[(ids.index(delta.request_id), d.index)] = (text + d.text, toks + d.token_ids)
+                if delta.finished:
+                    done.append(delta.output)
+        steps += 1
+        for o in done:
+            outs[ids.index(o.request_id)] = o
+    return outs, joined
+
+
+@pytest.mark.parametrize("policy", [None, Prune(4, checkpoints=(3,), keep=0.5)])
+def test_final_only_steps_give_the_streamed_outputs(eng, policy):
+    """step() leaves text for the end when no stop string needs it (and builds no deltas for
+    running requests); outputs are those of step_deltas(), and switching to step_deltas() midway
+    delivers everything the skipped steps held, text included."""
+    rng = random.Random(7)
+    prompts = [eng.tokenizer.encode("".join(rng.choice(PIECES) for _ in range(6)), add_special_tokens=False)
+               for _ in range(3)]
+    stop = eng.generate([prompts[0]], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0]
+    n = 1 if policy is not None else 2  # a policy draws its own samples
+    for params in (SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True, seed=3, n=n),
+                   SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True, seed=3, n=n,
+                                  stop=[stop.samples[0].text[4:6] or "\x00"])):
+        ref, _ = _outputs(eng, prompts, params, policy, deltas_from=0)
+        final_only, _ = _outputs(eng, prompts, params, policy)
+        mixed, joined = _outputs(eng, prompts, params, policy, deltas_from=4)
+        for k, r in ref.items():
+            for got in (final_only[k], mixed[k]):
+                assert [(s.text, s.token_ids, s.finish_reason) for s in got.samples] == \
+                       [(s.text, s.token_ids, s.finish_reason) for s in r.samples]
+            for s in mixed[k].samples:  # the deltas after the switch carry the steps before it
+                assert joined[(k, s.index)] == (s.text, s.token_ids)
+    assert eng.num_free_blocks == 512
