@@ -81,8 +81,10 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
     mean_len = _mean(lengths)
     conf = ConfidenceScorer(window=8)
 
-    def pick_acc(n, value):
-        return _mean(row[_argmax([value(s) for s in o.samples[:n]])] for row, o in zip(correct, outs))
+    def pick_acc(n, value, rows=None):
+        """Accuracy of the best-of-n pick by value, over all problems or the given rows."""
+        rows = range(len(outs)) if rows is None else rows
+        return _mean(correct[i][_argmax([value(s) for s in outs[i].samples[:n]])] for i in rows)
 
     best_of_n = {}
     for n in NS:
@@ -98,16 +100,14 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
     by_level = {}
     for level in sorted({r["level"] for r in records}):
         rows = [i for i, r in enumerate(records) if r["level"] == level]
-        def pick(value, rows=rows):
-            return _mean(correct[i][_argmax([value(s) for s in outs[i].samples])] for i in rows)
-
         aucs = [auroc([s.score for s, ok in zip(outs[i].samples, correct[i]) if ok],
                       [s.score for s, ok in zip(outs[i].samples, correct[i]) if not ok]) for i in rows]
         by_level[str(level)] = {
             "problems": len(rows),
             "greedy": _mean(verify(records[i], greedy[i].samples[0].text) for i in rows),
             "sample": _mean(c for i in rows for c in correct[i]),
-            "selfeval_16": pick(lambda s: s.score), "logprob_16": pick(_mean_logprob),
+            "selfeval_16": pick_acc(n_max, lambda s: s.score, rows),
+            "logprob_16": pick_acc(n_max, _mean_logprob, rows),
             "oracle_16": _mean(max(correct[i]) for i in rows),
             "auroc_within_end": _mean_or_none(a for a in aucs if a is not None)}
 
