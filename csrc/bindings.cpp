@@ -81,6 +81,8 @@ PYBIND11_MODULE(_core, m) {
       .def("truncate", &BlockManager::truncate, py::arg("seq_id"), py::arg("length"))
       .def("free", &BlockManager::free, py::arg("seq_id"))
       .def("blocks_needed", &BlockManager::blocks_needed, py::arg("seq_id"), py::arg("num_tokens"))
+      .def("blocks_needed_many", &BlockManager::blocks_needed_many, py::arg("seq_ids"), py::arg("num_tokens"),
+           "The sum of blocks_needed(seq_id, num_tokens) over seq_ids, each counted as if alone.")
       .def("length", &BlockManager::length, py::arg("seq_id"))
       .def("lengths",
            [](const BlockManager& bm, const std::vector<int64_t>& ids) {

@@ -351,6 +351,12 @@ int64_t BlockManager::blocks_needed(int64_t seq_id, int64_t num_tokens) const {
   return need;
 }
 
+int64_t BlockManager::blocks_needed_many(const std::vector<int64_t>& seq_ids, int64_t num_tokens) const {
+  int64_t need = 0;
+  for (int64_t id : seq_ids) need += blocks_needed(id, num_tokens);
+  return need;
+}
+
 void BlockManager::append_into(int64_t seq_id, Seq& s, int64_t num_tokens, AppendResult& out) {
   if (num_tokens <= 0) return;
   if (journal_) {

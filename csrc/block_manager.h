@@ -68,6 +68,8 @@ class BlockManager {
 
   // Blocks that append(seq_id, num_tokens) would take from the pool (copy-on-write included).
   int64_t blocks_needed(int64_t seq_id, int64_t num_tokens) const;
+  // The sum of blocks_needed(id, num_tokens) over seq_ids (each counted as if alone).
+  int64_t blocks_needed_many(const std::vector<int64_t>& seq_ids, int64_t num_tokens) const;
   bool contains(int64_t seq_id) const { return seqs_.count(seq_id) != 0; }
   int64_t length(int64_t seq_id) const;
   const std::vector<int32_t>& block_ids(int64_t seq_id) const;

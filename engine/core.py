@@ -10,6 +10,7 @@ import random
 import time
 import weakref
 
+import numpy as np
 import torch
 
 import kernels
@@ -85,6 +86,7 @@ class EngineCore:
         self.requests: dict[int, Request] = {}
         self.rng = random.Random(config.seed)
         self._ready: list[Request] = []  # finished without a step (max_tokens=0, no score)
+        self._columns: _SampleColumns | None = None  # the last batch's sampling columns
         self.profiler: StepProfiler | None = None  # attach one to time each step's phases
 
     # ---- requests -----------------------------------------------------------------------
@@ -193,7 +195,7 @@ class EngineCore:
         phase = prof.phase if prof is not None else _no_phase
         ready, self._ready = self._ready, []
         touched = {r.request_id: r for r in ready}
-        error = self._transaction(lambda: self._step_transaction(touched, phase), phase)
+        error = self._transaction(lambda: self._step_transaction(touched, phase, every=deltas), phase)
         if isinstance(error, BaseException):  # undone: the engine stays usable
             self._ready = ready + self._ready
             if isinstance(error, WorkerError):  # not a request's fault, and no step can run now
@@ -252,9 +254,13 @@ class EngineCore:
                 culprits.append(request)
         return culprits
 
-    def _step_transaction(self, touched: dict, phase, probe: bool = False) -> None:
-        """Schedule, run, sample and update: all or nothing (the caller undoes a failure)."""
+    def _step_transaction(self, touched: dict, phase, probe: bool = False, every: bool = True) -> None:
+        """Schedule, run, sample and update: all or nothing (the caller undoes a failure). Adds
+        the requests in the step to touched; every=False: only those whose text or end matters
+        now (a sample ended, or stop strings watch the text), the rest wait for a later step."""
         prof = self.profiler
+        ended = self.scheduler.ended
+        ended.clear()
         with phase("schedule"):
             out = self.scheduler.schedule(layout=False)
         with phase("prepare"):
@@ -277,7 +283,9 @@ class EngineCore:
             if probe:
                 raise _ProbeDone
             for seq in out.seqs:  # samples forked in the step belong to a root's request in it
-                touched[seq.request.request_id] = seq.request
+                request = seq.request
+                if every or request in ended or request.params.stop:
+                    touched[request.request_id] = request
         elif self.scheduler.has_work() and not probe:
             raise RuntimeError("the scheduler could not place any sequence: KV cache too small")
 
@@ -286,30 +294,29 @@ class EngineCore:
         """Sampling math under phase "sample"; the host's per-sequence work under "sample_prep"."""
         seqs, dev = out.sample_seqs, logits.device
         with phase("sample_prep"):
-            confident = [i for i, s in enumerate(seqs) if s.request.track_confidence]
-            params = [s.request.params for s in seqs]
-            alternatives = [i for i, p in enumerate(params) if p.logprobs]
-        if confident:
+            cols = self._columns
+            if cols is None or cols.seqs != seqs:
+                cols = self._columns = _SampleColumns(seqs, dev)
+            # Each sample's generated tokens: its sampled row is its last token's.
+            last = out.step.positions[out.step.logit_rows[:len(seqs)]]
+            steps = torch.from_numpy(last + 1 - cols.num_prompt).to(dev)
+        if cols.confident:
             with phase("sample"):
-                conf = token_confidence(logits[torch.tensor(confident, device=dev)]).tolist()
-            for i, c in zip(confident, conf):
+                conf = token_confidence(logits[torch.tensor(cols.confident, device=dev)]).tolist()
+            for i, c in zip(cols.confident, conf):
                 seqs[i].confidences.append(c)
-        if alternatives:  # the most likely tokens under the untempered model, as the logprobs
+        if cols.alternatives:  # the most likely tokens under the untempered model, as the logprobs
+            params = [seqs[i].request.params for i in cols.alternatives]
             with phase("sample"):
-                rows = logits[torch.tensor(alternatives, device=dev)].float().log_softmax(dim=-1)
-                k = min(max(params[i].logprobs for i in alternatives), rows.shape[-1])
+                rows = logits[torch.tensor(cols.alternatives, device=dev)].float().log_softmax(dim=-1)
+                k = min(max(p.logprobs for p in params), rows.shape[-1])
                 values, ids = rows.topk(k, dim=-1)
                 values, ids = values.tolist(), ids.tolist()
-            for i, v, t in zip(alternatives, values, ids):
-                seqs[i].top_logprobs.append(list(zip(t, v))[:params[i].logprobs])
-        with phase("sample_prep"):
-            columns = (torch.tensor([s.temperature for s in seqs], dtype=torch.float32, device=dev),
-                       torch.tensor([p.top_k for p in params], dtype=torch.int64, device=dev),
-                       torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
-                       torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev),
-                       torch.tensor([s.num_generated for s in seqs], dtype=torch.int64, device=dev))
+            for i, p, v, t in zip(cols.alternatives, params, values, ids):
+                seqs[i].top_logprobs.append(list(zip(t, v))[:p.logprobs])
         with phase("sample"):
-            tokens, logprobs = kernels.sample(logits, *columns)
+            tokens, logprobs = kernels.sample(logits, cols.temperature, cols.top_k, cols.top_p, cols.seeds,
+                                              steps)
             return tokens.tolist(), logprobs.tolist()
 
     def _fail(self, request: Request, error: str) -> None:
@@ -335,6 +342,22 @@ def _namespace(adapter: str | None) -> int:
     if adapter is None:
         return 0
     return int.from_bytes(hashlib.blake2b(str(adapter).encode(), digest_size=8).digest(), "little")
+
+
+class _SampleColumns:
+    """A batch's per-sample sampling columns. Each depends only on its sample (temperature, seed
+    and params are fixed once it samples), so consecutive steps over the same samples share them."""
+
+    def __init__(self, seqs: list[Sequence], dev: torch.device):
+        self.seqs = list(seqs)
+        params = [s.request.params for s in seqs]
+        self.temperature = torch.tensor([s.temperature for s in seqs], dtype=torch.float32, device=dev)
+        self.top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64, device=dev)
+        self.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+        self.seeds = torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev)
+        self.num_prompt = np.array([s.request.num_prompt for s in seqs], dtype=np.int64)
+        self.confident = [i for i, s in enumerate(seqs) if s.request.track_confidence]
+        self.alternatives = [i for i, p in enumerate(params) if p.logprobs]
 
 
 class _ProbeDone(Exception):

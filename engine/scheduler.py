@@ -17,6 +17,8 @@ from engine.selfeval import SelfEvalSpec
 from engine.sequence import SeqStatus, Sequence, sample_seed
 from engine.step_input import StepInput, prepare_step
 
+_RUNNING = SeqStatus.RUNNING  # a global is read faster than an enum member (Python 3.11)
+
 
 @dataclass
 class SchedulerOutput:
@@ -50,6 +52,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.only = None  # a Request: schedule its sequences alone (to find who makes a step fail)
+        # Requests with a sample that ended (finished or released) since the engine last cleared
+        # it: a step that reports only finished requests looks at these alone.
+        self.ended: set = set()
         self._seq_ids = 0
 
     def new_seq_id(self) -> int:
@@ -91,6 +96,7 @@ class Scheduler:
         elif seq.status is SeqStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = SeqStatus.FINISHED
+        self.ended.add(seq.request)
 
     def schedule(self, layout: bool = True) -> SchedulerOutput:
         """Pick the step's sequences and (layout) place their tokens: out.step is the StepInput.
@@ -107,9 +113,10 @@ class Scheduler:
 
     def _schedule_once(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.max_batch_tokens
-        reserved = 0  # blocks promised to sequences already in the batch
-        i = 0
+        decodes = self._plan_decodes(out)
+        budget = self.max_batch_tokens - len(out.seqs)
+        reserved = decodes or 0  # blocks promised to sequences already in the batch
+        i = 0 if decodes is None else len(self.running)  # else every running one is planned
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             if self.only is not None and seq.request is not self.only:
@@ -154,6 +161,27 @@ class Scheduler:
             reserved += need
         return out
 
+    def _plan_decodes(self, out: SchedulerOutput) -> int | None:
+        """The common step at once: every running sequence decodes one token or has nothing to
+        compute, and the free blocks cover them all, so the loop over the running ones would take
+        each decode in turn and preempt none. Returns the blocks reserved, or None (out untouched)
+        where that loop must decide."""
+        running = self.running
+        if self.only is not None or len(running) > self.max_batch_tokens:
+            return None
+        seqs = []
+        for seq in running:
+            n = len(seq.token_ids) - seq.num_computed
+            if seq.pending_score or n > 1:
+                return None
+            if n:
+                seqs.append(seq)
+        need = self.bm.blocks_needed_many([s.seq_id for s in seqs], 1)
+        if need > self.bm.num_free_blocks:
+            return None
+        out.seqs, out.num_real, out.suffixes = seqs, [1] * len(seqs), [()] * len(seqs)
+        return need
+
     def _head(self) -> Sequence | None:
         """The next waiting sequence to admit (of `only`'s request, when set)."""
         if self.only is None:
@@ -184,15 +212,13 @@ class Scheduler:
                    and other.token_ids[:cached] == seq.token_ids[:cached]
                    for other, n in zip(out.seqs, out.num_real))
 
-    def _cache_computed(self, seq: Sequence, before: int) -> None:
-        """Register the full blocks of real tokens a step completed (never a suffix: it is
-        rolled back before this)."""
-        bs = self.bm.block_size
-        if seq.num_computed // bs > before // bs:
-            done = self.bm.num_hashed_tokens(seq.seq_id)
-            full = seq.num_computed // bs * bs
-            if full > done:
-                self.bm.cache_blocks(seq.seq_id, seq.token_ids[done:full])
+    def _cache_computed(self, seq: Sequence) -> None:
+        """Register the full blocks of real tokens not yet hashed, once a step completed one
+        (never a suffix: it is rolled back before this)."""
+        done = self.bm.num_hashed_tokens(seq.seq_id)
+        full = seq.num_computed // self.bm.block_size * self.bm.block_size
+        if full > done:
+            self.bm.cache_blocks(seq.seq_id, seq.token_ids[done:full])
 
     @staticmethod
     def _take(out: SchedulerOutput, seq: Sequence, n: int, suffix: tuple[int, ...]) -> None:
@@ -237,27 +263,28 @@ class Scheduler:
 
     # ---- undoing a step -------------------------------------------------------------------
     def snapshot(self) -> tuple:
-        """Everything a step may change on the Python side: the queues, the sequences it may
-        schedule (every running one, the waiting ones it may admit) and their requests."""
+        """Everything a step may change on the Python side: the queues, and the requests of the
+        sequences it may schedule (every running one, the waiting ones it may admit) with all
+        their sequences."""
         # A step admits at most max_num_seqs (after preempting running ones, which are saved as
         # running); a probe (`only`) may admit any of its request's sequences.
-        seqs = set(self.running) | set(itertools.islice(self.waiting, self.max_num_seqs))
+        requests = {s.request for s in self.running}
+        requests.update(s.request for s in itertools.islice(self.waiting, self.max_num_seqs))
         if self.only is not None:
-            seqs.update(self.only.seqs)
-        requests = {s.request for s in seqs}
-        for request in requests:
-            seqs.update(request.seqs)
-        return (list(self.waiting), list(self.running), [(s, s.state()) for s in seqs],
-                [(r, r.state()) for r in requests])
+            requests.add(self.only)
+        requests = list(requests)
+        seqs = [s for r in requests for s in r.seqs]
+        return (list(self.waiting), list(self.running), seqs, [s.state() for s in seqs], requests,
+                [r.state() for r in requests])
 
     def restore(self, snapshot: tuple, clobbered: np.ndarray) -> None:
         """Put back a snapshot after the block manager rolled back; sequences holding a block
         whose KV the undone step may have overwritten are recomputed (preempted)."""
-        waiting, running, seqs, requests = snapshot
+        waiting, running, seqs, seq_states, requests, request_states = snapshot
         self.waiting, self.running = deque(waiting), list(running)
-        for seq, state in seqs:
+        for seq, state in zip(seqs, seq_states):
             seq.restore(state)
-        for request, state in requests:
+        for request, state in zip(requests, request_states):
             request.restore(state)
         if len(clobbered):
             bad = set(clobbered.tolist())
@@ -304,13 +331,15 @@ class Scheduler:
                            scores: list[tuple[float, float, float]]) -> None:
         """Account the computed tokens, roll every scored sequence back past its suffix, record
         scores, append the sampled tokens and apply the token stop rules."""
+        bs, caching = self.bm.block_size, self.prefix_caching
         for seq, n, suffix in zip(out.seqs, out.num_real, out.suffixes):
-            seq.num_computed += n
+            before = seq.num_computed
+            seq.num_computed = before + n
             if suffix:
                 self.bm.truncate(seq.seq_id, seq.num_computed)
                 seq.pending_score = False
-            if self.prefix_caching and seq.status is SeqStatus.RUNNING:
-                self._cache_computed(seq, seq.num_computed - n)
+            if caching and seq.num_computed // bs > before // bs and seq.status is _RUNNING:
+                self._cache_computed(seq)
         for seq, suffix, (score, p_yes, p_no) in zip(out.score_seqs, (x for x in out.suffixes if x), scores):
             stats = seq.request.stats
             stats.score_calls += 1
@@ -320,24 +349,26 @@ class Scheduler:
             if not seq.generating:
                 seq.score = (score, p_yes, p_no)
                 self.release(seq)
+        eos, max_len = self.eos_token_ids, self.max_model_len
         for seq, token, logprob in zip(out.sample_seqs, tokens, logprobs):
-            seq.token_ids.append(token)
+            token_ids = seq.token_ids
+            token_ids.append(token)
             seq.logprobs.append(logprob)
-            seq.request.stats.generated_tokens += 1
-            self._check_stop(seq, token)
-
-    def _check_stop(self, seq: Sequence, token: int) -> None:
-        params = seq.request.params
-        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
-            self.finish(seq, "stop")
-        elif seq.num_generated >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
-            self.finish(seq, "length")
-        elif seq.num_generated in seq.request.score_at:
-            seq.pending_score = True
+            request = seq.request
+            request.stats.generated_tokens += 1
+            # The token stop rules, inline: this runs once per sample per step.
+            params, generated = request.params, len(token_ids) - request.num_prompt
+            if token in params.stop_token_ids or (not params.ignore_eos and token in eos):
+                self.finish(seq, "stop")
+            elif generated >= params.max_tokens or len(token_ids) >= max_len:
+                self.finish(seq, "length")
+            elif generated in request.score_at:
+                seq.pending_score = True
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Generation ended: score the sample if asked (one more extend), else release it."""
         seq.finish_reason = reason
+        self.ended.add(seq.request)
         if seq.request.wants_score or seq.num_generated in seq.request.score_at:
             seq.pending_score = True
         else:

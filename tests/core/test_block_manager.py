@@ -116,6 +116,12 @@ class BlockManagerMachine(RuleBasedStateMachine):
             assert self.bm.ref_count(b) == refs.get(b, 0)
         assert self.bm.num_free_blocks == self.bm.num_blocks - len(refs)
 
+    @invariant()
+    def blocks_needed_many_sums_each(self):
+        for n in (1, 5):
+            assert self.bm.blocks_needed_many(self._ids(), n) == sum(self.bm.blocks_needed(s, n)
+                                                                     for s in self._ids())
+
     def teardown(self):
         for s in self._ids():
             self.bm.free(s)
