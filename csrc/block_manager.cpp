@@ -18,6 +18,7 @@ BlockManager::BlockManager(int64_t num_blocks, int64_t block_size, uint64_t hash
     throw std::invalid_argument("block_size must be positive, got " + std::to_string(block_size));
   }
   ref_.assign(num_blocks, 0);
+  written_.assign(num_blocks, kNotWritten);
   cached_block_.assign(num_blocks, 0);
   hash_.assign(num_blocks, 0);
   ns_.assign(num_blocks, 0);
@@ -107,14 +108,19 @@ void BlockManager::save_seq(int64_t seq_id) {
 
 void BlockManager::begin() {
   log_.clear();
-  written_.clear();
+  clear_written();
   journal_ = true;
 }
 
 void BlockManager::commit() {
   log_.clear();
-  written_.clear();
+  clear_written();
   journal_ = false;
+}
+
+void BlockManager::clear_written() {
+  for (int32_t b : written_blocks_) written_[b] = kNotWritten;
+  written_blocks_.clear();
 }
 
 std::vector<int32_t> BlockManager::rollback() {
@@ -172,14 +178,14 @@ std::vector<int32_t> BlockManager::rollback() {
   for (const auto& kv : seqs_) {
     const Seq& s = kv.second;
     for (size_t i = 0; i < s.blocks.size(); ++i) {
-      auto it = written_.find(s.blocks[i]);
-      if (it != written_.end() && s.length > static_cast<int64_t>(i) * block_size_ + it->second) {
+      int32_t offset = written_[s.blocks[i]];
+      if (offset != kNotWritten && s.length > static_cast<int64_t>(i) * block_size_ + offset) {
         uncache(s.blocks[i]);
         clobbered.push_back(s.blocks[i]);
       }
     }
   }
-  written_.clear();
+  clear_written();
   std::sort(clobbered.begin(), clobbered.end());
   clobbered.erase(std::unique(clobbered.begin(), clobbered.end()), clobbered.end());
   return clobbered;
@@ -389,8 +395,9 @@ void BlockManager::append_into(int64_t seq_id, Seq& s, int64_t num_tokens, Appen
     // (a truncate earlier in it), and their KV is now this append's.
     int32_t last = s.blocks[s.length / block_size_];
     int32_t offset = static_cast<int32_t>(s.length % block_size_);
-    auto it = written_.find(last);
-    if (it == written_.end() || it->second > offset) written_[last] = offset;
+    int32_t& first = written_[last];
+    if (first == kNotWritten) written_blocks_.push_back(last);
+    if (first > offset) first = offset;
   }
   out.slots.reserve(out.slots.size() + num_tokens);
   for (int64_t p = s.length; p < new_length; ++p) {
@@ -438,7 +445,7 @@ AppendResult BlockManager::append_many(const std::vector<int64_t>& seq_ids,
     const Seq& s = get(seq_ids[i]);
     if (counts[i] == 0) continue;
     need += blocks_for(s.length + counts[i]) - static_cast<int64_t>(s.blocks.size());
-    if (s.length % block_size_ != 0) {
+    if (s.length % block_size_ != 0 && ref_[s.blocks.back()] > 1) {
       int32_t last = s.blocks.back();
       if (ref_[last] - released[last] > 1) {
         need += 1;

@@ -154,7 +154,12 @@ class BlockManager {
   };
   bool journal_ = false;
   std::vector<Undo> log_;
-  std::unordered_map<int32_t, int32_t> written_;  // block -> first offset written in place
+  // Per block, the first offset written in place in this transaction (kNotWritten: none), and
+  // the blocks written (a vector, not a map: a decode step writes in place in every sequence).
+  static constexpr int32_t kNotWritten = INT32_MAX;
+  std::vector<int32_t> written_;
+  std::vector<int32_t> written_blocks_;
+  void clear_written();
 };
 
 }  // namespace selfeval

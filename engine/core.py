@@ -256,11 +256,11 @@ class EngineCore:
 
     def _step_transaction(self, touched: dict, phase, probe: bool = False, every: bool = True) -> None:
         """Schedule, run, sample and update: all or nothing (the caller undoes a failure). Adds
-        the requests in the step to touched; every=False: only those whose text or end matters
-        now (a sample ended, or stop strings watch the text), the rest wait for a later step."""
+        the requests in the step to touched; every=False: only those whose text or end is due
+        (scheduler.changed), the rest wait for a later step."""
         prof = self.profiler
-        ended = self.scheduler.ended
-        ended.clear()
+        changed = self.scheduler.changed
+        changed.clear()
         with phase("schedule"):
             out = self.scheduler.schedule(layout=False)
         with phase("prepare"):
@@ -282,10 +282,14 @@ class EngineCore:
                 self.scheduler.update_from_output(out, tokens, logprobs, scores)
             if probe:
                 raise _ProbeDone
-            for seq in out.seqs:  # samples forked in the step belong to a root's request in it
-                request = seq.request
-                if every or request in ended or request.params.stop:
-                    touched[request.request_id] = request
+            # In the step's order; samples forked in it belong to a root's request in it.
+            if every:
+                for seq in out.seqs:
+                    touched[seq.request.request_id] = seq.request
+            elif changed:
+                for seq in out.seqs:
+                    if seq.request in changed:
+                        touched[seq.request.request_id] = seq.request
         elif self.scheduler.has_work() and not probe:
             raise RuntimeError("the scheduler could not place any sequence: KV cache too small")
 

@@ -67,11 +67,15 @@ class StepProfiler:
     def record(self, out, seconds: float) -> None:
         """One step's token mix (from the scheduler's output) and its forward time."""
         real = out.num_real
-        suffix = sum(len(x) for x in out.suffixes)
-        decode = sum(1 for s, n in zip(out.seqs, real) if n == 1 and s.reaches_end(n))
+        suffix = sum(map(len, out.suffixes))
+        decode, context = 0, sum(real)
+        for s, n in zip(out.seqs, real):  # one loop, inline: it runs once per sequence per step
+            computed = s.num_computed
+            context += computed
+            if n == 1 and computed + 1 == len(s.token_ids):  # s.reaches_end(n)
+                decode += 1
         prefill = sum(real) - decode
         kind = "prefill" if prefill else ("score" if suffix else "decode")
-        context = sum(s.num_computed + n for s, n in zip(out.seqs, real))
         bm = self.block_manager
         used = bm.num_blocks - bm.num_free_blocks if bm is not None else 0
         self.steps.append(StepRecord(kind, len(out.seqs), prefill, decode, suffix, context, seconds, used))

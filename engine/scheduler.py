@@ -52,9 +52,10 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.only = None  # a Request: schedule its sequences alone (to find who makes a step fail)
-        # Requests with a sample that ended (finished or released) since the engine last cleared
-        # it: a step that reports only finished requests looks at these alone.
-        self.ended: set = set()
+        # Requests whose text or end is due since the engine last cleared it: a sample ended
+        # (finished or released), or took a token that stop strings must see. A step that
+        # reports only finished requests looks at these alone.
+        self.changed: set = set()
         self._seq_ids = 0
 
     def new_seq_id(self) -> int:
@@ -96,7 +97,7 @@ class Scheduler:
         elif seq.status is SeqStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = SeqStatus.FINISHED
-        self.ended.add(seq.request)
+        self.changed.add(seq.request)
 
     def schedule(self, layout: bool = True) -> SchedulerOutput:
         """Pick the step's sequences and (layout) place their tokens: out.step is the StepInput.
@@ -231,24 +232,27 @@ class Scheduler:
         prompt this step completes, and pick the logit rows (nothing to do for an empty step)."""
         if not out.seqs:
             return
-        chunks = [s.token_ids[s.num_computed:s.num_computed + n] + list(x)
-                  for s, n, x in zip(out.seqs, out.num_real, out.suffixes)]
-        sample_rows, score_rows = [], []
+        chunks, sample_rows, score_rows, forks = [], [], [], []
         end = 0
-        forks = []
-        for seq, n, suffix in zip(out.seqs, out.num_real, out.suffixes):
+        for seq, n, suffix in zip(out.seqs, out.num_real, out.suffixes):  # once per sequence: lean
+            start = seq.num_computed
+            chunk = seq.token_ids[start:start + n]
+            if suffix:
+                chunk += suffix
+            chunks.append(chunk)
             end += n + len(suffix)
-            if seq.samples_after(n):
-                sample_rows.append(end - len(suffix) - 1)
-                out.sample_seqs.append(seq)
-            elif seq.is_root and seq.reaches_end(n) and seq.request.pending_forks:
-                forks.append((seq, end - 1))
+            if n and start + n == len(seq.token_ids):  # seq.reaches_end(n)
+                if seq.finish_reason is None:  # seq.samples_after(n)
+                    sample_rows.append(end - len(suffix) - 1)
+                    out.sample_seqs.append(seq)
+                elif seq.is_root and seq.request.pending_forks:
+                    forks.append((seq, end - 1))
             if suffix:
                 score_rows.append(end - 1)
                 out.score_seqs.append(seq)
         out.step = prepare_step(self.bm, [s.seq_id for s in out.seqs], chunks,
                                 np.asarray(sample_rows + score_rows, dtype=np.int64),
-                                [len(x) for x in out.suffixes])
+                                [len(x) for x in out.suffixes] if score_rows else None)
         # Forked after the root's tokens are placed: the samples share its blocks, computed in
         # this step, and take their first token from its last row.
         rows = []
@@ -358,6 +362,8 @@ class Scheduler:
             request.stats.generated_tokens += 1
             # The token stop rules, inline: this runs once per sample per step.
             params, generated = request.params, len(token_ids) - request.num_prompt
+            if params.stop:
+                self.changed.add(request)
             if token in params.stop_token_ids or (not params.ignore_eos and token in eos):
                 self.finish(seq, "stop")
             elif generated >= params.max_tokens or len(token_ids) >= max_len:
@@ -368,7 +374,7 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str) -> None:
         """Generation ended: score the sample if asked (one more extend), else release it."""
         seq.finish_reason = reason
-        self.ended.add(seq.request)
+        self.changed.add(seq.request)
         if seq.request.wants_score or seq.num_generated in seq.request.score_at:
             seq.pending_score = True
         else:

@@ -4,6 +4,7 @@ picklable, so another process (a tensor-parallel worker) can replay the same ste
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -50,11 +51,12 @@ def prepare_step(bm: BlockManager, seq_ids: Sequence[int], chunks: Sequence[Sequ
     decided here) and lay the step out. adapter_tokens: how many trailing tokens of each chunk
     (the self-evaluation suffix) the adapter applies to. logit_rows None: every row."""
     ids = list(seq_ids)
-    counts = np.fromiter((len(c) for c in chunks), dtype=np.int64, count=len(chunks))
+    sizes = list(map(len, chunks))
+    counts = np.array(sizes, dtype=np.int64)
     starts = bm.lengths(ids)
-    slots, cow = bm.append_many(ids, counts.tolist())
+    slots, cow = bm.append_many(ids, sizes)
     total = int(counts.sum())
-    tokens = np.fromiter((t for c in chunks for t in c), dtype=np.int64, count=total)
+    tokens = np.fromiter(itertools.chain.from_iterable(chunks), dtype=np.int64, count=total)
     query_start = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=query_start[1:])
     mask = None
