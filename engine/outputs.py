@@ -55,9 +55,10 @@ class OutputProcessor:
                     and score is None and len(seq.checkpoint_scores) == seq.emitted_scores):
                 continue  # nothing new
             scores, top, logprobs = seq.checkpoint_scores, seq.top_logprobs, seq.logprobs
+            # Every field positional: a dataclass's default factories cost as much as the rest.
             d = SampleDelta(seq.index, seq.token_ids[base + emitted:], seq.pending_text, logprobs[emitted:],
-                            checkpoint_scores=scores[seq.emitted_scores:] if scores else [],
-                            top_logprobs=top[emitted:] if top else [])
+                            None, None, scores[seq.emitted_scores:] if scores else [],
+                            top[emitted:] if top else [])
             seq.emitted += len(d.token_ids)
             seq.emitted_scores = len(seq.checkpoint_scores)
             seq.pending_text = ""
