@@ -187,3 +187,27 @@ def test_final_only_steps_give_the_streamed_outputs(eng, policy):
             for s in mixed[k].samples:  # the deltas after the switch carry the steps before it
                 assert joined[(k, s.index)] == (s.text, s.token_ids)
     assert eng.num_free_blocks == 512
+
+
+def test_final_only_steps_report_each_request_where_streaming_does(llama_dir):
+    """step() reports a request in the step, and at the place, where step_deltas() reports it
+    finished, however it ends (length, stop token, stop string, end score, n > 1): a final-only
+    step looks only at the requests a step changed, in the step's order."""
+    rng = random.Random(11)
+    prompts = [[rng.randrange(5, 200) for _ in range(3 + i)] for i in range(8)]
+    params = [SamplingParams(temperature=1.0, max_tokens=3 + 2 * i % 7, seed=i, n=1 + i % 2, score=i % 3 == 0,
+                             stop=[";", "%"] if i % 4 == 1 else None, stop_token_ids=[77] if i == 3 else None)
+              for i in range(8)]
+
+    def finished(final_only):
+        eng = Engine(str(llama_dir), block_size=4, num_blocks=512)  # a fresh prefix cache each time
+        ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
+        order, steps = [], 0
+        while eng.has_unfinished_requests():
+            done = ([o.request_id for o in eng.step()] if final_only
+                    else [d.request_id for d in eng.step_deltas() if d.finished])
+            order += [(steps, ids.index(r)) for r in done]
+            steps += 1
+        return order
+
+    assert finished(final_only=True) == finished(final_only=False)
