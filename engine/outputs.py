@@ -43,7 +43,7 @@ class OutputProcessor:
     def delta(self, request: Request, requests: dict[int, Request]) -> RequestDelta:
         """What changed since the last delta; the last one (request finished) carries the output
         and removes the request from `requests`."""
-        delta = RequestDelta(request.request_id)
+        delta = RequestDelta(request.request_id, [])
         base = request.num_prompt
         for seq in request.seqs:  # once per sample per step: kept lean
             if seq.is_root:
