@@ -15,7 +15,7 @@ import numpy as np
 from engine._core import BlockManager
 from engine.selfeval import SelfEvalSpec
 from engine.sequence import SeqStatus, Sequence, sample_seed
-from engine.step_input import StepInput, prepare_step
+from engine.step_input import StepInput, prepare_decode, prepare_step
 
 _RUNNING = SeqStatus.RUNNING  # a global is read faster than an enum member (Python 3.11)
 
@@ -32,6 +32,7 @@ class SchedulerOutput:
     suffixes: list[tuple[int, ...]] = field(default_factory=list)  # self-evaluation suffix or ()
     sample_seqs: list[Sequence] = field(default_factory=list)
     score_seqs: list[Sequence] = field(default_factory=list)
+    decodes: int = 0  # the first `decodes` seqs each sample their next token off their last one
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -163,17 +164,17 @@ class Scheduler:
         return out
 
     def _plan_decodes(self, out: SchedulerOutput) -> int | None:
-        """The common step at once: every running sequence decodes one token or has nothing to
-        compute, and the free blocks cover them all, so the loop over the running ones would take
-        each decode in turn and preempt none. Returns the blocks reserved, or None (out untouched)
-        where that loop must decide."""
+        """The common step at once: every running sequence samples its next token off its last
+        one or has nothing to compute, and the free blocks cover them all, so the loop over the
+        running ones would take each in turn and preempt none. Returns the blocks reserved, or
+        None (out untouched) where that loop must decide."""
         running = self.running
         if self.only is not None or len(running) > self.max_batch_tokens:
             return None
         seqs = []
         for seq in running:
             n = len(seq.token_ids) - seq.num_computed
-            if seq.pending_score or n > 1:
+            if n > 1 or seq.pending_score or (n and seq.finish_reason is not None):
                 return None
             if n:
                 seqs.append(seq)
@@ -181,6 +182,7 @@ class Scheduler:
         if need > self.bm.num_free_blocks:
             return None
         out.seqs, out.num_real, out.suffixes = seqs, [1] * len(seqs), [()] * len(seqs)
+        out.decodes = len(seqs)
         return need
 
     def _head(self) -> Sequence | None:
@@ -231,6 +233,10 @@ class Scheduler:
         """Place the step's tokens in the cache, fork the samples that wait for a root whose
         prompt this step completes, and pick the logit rows (nothing to do for an empty step)."""
         if not out.seqs:
+            return
+        if out.decodes == len(out.seqs):  # the common step: no chunks, rows or forks to work out
+            seqs = out.sample_seqs = list(out.seqs)
+            out.step = prepare_decode(self.bm, [s.seq_id for s in seqs], [s.token_ids[-1] for s in seqs])
             return
         chunks, sample_rows, score_rows, forks = [], [], [], []
         end = 0

@@ -78,3 +78,22 @@ def prepare_step(bm: BlockManager, seq_ids: Sequence[int], chunks: Sequence[Sequ
         logit_rows=rows,
         adapter_mask=mask,
     )
+
+
+def prepare_decode(bm: BlockManager, seq_ids: Sequence[int], tokens: Sequence[int]) -> StepInput:
+    """prepare_step for the common step, one token per sequence with every row sampled: the
+    same StepInput without the per-chunk work."""
+    ids = list(seq_ids)
+    n = len(ids)
+    starts = bm.lengths(ids)
+    slots, cow = bm.append_many(ids, [1] * n)
+    return StepInput(
+        token_ids=np.array(tokens, dtype=np.int64),
+        positions=starts,
+        slot_mapping=slots,
+        query_start_loc=np.arange(n + 1, dtype=np.int64),
+        context_lens=starts + 1,
+        block_tables=bm.block_tables(ids),
+        cow=cow,
+        logit_rows=np.arange(n, dtype=np.int64),
+    )

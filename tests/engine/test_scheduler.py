@@ -2,6 +2,7 @@
 what the block manager placed, update_from_output applies sampled tokens and stop rules, n > 1
 forks off one root, and a StepInput survives pickling (a worker process can replay it)."""
 
+import dataclasses
 import pickle
 
 import numpy as np
@@ -11,6 +12,7 @@ from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 from engine.selfeval import SelfEvalSpec
 from engine.sequence import Request, Sequence
+from engine.step_input import StepInput, prepare_decode, prepare_step
 
 SPEC = SelfEvalSpec(suffix_ids=(90, 91, 92), yes_id=93, no_id=94)
 EOS = 2
@@ -59,6 +61,24 @@ def test_step_layout_matches_the_block_manager_and_pickles():
     assert a.seqs[0].generating and b.seqs[0].generating  # ignore_eos
     out = sched.schedule()  # two decodes
     assert np.diff(out.step.query_start_loc).tolist() == [1, 1] and out.step.is_pure_decode
+
+
+def test_a_decode_step_lays_out_as_prepare_step_would():
+    """prepare_decode (the layout of a step where every sequence samples off its last token) gives
+    prepare_step's StepInput, copy-on-write of a shared partial block included."""
+    bm = BlockManager(32, 4)
+    bm.allocate(0, 6)
+    bm.fork(0, 1)
+    bm.allocate(2, 8)
+    ids, tokens = [2, 0, 1], [7, 8, 9]
+    bm.begin()
+    want = prepare_step(bm, ids, [[t] for t in tokens])
+    bm.rollback()
+    got = prepare_decode(bm, ids, tokens)
+    assert len(got.cow) == 1
+    for f in dataclasses.fields(StepInput):
+        a, b = getattr(got, f.name), getattr(want, f.name)
+        assert (a is None and b is None) or (a.dtype == b.dtype and np.array_equal(a, b)), f.name
 
 
 def test_stop_rules_release_and_a_suffix_is_scored_then_rolled_back():
