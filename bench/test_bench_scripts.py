@@ -65,6 +65,12 @@ def test_throughput_bench_on_cpu_compares_engine_and_transformers_on_the_same_to
         assert row["engine_tokens_per_s"] > 0 and row["hf_tokens_per_s"] > 0 and row["vs_hf"] > 0
         # Four greedy tokens leave no room for a late near-tie flip: every request matches.
         assert row["same_requests"] == row["requests"] and row["first_mismatch"] is None
+        # The matmul floor is a floor: the whole run takes longer than its weight GEMMs alone.
+        assert 0 < row["run_matmul_floor_s"] < min(row["engine_seconds"])
+        assert 0 < row["decode_step_matmul_floor_ms"] and 0 < row["prefill_matmul_floor_s"]
+        assert row["engine_prefill_s"] > 0 and row["hf_prefill_s"] > 0
+    # The reps repeat the prompts: a prefix cache would skip the engine's prefill from the 2nd on.
+    assert metrics["engine_prefix_caching"] is False
     record = json.loads(next(tmp_path.glob("throughput-cpu.json")).read_text())
     assert record["workload"] == "cpu_vs_hf" and record["metrics"]["hf_cache"] in ("dynamic", "static")
 

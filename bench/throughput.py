@@ -16,9 +16,13 @@ On a CPU without --toy: the engine against transformers `generate` (sdpa, eval, 
 the faster cache there) on one random Llama (8 layers, hidden 512, 8 heads over 2 KV heads), or
 --model, at each --batch-sizes: greedy, equal prompts of --prompt-len random tokens, --new-tokens
 each, EOS ignored, every thread of the machine on both sides. A warm-up on other prompts is not
-timed; the timed runs alternate between the two, and each side keeps its best of --reps. Reports
-tokens/s of both, their ratio and how many requests got the same tokens (a late flip of a near
-tie is possible, so it is counted, not asserted). Writes bench/results/throughput-cpu.json.
+timed; the timed runs alternate between the two, and each side keeps its best of --reps. The
+engine runs without prefix caching, since the reps repeat the prompts. Reports tokens/s of both,
+their ratio and how many requests got the same tokens (a late flip of a near tie is possible, so
+it is counted, not asserted). Each side's run is also split into the prompt (prefill and the
+first token, timed alone) and each further decode step, and set against the matmul floor: the
+model's weight GEMMs alone as plain torch matmuls on this machine. hf time over the run's floor
+is the most any engine could gain on transformers here. Writes bench/results/throughput-cpu.json.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from benchlib import (  # noqa: E402
     model_dir,
     print_table,
     sync,
+    time_ms,
     write_results,
 )
 
@@ -170,10 +175,36 @@ def hf_greedy(hf, prompts: list[list[int]], new: int, cache: str) -> tuple[float
     return time.perf_counter() - start, out[:, ids.shape[1]:].tolist()
 
 
+def matmul_floor_s(cfg, rows: int, head_rows: int) -> float:
+    """Seconds of the weight matmuls alone of one forward: every layer's projections on `rows`
+    tokens and the LM head on `head_rows`, as plain torch GEMMs on dense [out, in] weights of the
+    model's shapes (fp32, this process's threads). Attention, norms and everything else count 0,
+    so this is a floor no implementation on this machine goes under."""
+    h, q = cfg.hidden_size, cfg.num_heads * cfg.head_dim
+    shapes = [(q + 2 * cfg.num_kv_heads * cfg.head_dim, h), (h, q), (2 * cfg.intermediate_size, h),
+              (h, cfg.intermediate_size)]
+    ws = [torch.randn(o, i) for o, i in shapes]
+    xs = [torch.randn(rows, i) for _, i in shapes]
+    head, x_head = torch.randn(cfg.vocab_size, h), torch.randn(head_rows, h)
+    lin = torch.nn.functional.linear
+
+    def forward():
+        for _ in range(cfg.num_layers):
+            for x, w in zip(xs, ws):
+                lin(x, w)
+        lin(x_head, head)
+
+    with torch.inference_mode():
+        return time_ms(forward, torch.device("cpu"), reps=7) / 1e3
+
+
 def cpu_vs_hf(path: str, args) -> dict:
     """Engine and transformers on the same greedy batches, timed alternately; best of args.reps."""
     torch.set_num_threads(args.threads)
-    eng = Engine(path, device="cpu", dtype=torch.float32)
+    # No prefix caching: the timed runs repeat the same prompts, and transformers keeps nothing
+    # between calls (with it, the engine's 2nd and 3rd runs skipped the prefill: 2026-11-25's
+    # 1.72x at batch 16 was 1.1x cold).
+    eng = Engine(path, device="cpu", dtype=torch.float32, enable_prefix_caching=False)
     hf = None if args.no_hf else load_hf(path, torch.device("cpu"), torch.float32, dummy=False)
     if hf is not None:
         hf.generation_config.eos_token_id = None  # EOS ignored, as in the engine's requests
@@ -187,11 +218,14 @@ def cpu_vs_hf(path: str, args) -> dict:
         if hf is not None:
             hf_greedy(hf, warm, min(args.new_tokens, 8), args.hf_cache)
         eng_s, hf_s, same, first = [], [], None, None
+        eng_p, hf_p = [], []  # the prompt alone: prefill and one token
         for _ in range(args.reps):
+            eng_p.append(engine_greedy(eng, prompts, 1)[0])
             seconds, eng_tokens = engine_greedy(eng, prompts, args.new_tokens)
             eng_s.append(seconds)
             if hf is None:
                 continue
+            hf_p.append(hf_greedy(hf, prompts, 1, args.hf_cache)[0])
             seconds, hf_tokens = hf_greedy(hf, prompts, args.new_tokens, args.hf_cache)
             hf_s.append(seconds)
             same = sum(a == b for a, b in zip(eng_tokens, hf_tokens))
@@ -201,6 +235,26 @@ def cpu_vs_hf(path: str, args) -> dict:
         tokens = batch * args.new_tokens
         eng_tps = tokens / min(eng_s)
         hf_tps = tokens / min(hf_s) if hf_s else None
+        # Where the time goes: the prompt (prefill + first token) and each further decode step,
+        # each against its matmul floor. The run's floor bounds how far ahead of transformers
+        # any engine can get here: hf time / floor time.
+        cfg = eng.model.config
+        prefill_floor = matmul_floor_s(cfg, batch * args.prompt_len, batch)
+        step_floor = matmul_floor_s(cfg, batch, batch)
+        run_floor = prefill_floor + (args.new_tokens - 1) * step_floor
+        steps = max(args.new_tokens - 1, 1)
+        split = {
+            "engine_prefill_s": min(eng_p),
+            "engine_decode_step_ms": (min(eng_s) - min(eng_p)) / steps * 1e3,
+            "hf_prefill_s": min(hf_p) if hf_p else None,
+            "hf_decode_step_ms": (min(hf_s) - min(hf_p)) / steps * 1e3 if hf_s else None,
+            "prefill_matmul_floor_s": prefill_floor,
+            "decode_step_matmul_floor_ms": step_floor * 1e3,
+            "engine_decode_step_over_floor": (min(eng_s) - min(eng_p)) / steps / step_floor,
+            "engine_prefill_over_floor": min(eng_p) / prefill_floor,
+            "run_matmul_floor_s": run_floor,
+            "max_vs_hf_at_floor": min(hf_s) / run_floor if hf_s else None,
+        }
         rows.append({
             "batch": batch,
             "engine_tokens_per_s": eng_tps,
@@ -211,9 +265,13 @@ def cpu_vs_hf(path: str, args) -> dict:
             "first_mismatch": first,  # the earliest generated position where a request differs
             "engine_seconds": eng_s,
             "hf_seconds": hf_s,
+            **split,
         })
     print_table(rows, ["batch", "engine_tokens_per_s", "hf_tokens_per_s", "vs_hf", "same_requests",
                        "requests", "first_mismatch"])
+    print_table(rows, ["batch", "engine_prefill_s", "hf_prefill_s", "prefill_matmul_floor_s",
+                       "engine_decode_step_ms", "hf_decode_step_ms", "decode_step_matmul_floor_ms",
+                       "engine_decode_step_over_floor", "max_vs_hf_at_floor"])
     return {
         "by_batch": rows,
         "prompt_len": args.prompt_len,
@@ -221,6 +279,7 @@ def cpu_vs_hf(path: str, args) -> dict:
         "reps": args.reps,
         "threads": args.threads,
         "hf_cache": args.hf_cache,
+        "engine_prefix_caching": eng.config.enable_prefix_caching,
         "model_shape": None if args.model else CPU_SHAPE,
         "vocab_size": vocab,
     }
