@@ -21,7 +21,7 @@ engine runs without prefix caching, since the reps repeat the prompts. Reports t
 their ratio and how many requests got the same tokens (a late flip of a near tie is possible, so
 it is counted, not asserted). Each side's run is also split into the prompt (prefill and the
 first token, timed alone) and each further decode step, and set against the matmul floor: the
-model's weight GEMMs alone as plain torch matmuls on this machine. hf time over the run's floor
+model's weight GEMMs alone as torch matmuls on this machine. hf time over the run's floor
 is the most any engine could gain on transformers here. Writes bench/results/throughput-cpu.json.
 """
 
@@ -177,25 +177,37 @@ def hf_greedy(hf, prompts: list[list[int]], new: int, cache: str) -> tuple[float
 
 def matmul_floor_s(cfg, rows: int, head_rows: int) -> float:
     """Seconds of the weight matmuls alone of one forward: every layer's projections on `rows`
-    tokens and the LM head on `head_rows`, as plain torch GEMMs on dense [out, in] weights of the
-    model's shapes (fp32, this process's threads). Attention, norms and everything else count 0,
-    so this is a floor no implementation on this machine goes under."""
+    tokens and the LM head on `head_rows`, as torch GEMMs on weights of the model's shapes, one
+    set per layer (so a small batch streams them from memory as a real forward does), fp32, this
+    process's threads; the faster of plain [out, in] weights (F.linear) and the engine's packed
+    layout (kernels/linear.py). Attention, norms and everything else count 0, so this is a floor no
+    implementation on this machine goes under."""
+    from kernels.linear import pack_weight, packed_linear
+
     h, q = cfg.hidden_size, cfg.num_heads * cfg.head_dim
     shapes = [(q + 2 * cfg.num_kv_heads * cfg.head_dim, h), (h, q), (2 * cfg.intermediate_size, h),
               (h, cfg.intermediate_size)]
-    ws = [torch.randn(o, i) for o, i in shapes]
+    layers = [[torch.randn(o, i) for o, i in shapes] for _ in range(cfg.num_layers)]
     xs = [torch.randn(rows, i) for _, i in shapes]
     head, x_head = torch.randn(cfg.vocab_size, h), torch.randn(head_rows, h)
+    parts = torch.get_num_threads()
+    packed = [[pack_weight(w, parts) if w.shape[0] % parts == 0 else w for w in ws] for ws in layers]
     lin = torch.nn.functional.linear
 
-    def forward():
-        for _ in range(cfg.num_layers):
+    def plain():
+        for ws in layers:
             for x, w in zip(xs, ws):
                 lin(x, w)
         lin(x_head, head)
 
+    def blocked():
+        for ws in packed:
+            for x, w in zip(xs, ws):
+                packed_linear(x, w) if w.dim() == 3 else lin(x, w)
+        lin(x_head, head)
+
     with torch.inference_mode():
-        return time_ms(forward, torch.device("cpu"), reps=7) / 1e3
+        return min(time_ms(f, torch.device("cpu"), reps=7) for f in (plain, blocked)) / 1e3
 
 
 def cpu_vs_hf(path: str, args) -> dict:
