@@ -200,6 +200,18 @@ def cases(s: dict, device: torch.device):
             "triton": lambda: sample_triton(logits, temp, topk, topp, seeds, steps),
         },
     )
+    # Serving's usual filters: each row's candidate is checked against top-k and top-p (no sort).
+    topk50, topp9 = torch.full_like(topk, 50), torch.full_like(topp, 0.9)
+    yield (
+        "sample top-k 50, top-p 0.9",
+        f"{B}x{V}",
+        B * V * 4,
+        0,
+        {
+            "torch": lambda: sample_ref(logits, temp, topk50, topp9, seeds, steps),
+            "triton": lambda: sample_triton(logits, temp, topk50, topp9, seeds, steps),
+        },
+    )
 
     r = s["rank"]
     xl, yl = rnd(T, H), rnd(T, (nh + 2 * nkv) * d)

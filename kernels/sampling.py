@@ -77,62 +77,154 @@ if HAS_TRITON:
 
     @triton.jit
     def _hash32_tl(x):
-        x = x & 0xFFFFFFFF
-        x = ((x ^ (x >> 16)) * 0x7FEB352D) & 0xFFFFFFFF
-        x = ((x ^ (x >> 15)) * 0x5BD1E995) & 0xFFFFFFFF
+        """_hash32 in uint32 arithmetic (products wrap mod 2^32, as the reference masks them)."""
+        x = (x ^ (x >> 16)) * 0x7FEB352D
+        x = (x ^ (x >> 15)) * 0x5BD1E995
         return x ^ (x >> 16)
 
     @triton.jit
-    def _sample_kernel(logits_ptr, stride, temp_ptr, cutoff_ptr, key_ptr, tok_ptr, lp_ptr, vocab,
-                       BLOCK: tl.constexpr):
-        """One row: a single pass over the vocabulary keeps the Gumbel-max of the filtered tempered
-        logits, the raw argmax (greedy) and an online log-sum-exp for the token's logprob."""
-        r = tl.program_id(0)
+    def _gumbel_tl(key, cols):
+        bits = _hash32_tl(key ^ _hash32_tl(cols.to(tl.uint32) * 0x2545F491 + 0x1B873593))
+        u = ((bits >> 8).to(tl.float32) + 0.5) / 16777216.0
+        return -tl.log(-tl.log(u))
+
+    @triton.jit
+    def _sample_partial_kernel(logits_ptr, stride, temp_ptr, key_ptr, part_ptr, vocab, chunk,
+                               BLOCK: tl.constexpr):
+        """One (row, chunk of the vocabulary): the chunk's raw max, sum of exp below it and argmax,
+        tempered max and sum of exp, and the Gumbel-max candidate over every token of the chunk
+        (sampled rows only). Writes 7 floats to part[row, chunk]."""
+        r, c = tl.program_id(0), tl.program_id(1)
         row_ptr = logits_ptr + r.to(tl.int64) * stride
         t = tl.load(temp_ptr + r)
-        greedy = t <= 0
-        t = tl.where(greedy, 1.0, t)
-        cutoff = tl.load(cutoff_ptr + r)
-        key = tl.load(key_ptr + r)
-        best, best_idx = float("-inf"), 0
-        top, top_idx, total = float("-inf"), 0, 0.0
-        for v0 in range(0, vocab, BLOCK):
+        sampled = t > 0
+        t = tl.where(sampled, t, 1.0)
+        key = tl.load(key_ptr + r).to(tl.uint32)
+        raw_m, raw_s, raw_i = float("-inf"), 0.0, 0
+        s_m, s_s = float("-inf"), 0.0
+        z_m, z_i = float("-inf"), 0
+        lo = c * chunk
+        for v0 in range(lo, tl.minimum(lo + chunk, vocab), BLOCK):
             cols = v0 + tl.arange(0, BLOCK)
             valid = cols < vocab
             x = tl.load(row_ptr + cols, mask=valid, other=float("-inf")).to(tl.float32)
-            scaled = x / t
-            bits = _hash32_tl(key ^ _hash32_tl(cols.to(tl.int64) * 0x2545F491 + 0x1B873593))
-            u = ((bits >> 8).to(tl.float32) + 0.5) / 16777216.0
-            z = tl.where(valid & (scaled >= cutoff), scaled - tl.log(-tl.log(u)), float("-inf"))
-            z_max, z_idx = tl.max(z, 0, return_indices=True, return_indices_tie_break_left=True)
             x_max, x_idx = tl.max(x, 0, return_indices=True, return_indices_tie_break_left=True)
-            best_idx = tl.where(z_max > best, v0 + z_idx, best_idx)
-            best = tl.maximum(z_max, best)
-            new_top = tl.maximum(top, x_max)
-            total = total * tl.exp(top - new_top) + tl.sum(tl.exp(x - new_top), 0)
-            top_idx = tl.where(x_max > top, v0 + x_idx, top_idx)
-            top = new_top
-        token = tl.where(greedy, top_idx, best_idx)
+            new_m = tl.maximum(raw_m, x_max)
+            raw_s = raw_s * tl.exp(raw_m - new_m) + tl.sum(tl.exp(x - new_m), 0)
+            raw_i = tl.where(x_max > raw_m, v0 + x_idx, raw_i)
+            raw_m = new_m
+            if sampled:
+                scaled = x / t
+                new_m = tl.maximum(s_m, tl.max(scaled, 0))
+                s_s = s_s * tl.exp(s_m - new_m) + tl.sum(tl.exp(scaled - new_m), 0)
+                s_m = new_m
+                z = tl.where(valid, scaled + _gumbel_tl(key, cols), float("-inf"))
+                zb, zb_idx = tl.max(z, 0, return_indices=True, return_indices_tie_break_left=True)
+                z_i = tl.where(zb > z_m, v0 + zb_idx, z_i)
+                z_m = tl.maximum(z_m, zb)
+        out = part_ptr + (r * tl.num_programs(1) + c) * 8
+        tl.store(out, raw_m)
+        tl.store(out + 1, raw_s)
+        tl.store(out + 2, raw_i)  # stored as float: exact below 2^24 tokens
+        tl.store(out + 3, s_m)
+        tl.store(out + 4, s_s)
+        tl.store(out + 5, z_m)
+        tl.store(out + 6, z_i)
+
+    @triton.jit
+    def _sample_finish_kernel(logits_ptr, stride, temp_ptr, topk_ptr, topp_ptr, key_ptr, part_ptr,
+                              tok_ptr, lp_ptr, vocab, num_chunks, C_PAD: tl.constexpr,
+                              BLOCK: tl.constexpr):
+        """One row: merge the chunks, then, for a row with top-k or top-p, check that the Gumbel-max
+        candidate lies inside the kept set; while it does not, the next candidate is the Gumbel-max
+        over the tokens whose tempered logit exceeds the rejected one's. Every kept token exceeds a
+        rejected one, so this ends at the reference's token without sorting the vocabulary; one pass
+        both checks a candidate and finds the next."""
+        r = tl.program_id(0)
+        row_ptr = logits_ptr + r.to(tl.int64) * stride
+        c = tl.arange(0, C_PAD)
+        c_mask = c < num_chunks
+        part = part_ptr + (r * num_chunks + c) * 8
+        raw_m = tl.load(part, mask=c_mask, other=float("-inf"))
+        top = tl.max(raw_m, 0)
+        raw_s = tl.load(part + 1, mask=c_mask, other=0.0)
+        total = tl.sum(tl.where(raw_m > float("-inf"), raw_s * tl.exp(raw_m - top), 0.0), 0)
+        greedy_tok = tl.load(part + 2, mask=c_mask, other=0.0)
+        greedy_tok = tl.min(tl.where(raw_m == top, greedy_tok, 3.0e38), 0).to(tl.int32)
+        t = tl.load(temp_ptr + r)
+        token = greedy_tok
+        if t > 0:
+            z_m = tl.load(part + 5, mask=c_mask, other=float("-inf"))
+            z_best = tl.max(z_m, 0)
+            z_i = tl.load(part + 6, mask=c_mask, other=0.0)
+            token = tl.min(tl.where(z_m == z_best, z_i, 3.0e38), 0).to(tl.int32)
+            top_k = tl.load(topk_ptr + r)
+            top_p = tl.load(topp_ptr + r)
+            k_on = (top_k > 0) & (top_k < vocab)
+            p_on = top_p < 1.0
+            if k_on | p_on:
+                s_m = tl.load(part + 3, mask=c_mask, other=float("-inf"))
+                s_top = tl.max(s_m, 0)
+                s_s = tl.load(part + 4, mask=c_mask, other=0.0)
+                s_total = tl.sum(tl.where(s_m > float("-inf"), s_s * tl.exp(s_m - s_top), 0.0), 0)
+                key = tl.load(key_ptr + r).to(tl.uint32)
+                cand = tl.load(row_ptr + token).to(tl.float32) / t
+                searching = True
+                while searching:
+                    above, mass = 0, 0.0
+                    nxt_m, nxt_i = float("-inf"), token
+                    for v0 in range(0, vocab, BLOCK):
+                        cols = v0 + tl.arange(0, BLOCK)
+                        valid = cols < vocab
+                        scaled = tl.load(row_ptr + cols, mask=valid, other=float("-inf")).to(tl.float32) / t
+                        gt = valid & (scaled > cand)
+                        above += tl.sum(gt.to(tl.int32), 0)
+                        mass += tl.sum(tl.where(gt, tl.exp(scaled - s_top), 0.0), 0)
+                        z = tl.where(gt, scaled + _gumbel_tl(key, cols), float("-inf"))
+                        zb, zb_idx = tl.max(z, 0, return_indices=True, return_indices_tie_break_left=True)
+                        nxt_i = tl.where(zb > nxt_m, v0 + zb_idx, nxt_i)
+                        nxt_m = tl.maximum(nxt_m, zb)
+                    kept = (~k_on | (above < top_k)) & (~p_on | (above == 0) | (mass / s_total < top_p))
+                    searching = ~kept
+                    if searching:
+                        token = nxt_i
+                        cand = tl.load(row_ptr + token).to(tl.float32) / t
         logit = tl.load(row_ptr + token).to(tl.float32)
         tl.store(tok_ptr + r, token.to(tl.int64))
         tl.store(lp_ptr + r, logit - top - tl.log(total))
+
+
+def sample_chunks(rows: int, vocab: int, block: int, target_programs: int = 512) -> int:
+    """Chunks of the vocabulary per row: enough programs to fill the GPU at small batches."""
+    return max(1, min(triton.cdiv(vocab, block), triton.cdiv(target_programs, max(rows, 1))))
 
 
 def sample_triton(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
     seeds: torch.Tensor, steps: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """sample_ref's tokens without sorting the vocabulary: one pass over chunks of each row, and a
+    per-row check of the candidate against top-k / top-p (_sample_finish_kernel)."""
     logits = logits.float()
-    rows, vocab = logits.shape
-    cutoff = logit_cutoff(_tempered(logits, temperature), top_k, top_p)
-    tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    if rows:
-        _sample_kernel[(rows,)](logits, logits.stride(0), temperature.float().contiguous(), cutoff,
-                                row_keys(seeds, steps), tokens, logprobs, vocab,
-                                BLOCK=min(4096, triton.next_power_of_2(vocab)))
+    rows, vocab = logits.shape
+    tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    if not rows:
+        return tokens, logprobs
+    block = min(2048, triton.next_power_of_2(vocab))
+    chunks = sample_chunks(rows, vocab, block)
+    chunk = triton.cdiv(triton.cdiv(vocab, chunks), block) * block
+    chunks = triton.cdiv(vocab, chunk)
+    part = torch.empty(rows, chunks, 8, dtype=torch.float32, device=logits.device)
+    temperature = temperature.float().contiguous()
+    keys = row_keys(seeds, steps)
+    _sample_partial_kernel[(rows, chunks)](logits, logits.stride(0), temperature, keys, part, vocab, chunk,
+                                           BLOCK=block)
+    _sample_finish_kernel[(rows,)](logits, logits.stride(0), temperature, top_k.contiguous(),
+                                   top_p.float().contiguous(), keys, part, tokens, logprobs, vocab, chunks,
+                                   C_PAD=max(2, triton.next_power_of_2(chunks)), BLOCK=block)
     return tokens, logprobs
 
 
