@@ -56,8 +56,7 @@ FULL = dict(
     batch=64,
     context=4096,
     block_size=16,
-    extend_seqs=8,
-    extend_q=512,
+    extend=[(8, 512, 4096), (8, 2048, 2048)],  # (sequences, new tokens, context): an extend, a prefill
     rank=16,
     dtype="bfloat16",
 )
@@ -72,8 +71,7 @@ TOY = dict(
     batch=3,
     context=70,
     block_size=16,
-    extend_seqs=2,
-    extend_q=20,
+    extend=[(2, 20, 70), (2, 40, 40)],
     rank=8,
     dtype="float32",
 )
@@ -166,22 +164,23 @@ def cases(s: dict, device: torch.device):
         impls,
     )
 
-    S, Q = s["extend_seqs"], s["extend_q"]
-    kc3, vc3, tables3, ctx3 = paged_cache(S, C, nkv, d, bs, dt, device)
-    qe = rnd(S * Q, nh, d)
-    qsl3 = (torch.arange(S + 1, device=device) * Q).int()
-    # Each query sees the prefix (C - Q) plus its causal part of the chunk.
-    flops = 4 * S * nh * d * (Q * (C - Q) + Q * (Q + 1) // 2)
-    yield (
-        "extend_attention",
-        f"{S}x{Q} new, ctx{C}",
-        2 * S * C * nkv * d * el + 2 * S * Q * nh * d * el,
-        flops,
-        {
-            "torch": lambda: paged_attention_ref(qe, kc3, vc3, tables3, ctx3, qsl3, bs, scale),
-            "triton": lambda: paged_extend_attention_triton(qe, kc3, vc3, tables3, ctx3, qsl3, bs, scale, Q),
-        },
-    )
+    for S, Q, C in s["extend"]:
+        kc3, vc3, tables3, ctx3 = paged_cache(S, C, nkv, d, bs, dt, device)
+        qe = rnd(S * Q, nh, d)
+        qsl3 = (torch.arange(S + 1, device=device) * Q).int()
+        # Each query sees the prefix (C - Q) plus its causal part of the chunk.
+        flops = 4 * S * nh * d * (Q * (C - Q) + Q * (Q + 1) // 2)
+        a = (qe, kc3, vc3, tables3, ctx3, qsl3, bs, scale)
+        yield (
+            "extend_attention",
+            f"{S}x{Q} new, ctx{C}",
+            2 * S * C * nkv * d * el + 2 * S * Q * nh * d * el,
+            flops,
+            {
+                "torch": lambda a=a: paged_attention_ref(*a),
+                "triton": lambda a=a, Q=Q: paged_extend_attention_triton(*a, Q),
+            },
+        )
 
     V = s["vocab"]
     logits = 4 * torch.randn(B, V, device=device)

@@ -281,54 +281,81 @@ if HAS_TRITON:
         tl.store(o_ptr + b * stride_ot + h * stride_oh + d, out.to(o_ptr.dtype.element_ty), mask=d_mask)
 
     @triton.jit
+    def _extend_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, kvh, stride_cs, stride_ch, n0, kv_end,
+                     qpos, d, d_mask, qk_scale, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+                     PRECISION: tl.constexpr, CAUSAL: tl.constexpr):
+        """One KV tile of the online softmax (base 2). CAUSAL: the tile crosses the diagonal or the
+        context's end, so keys are masked per row; otherwise every row sees every key."""
+        pos = n0 + tl.arange(0, BLOCK_N)
+        if CAUSAL:
+            p_mask = pos < kv_end
+            page = tl.load(bt_row + pos // PAGE, mask=p_mask, other=0)
+            kv_mask = p_mask[:, None] & d_mask[None, :]
+        else:
+            page = tl.load(bt_row + pos // PAGE)
+            kv_mask = d_mask[None, :]
+        kv_off = (page.to(tl.int64) * PAGE + pos % PAGE)[:, None] * stride_cs + kvh * stride_ch + d[None, :]
+        k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * qk_scale
+        if CAUSAL:
+            s = tl.where(p_mask[None, :] & (pos[None, :] <= qpos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+        return acc, m_new, l_i * alpha + tl.sum(p, 1)
+
+    @triton.jit
     def _extend_kernel(
         q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, qsl_ptr, o_ptr,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_cs, stride_ch, stride_bt, scale,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        """One (sequence, query head, tile of new queries): causal attention over the cached prefix
-        and the new tokens, all read from the paged cache (store_kv ran first)."""
-        b, h, mt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        kvh = h // GROUP
+        """One (tile of new queries, sequence, KV head), FlashAttention-2 style: the tile's rows are
+        BLOCK_M // GROUP query tokens times the GROUP query heads of the KV head, so each K/V tile
+        is read once for the group; keys that every row sees run without a mask, and only the
+        tiles on the diagonal are masked. All K/V come from the paged cache (store_kv ran first).
+        The heaviest tiles (last in the sequence) are launched first."""
+        mt = tl.num_programs(0) - 1 - tl.program_id(0)
+        b, kvh = tl.program_id(1), tl.program_id(2)
+        BLOCK_Q: tl.constexpr = BLOCK_M // GROUP
         q_start = tl.load(qsl_ptr + b)
         q_len = tl.load(qsl_ptr + b + 1) - q_start
+        if mt * BLOCK_Q >= q_len:
+            return
         ctx = tl.load(ctx_ptr + b)
-        prefix = ctx - q_len
-        qi = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+        first = ctx - q_len + mt * BLOCK_Q  # the position of the tile's first query
+        rows = tl.arange(0, BLOCK_M)
+        qi = mt * BLOCK_Q + rows // GROUP
+        row_mask = (rows < BLOCK_Q * GROUP) & (qi < q_len)
+        qpos = ctx - q_len + qi
         q_rows = (q_start + qi).to(tl.int64)  # token * stride passes 2^31 on big batches
-        q_mask = qi < q_len
-        qpos = prefix + qi
+        heads = kvh * GROUP + rows % GROUP
         d = tl.arange(0, D_PAD)
         d_mask = d < HEAD_DIM
-        q = tl.load(q_ptr + q_rows[:, None] * stride_qt + h * stride_qh + d[None, :],
-                    mask=q_mask[:, None] & d_mask[None, :], other=0.0)
-        # A tile past this sequence's queries loops zero times and stores nothing.
-        kv_end = tl.where(mt * BLOCK_M < q_len, tl.minimum(ctx, prefix + (mt + 1) * BLOCK_M), 0)
-        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        den = tl.zeros([BLOCK_M], tl.float32)
+        q = tl.load(q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        qk_scale = scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-        for n0 in range(0, kv_end, BLOCK_N):
-            pos = n0 + tl.arange(0, BLOCK_N)
-            p_mask = pos < kv_end
-            page = tl.load(bt_ptr + b * stride_bt + pos // PAGE, mask=p_mask, other=0)
-            slot = page.to(tl.int64) * PAGE + pos % PAGE
-            kv_off = slot[:, None] * stride_cs + kvh * stride_ch + d[None, :]
-            kv_mask = p_mask[:, None] & d_mask[None, :]
-            k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0)
-            v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0)
-            qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale
-            # Key 0 is visible to every row, so no row of the first tile is fully masked.
-            qk = tl.where(p_mask[None, :] & (pos[None, :] <= qpos[:, None]), qk, float("-inf"))
-            m_new = tl.maximum(m, tl.max(qk, 1))
-            p = tl.exp(qk - m_new[:, None])
-            alpha = tl.exp(m - m_new)
-            den = den * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
-            m = m_new
-        out = acc / tl.where(den == 0.0, 1.0, den)[:, None]
-        tl.store(o_ptr + q_rows[:, None] * stride_ot + h * stride_oh + d[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=q_mask[:, None] & d_mask[None, :])
+        bt_row = bt_ptr + b * stride_bt
+        kv_end = tl.minimum(ctx, first + BLOCK_Q)
+        full_end = (first + 1) // BLOCK_N * BLOCK_N  # keys below it: seen by every row of the tile
+        for n0 in range(0, full_end, BLOCK_N):
+            acc, m_i, l_i = _extend_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, kvh, stride_cs,
+                                         stride_ch, n0, kv_end, qpos, d, d_mask, qk_scale, BLOCK_N, PAGE,
+                                         PRECISION, False)
+        # Key `first` is visible to every row, so no row of the masked tiles is fully masked.
+        for n0 in range(full_end, kv_end, BLOCK_N):
+            acc, m_i, l_i = _extend_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, kvh, stride_cs,
+                                         stride_ch, n0, kv_end, qpos, d, d_mask, qk_scale, BLOCK_N, PAGE,
+                                         PRECISION, True)
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(o_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -375,26 +402,55 @@ def paged_decode_attention_triton(
     return out
 
 
+# _extend_kernel's (block_m, block_n, num_warps, num_stages) candidates. 16-bit operands run on
+# tensor cores with FlashAttention-2's tile sizes; the first call of each shape bucket on a GPU
+# times them (kernels.autotune) and keeps the fastest. All three compile for sm_90 without local
+# memory; 128 x 64 with head_dim 128 comes closest to the register limit. float32 (tests, the
+# reference precision) takes smaller tiles, as they need twice the shared memory.
+EXTEND_CONFIGS = {
+    2: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
+    4: [(64, 32, 4, 2)],
+}
+
+
 def paged_extend_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, query_start_loc: torch.Tensor, block_size: int, scale: float,
-    max_query_len: int, block_m: int = 32, block_n: int = 32,
+    max_query_len: int, block_m: int | None = None, block_n: int | None = None,
 ) -> torch.Tensor:
-    """Any mix of prefills, extends (self-evaluation suffixes) and decodes: q [T, H, D]."""
+    """Any mix of prefills, extends (self-evaluation suffixes) and decodes: q [T, H, D].
+    block_m: rows of a tile (query tokens x the query heads of one KV head); block_n: keys;
+    unset, the fastest of EXTEND_CONFIGS for this shape (the first on the CPU interpreter)."""
     tokens, num_heads, head_dim = q.shape
     out = torch.empty_like(q)
     batch = block_tables.shape[0]
     if tokens == 0 or batch == 0:
         return out
-    block_m = max(16, min(block_m, triton.next_power_of_2(max_query_len)))
-    grid = (batch, num_heads, triton.cdiv(max_query_len, block_m))
-    _extend_kernel[grid](
-        q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
-        block_tables.stride(0), scale,
-        GROUP=num_heads // k_cache.shape[1], HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim),
-        BLOCK_M=block_m, BLOCK_N=block_n, PAGE=block_size, PRECISION=_precision(q.dtype))
-    return out
+    group = num_heads // k_cache.shape[1]
+
+    def launch(config: tuple[int, int, int, int]) -> torch.Tensor:
+        bm, bn, num_warps, num_stages = config
+        # Short queries (a suffix, a decode in a mixed step) take fewer rows than a full tile.
+        bm = max(16, triton.next_power_of_2(group), min(bm, triton.next_power_of_2(max_query_len * group)))
+        grid = (triton.cdiv(max_query_len, bm // group), batch, k_cache.shape[1])
+        _extend_kernel[grid](
+            q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
+            block_tables.stride(0), scale,
+            GROUP=group, HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim),
+            BLOCK_M=bm, BLOCK_N=bn, PAGE=block_size, PRECISION=_precision(q.dtype),
+            num_warps=num_warps, num_stages=num_stages)
+        return out
+
+    configs = EXTEND_CONFIGS[2 if q.dtype.itemsize == 2 else 4]
+    if block_m or block_n:
+        return launch((block_m or configs[0][0], block_n or configs[0][1], *configs[0][2:]))
+    if len(configs) == 1 or not q.is_cuda:
+        return launch(configs[0])
+    key = ("extend_attention", q.dtype, num_heads, k_cache.shape[1], head_dim, block_size,
+           autotune.bucket(max_query_len), autotune.bucket(tokens))
+    runs = {str(c): (lambda c=c: launch(c)) for c in configs}
+    return launch(next(c for c in configs if str(c) == autotune.fastest(key, runs, q.device)))
 
 
 def paged_attention(

@@ -85,6 +85,21 @@ def test_extend_attention_matches_reference(dtype, block_size, head_dim, group):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,group", [(64, 1), (128, 4), (96, 3)])
+def test_extend_attention_with_the_engines_tiles(dtype, head_dim, group):
+    # The tile sizes the engine launches (extend_config): prefills spanning several query tiles
+    # and whole unmasked KV tiles before the diagonal, a long extend over a cached prefix, a
+    # sequence with no new tokens beside them, a decode, and a group that does not divide the tile.
+    context_lens, q_lens = [300, 200, 129, 77, 40], [300, 64, 129, 0, 1]
+    q, kc, vc, bt, ctx, qsl = _paged_batch(context_lens, q_lens, 2 * group, 2, head_dim, 16, dtype,
+                                           seed=head_dim + group)
+    scale = head_dim**-0.5
+    out = paged_extend_attention_triton(q, kc, vc, bt, ctx, qsl, 16, scale, max(q_lens))
+    _close(out, paged_attention_ref(q, kc, vc, bt, ctx, qsl, 16, scale), dtype)
+
+
+@needs_triton
 def test_decode_split_count_does_not_change_the_result():
     q, kc, vc, bt, ctx, _ = _paged_batch([200, 5], [1, 1], 4, 2, 64, 16, torch.float32, seed=7)
     outs = [paged_decode_attention_triton(q, kc, vc, bt, ctx, 16, 0.125, 200, num_splits=s, block_n=16)
