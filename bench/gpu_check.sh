@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# On a lent GPU: build engine._cuda, run every test (GPU paths in bf16 included), time the kernels
-# and profile each policy on the testbed model (part 1, ~6 minutes on an H100); then prefix
-# caching, self-evaluation cost, throughput and fork at the 8B shape (part 2: gpu_check_part2.sh,
-# one 600 s call). Run the two parts as two device calls; `all` runs both. Results land in $OUT
-# (or bench/results); copy them into the repository afterwards.
-# Part 3 (its own call): the HTTP server under load at the 8B shape (bench/serve_load.py).
-# Part 4 (its own call): host time per decode step at the 8B shape (bench/host_overhead.py).
+# On a lent GPU, in one device call (run timeout_s 600): build, the GPU kernel and model tests,
+# the kernel bench, the self-evaluation cost (batch 64 at 512 / 2k, 16 at 8k) and 8B-shape
+# throughput with batch-1 latency, each bench's timeout cut from what is left of LIMIT (530 s),
+# everything packed into $OUT/gpu-check.tgz, killed or not:
+#   OUT=$OUT bash bench/gpu_check.sh
+# Longer runs, one device call each (sessions with more device time):
+# part 1: every test, the kernel bench and each policy's profile on the testbed model (~6 min);
+# part 2: prefix caching, self-evaluation cost on the full grid, throughput, fork at the 8B shape
+#   (gpu_check_part2.sh); part 3: the HTTP server under load (bench/serve_load.py);
+# part 4: host time per decode step at the 8B shape (bench/host_overhead.py).
 #   bash bench/gpu_check.sh 1|2|3|4|all
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART="${1:-all}"
+PART="${1:-quick}"
 OUT="${OUT:-bench/results}"
+if [[ "$PART" == quick ]]; then
+  QUICK=1 LIMIT="${LIMIT:-530}" ARCHIVE=gpu-check.tgz OUT="$OUT" exec bash bench/gpu_check_part2.sh
+fi
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"

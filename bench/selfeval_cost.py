@@ -105,11 +105,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the 8B shape, random)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--grid", default=None, type=lambda s: [tuple(map(int, bc.split(":"))) for bc in s.split(",")],
+                    help="batch:context pairs, e.g. 64:512,64:2048,16:8192 (default: batch 1-256 x 512-8k)")
     args = ap.parse_args(argv)
     toy = args.toy or args.device == "cpu"
     device = torch.device(args.device)
     reps = 5 if toy else 20
     grid = [(1, 64), (4, 256)] if toy else [(b, c) for b in (1, 16, 64, 256) for c in (512, 2048, 8192)]
+    grid = args.grid or grid
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or str(model_dir(Path(tmp), toy))
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16

@@ -13,9 +13,16 @@ import torch
 import kernels
 from engine.model.llama import AttentionMetadata, LlamaForCausalLM, pack_linears
 from engine.step_input import StepInput
+from kernels.cascade import SharedPrefixes, find_shared_prefixes
+from kernels.dispatch import use_triton
 
 _no_phase = contextlib.nullcontext
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+# A decode step whose rows share prompt blocks leaves its graph for eager cascade attention when
+# the KV reads it saves reach this fraction of the weights' bytes (a decode step reads both):
+# below it, one graph replay is expected to beat an eager step's kernel launches. Not yet
+# measured on a GPU (bench/kernel_bench.py times the kernels; the choice is the runner's).
+CASCADE_MIN_SAVED_FRACTION = 0.25
 
 
 def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -64,6 +71,9 @@ class ModelRunner:
         self.graphs_mode = graphs
         self.adapter_loaded = adapter_loaded  # the suffix's adapter mask matters only then
         self.graph_sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_graph_batch]
+        self.weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        self.kv_bytes_per_key = 2 * cfg.num_layers * model.num_kv_heads_local * cfg.head_dim * dtype.itemsize
+        self.cascade_steps = 0  # decode steps that ran cascade attention (tests, benchmarks)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._static: dict[str, torch.Tensor] = {}
         if graphs is not None:
@@ -81,7 +91,8 @@ class ModelRunner:
             with phase("block_copy"):
                 self._copy_blocks(step.cow)
         adapter = step.uses_adapter and self.adapter_loaded
-        if not adapter and self._graph_size(np.diff(step.query_start_loc)) is not None:
+        shared = self._shared_prefixes(step)
+        if not adapter and shared is None and self._graph_size(np.diff(step.query_start_loc)) is not None:
             return self._run_decode_static(step, phase)
         with phase("to_device"):
             to = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dt)  # noqa: E731
@@ -96,7 +107,9 @@ class ModelRunner:
                 max_query_len=int(counts.max()),
                 max_context_len=int(step.context_lens.max()),
                 adapter_mask=to(step.adapter_mask, torch.bool) if adapter else None,
+                shared_prefixes=None if shared is None else shared.to(self.device),
             )
+            self.cascade_steps += shared is not None
             ids = to(step.token_ids, torch.int64)
             rows, n = None, step.num_tokens
             if len(step.logit_rows) != n or (step.logit_rows != np.arange(n)).any():  # built only if needed
@@ -104,6 +117,19 @@ class ModelRunner:
         with phase("forward"):
             hidden = self.model(ids, meta, self.kv_cache)
             return self.model.compute_logits(hidden if rows is None else hidden[rows])
+
+    def _shared_prefixes(self, step: StepInput) -> SharedPrefixes | None:
+        """The groups of a decode step on the Triton path whose prompt blocks cascade attention
+        reads once (kernels.cascade), or None: no sharing, another kind of step, or, where a
+        graph would replay the step, too little saved to leave it."""
+        counts = np.diff(step.query_start_loc)
+        if not use_triton(self.kv_cache) or not len(counts) or counts.max() != 1:
+            return None
+        shared = find_shared_prefixes(step.block_tables, step.context_lens, self.block_size)
+        if shared is None or step.uses_adapter or self._graph_size(counts) is None:
+            return shared
+        saved = shared.saved_keys * self.kv_bytes_per_key
+        return shared if saved >= CASCADE_MIN_SAVED_FRACTION * self.weight_bytes else None
 
     def _copy_blocks(self, cow: np.ndarray) -> None:
         """Copy-on-write: every (src, dst) block pair of every layer's K and V in one call."""

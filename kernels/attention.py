@@ -217,17 +217,20 @@ if HAS_TRITON:
 
     @triton.jit
     def _decode_partial_kernel(
-        q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, part_o_ptr, part_lse_ptr,
-        stride_qt, stride_qh, stride_cs, stride_ch, stride_bt, scale, split_len, num_splits,
+        q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, start_ptr, part_o_ptr, part_lse_ptr,
+        stride_qt, stride_qh, stride_cs, stride_ch, stride_bt, scale, split_len, split_base, total_splits,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-        BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr, HAS_START: tl.constexpr,
     ):
         """One (sequence, KV head, split): every query head of the group against the split's keys.
-        Writes the split's normalised output and log-sum-exp for the reduce kernel."""
+        Writes the split's normalised output and log-sum-exp to partial slot split_base + s for the
+        reduce kernel. HAS_START: keys begin at start[b] (the tail after a shared prefix)."""
         b, kvh, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         num_heads = tl.num_programs(1) * GROUP
         ctx = tl.load(ctx_ptr + b)
         start = s * split_len
+        if HAS_START:
+            start += tl.load(start_ptr + b)
         end = tl.minimum(ctx, start + split_len)
         g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, D_PAD)
@@ -259,7 +262,7 @@ if HAS_TRITON:
         empty = den == 0.0  # a split past this sequence's end
         out = acc / tl.where(empty, 1.0, den)[:, None]
         lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, den)))
-        row = (b * num_heads + heads) * num_splits + s
+        row = (b * num_heads + heads) * total_splits + split_base + s
         tl.store(part_lse_ptr + row, lse, mask=g_mask)
         tl.store(part_o_ptr + row[:, None] * HEAD_DIM + d[None, :], out,
                  mask=g_mask[:, None] & d_mask[None, :])
@@ -358,7 +361,8 @@ if HAS_TRITON:
                  out.to(o_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 
 
-def _precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: exact float32 products for float32 (tests, reference precision)."""
     return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit operands
 
 
@@ -371,6 +375,38 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_context_len: int, block
     return max(1, min(triton.cdiv(max_context_len, 4 * block_n), triton.cdiv(target_programs, work)))
 
 
+def decode_partials_triton(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, block_size: int, scale: float, span: int, num_splits: int,
+    part_o: torch.Tensor, part_lse: torch.Tensor, split_base: int = 0, starts: torch.Tensor | None = None,
+    block_n: int = 32,
+) -> None:
+    """Each sequence's keys from starts[b] (0 without starts) to its context length, cut into
+    num_splits splits of one length covering span keys; writes partial slots split_base.. of
+    part_o [B, H, S, D] (float32) and part_lse [B, H, S] for reduce_partials_triton."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    split_len = triton.cdiv(triton.cdiv(max(span, 1), num_splits), block_n) * block_n
+    _decode_partial_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, context_lens if starts is None else starts,
+        part_o, part_lse, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+        block_tables.stride(0), scale, split_len, split_base, part_lse.shape[2],
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        D_PAD=triton.next_power_of_2(head_dim), BLOCK_N=block_n, PAGE=block_size,
+        PRECISION=dot_precision(q.dtype), HAS_START=starts is not None)
+
+
+def reduce_partials_triton(part_o: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Merge every sequence's partial slots by log-sum-exp into out [B, H, D]."""
+    batch, num_heads, num_splits, head_dim = part_o.shape
+    _decode_reduce_kernel[(batch, num_heads)](
+        part_o, part_lse, out, out.stride(0), out.stride(1), num_splits,
+        HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim),
+        S_PAD=max(2, triton.next_power_of_2(num_splits)))
+    return out
+
+
 def paged_decode_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, block_size: int, scale: float, max_context_len: int,
@@ -379,27 +415,16 @@ def paged_decode_attention_triton(
     """One query per sequence: q [B, H, D]. Split-K over the context, grouped-query heads packed
     into one program per KV head, then a log-sum-exp reduce over the splits."""
     batch, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[1]
-    group = num_heads // num_kv_heads
     if num_splits is None:
-        num_splits = decode_num_splits(batch, num_kv_heads, max_context_len, block_n)
-    split_len = triton.cdiv(triton.cdiv(max(max_context_len, 1), num_splits), block_n) * block_n
+        num_splits = decode_num_splits(batch, k_cache.shape[1], max_context_len, block_n)
     out = torch.empty_like(q)
-    part_o = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
-    d_pad = triton.next_power_of_2(head_dim)
     if batch == 0:
         return out
-    _decode_partial_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, part_o, part_lse,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
-        scale, split_len, num_splits,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        D_PAD=d_pad, BLOCK_N=block_n, PAGE=block_size, PRECISION=_precision(q.dtype))
-    _decode_reduce_kernel[(batch, num_heads)](
-        part_o, part_lse, out, out.stride(0), out.stride(1), num_splits,
-        HEAD_DIM=head_dim, D_PAD=d_pad, S_PAD=max(2, triton.next_power_of_2(num_splits)))
-    return out
+    part_o = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    decode_partials_triton(q, k_cache, v_cache, block_tables, context_lens, block_size, scale,
+                           max_context_len, num_splits, part_o, part_lse, block_n=block_n)
+    return reduce_partials_triton(part_o, part_lse, out)
 
 
 # _extend_kernel's (block_m, block_n, num_warps, num_stages) candidates. 16-bit operands run on
@@ -438,7 +463,7 @@ def paged_extend_attention_triton(
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
             block_tables.stride(0), scale,
             GROUP=group, HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim),
-            BLOCK_M=bm, BLOCK_N=bn, PAGE=block_size, PRECISION=_precision(q.dtype),
+            BLOCK_M=bm, BLOCK_N=bn, PAGE=block_size, PRECISION=dot_precision(q.dtype),
             num_warps=num_warps, num_stages=num_stages)
         return out
 

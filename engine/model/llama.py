@@ -13,6 +13,7 @@ from engine.model.config import ModelConfig
 from engine.model.lora import LoraSlot
 from engine.model.shard import Shard
 from kernels.attention import CpuAttentionPlan, packed_causal_attention, plan_cpu_attention
+from kernels.cascade import SharedPrefixes, cascade_decode_attention
 from kernels.dispatch import use_triton
 from kernels.linear import pack_weight, packed_linear, unpack_weight
 from kernels.rotary import rotary_cache, rotary_rows
@@ -34,6 +35,8 @@ class AttentionMetadata:
     # Made once a step by the model on the path without Triton (kernels.rotary / kernels.attention).
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
     cpu_plan: CpuAttentionPlan | None = None
+    # A decode step whose rows share prompt blocks (kernels.cascade), on the Triton path.
+    shared_prefixes: SharedPrefixes | None = None
 
 
 class RMSNorm(nn.Module):
@@ -75,9 +78,13 @@ class Attention(nn.Module):
             o = packed_causal_attention(q, k, v, meta.query_start_loc, self.scale)
         else:
             kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-            o = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                                        meta.query_start_loc, meta.block_size, self.scale,
-                                        meta.max_query_len, meta.max_context_len, meta.cpu_plan)
+            if meta.shared_prefixes is not None:
+                o = cascade_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                             meta.block_size, self.scale, meta.shared_prefixes)
+            else:
+                o = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                            meta.query_start_loc, meta.block_size, self.scale,
+                                            meta.max_query_len, meta.max_context_len, meta.cpu_plan)
         o = o.reshape(-1, self.q_size)
         return self.shard.all_reduce(self.o_lora(o, self.o_proj(o), meta.adapter_mask))
 

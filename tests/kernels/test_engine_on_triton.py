@@ -52,3 +52,27 @@ def test_gpu_bf16_logits_match_the_cpu_path(llama_dir):
     err = (gpu - cpu).norm() / cpu.norm()
     assert err < 2e-2, f"relative error {err:.3g}"
     assert (gpu.argmax(-1) == cpu.argmax(-1)).float().mean() > 0.9
+
+
+def test_samples_of_one_prompt_decode_through_cascade_attention(llama_dir, monkeypatch):
+    # 4 samples forked from a 300-token prompt share its blocks: their decode steps take the
+    # cascade path (prefix read once, tails apart) and give the reference path's logits.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    eng = Engine(str(llama_dir), device=device, dtype=torch.float32, block_size=16, num_blocks=64,
+                 cuda_graphs=False)
+    ids = torch.randint(0, eng.model.config.vocab_size, (310,)).tolist()
+    bm = eng.block_manager
+    logits = {}
+    for mode in ("reference", "triton"):
+        monkeypatch.setenv("SELFEVAL_KERNELS", mode)
+        bm.allocate(0, 0)
+        eng.runner.execute(prepare_step(bm, [0], [ids[:300]]))
+        for child in (1, 2, 3):
+            bm.fork(0, child)
+        out = [eng.runner.execute(prepare_step(bm, [0, 1, 2, 3], [[t] for t in ids[300 + i:304 + i]]))
+               for i in range(3)]
+        logits[mode] = torch.cat(out)
+        for seq in range(4):
+            bm.free(seq)
+    assert eng.runner.cascade_steps == 3
+    torch.testing.assert_close(logits["triton"], logits["reference"], atol=1e-4, rtol=1e-4)
