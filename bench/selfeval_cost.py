@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the 8B shape, random)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--grid", default=None, type=lambda s: [tuple(map(int, bc.split(":"))) for bc in s.split(",")],
+    pairs = lambda s: [tuple(map(int, bc.split(":"))) for bc in s.split(",")]  # noqa: E731
+    ap.add_argument("--grid", default=None, type=pairs,
                     help="batch:context pairs, e.g. 64:512,64:2048,16:8192 (default: batch 1-256 x 512-8k)")
     args = ap.parse_args(argv)
     toy = args.toy or args.device == "cpu"
