@@ -216,6 +216,44 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def attend_kv_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, kvh, stride_cs, stride_ch, n0, kv_end,
+                       qpos, d, d_mask, qk_scale, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+                       PRECISION: tl.constexpr, MASK: tl.constexpr):
+        """One KV tile of the online softmax (base 2: qk_scale holds log2(e)) for the rows of q,
+        keys n0.. read through the block table row bt_row. MASK 0: every key is visible; 1: keys
+        below kv_end; 2: those and causal (key position <= each row's qpos)."""
+        pos = n0 + tl.arange(0, BLOCK_N)
+        if MASK > 0:
+            p_mask = pos < kv_end
+            page = tl.load(bt_row + pos // PAGE, mask=p_mask, other=0)
+            kv_mask = p_mask[:, None] & d_mask[None, :]
+        else:
+            page = tl.load(bt_row + pos // PAGE)
+            kv_mask = d_mask[None, :]
+        kv_off = (page.to(tl.int64) * PAGE + pos % PAGE)[:, None] * stride_cs + kvh * stride_ch + d[None, :]
+        k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * qk_scale
+        if MASK == 1:
+            s = tl.where(p_mask[None, :], s, float("-inf"))
+        if MASK == 2:
+            s = tl.where(p_mask[None, :] & (pos[None, :] <= qpos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+        return acc, m_new, l_i * alpha + tl.sum(p, 1)
+
+    @triton.jit
+    def partial_result(acc, m_i, l_i):
+        """A split's normalised output and natural log-sum-exp (-inf for a split with no keys)
+        from attend_kv_tile's base-2 state, for the reduce kernel."""
+        empty = l_i == 0.0
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+        return out, lse
+
+    @triton.jit
     def _decode_partial_kernel(
         q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, start_ptr, part_o_ptr, part_lse_ptr,
         stride_qt, stride_qh, stride_cs, stride_ch, stride_bt, scale, split_len, split_base, total_splits,
@@ -242,26 +280,12 @@ if HAS_TRITON:
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         den = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+        qk_scale = scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
         for n0 in range(start, end, BLOCK_N):
-            pos = n0 + tl.arange(0, BLOCK_N)
-            p_mask = pos < end
-            page = tl.load(bt_ptr + b * stride_bt + pos // PAGE, mask=p_mask, other=0)
-            slot = page.to(tl.int64) * PAGE + pos % PAGE
-            kv_off = slot[:, None] * stride_cs + kvh * stride_ch + d[None, :]
-            kv_mask = p_mask[:, None] & d_mask[None, :]
-            k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0)
-            v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0)
-            qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale
-            qk = tl.where(p_mask[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m, tl.max(qk, 1))
-            p = tl.exp(qk - m_new[:, None])
-            alpha = tl.exp(m - m_new)
-            den = den * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
-            m = m_new
-        empty = den == 0.0  # a split past this sequence's end
-        out = acc / tl.where(empty, 1.0, den)[:, None]
-        lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, den)))
+            acc, m, den = attend_kv_tile(q, acc, m, den, kc_ptr, vc_ptr, bt_ptr + b * stride_bt, kvh,
+                                         stride_cs, stride_ch, n0, end, heads, d, d_mask, qk_scale,
+                                         BLOCK_N, PAGE, PRECISION, 1)
+        out, lse = partial_result(acc, m, den)  # a split past this sequence's end is empty
         row = (b * num_heads + heads) * total_splits + split_base + s
         tl.store(part_lse_ptr + row, lse, mask=g_mask)
         tl.store(part_o_ptr + row[:, None] * HEAD_DIM + d[None, :], out,
@@ -282,32 +306,6 @@ if HAS_TRITON:
                         mask=s_mask[:, None] & d_mask[None, :], other=0.0)
         out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
         tl.store(o_ptr + b * stride_ot + h * stride_oh + d, out.to(o_ptr.dtype.element_ty), mask=d_mask)
-
-    @triton.jit
-    def _extend_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, kvh, stride_cs, stride_ch, n0, kv_end,
-                     qpos, d, d_mask, qk_scale, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-                     PRECISION: tl.constexpr, CAUSAL: tl.constexpr):
-        """One KV tile of the online softmax (base 2). CAUSAL: the tile crosses the diagonal or the
-        context's end, so keys are masked per row; otherwise every row sees every key."""
-        pos = n0 + tl.arange(0, BLOCK_N)
-        if CAUSAL:
-            p_mask = pos < kv_end
-            page = tl.load(bt_row + pos // PAGE, mask=p_mask, other=0)
-            kv_mask = p_mask[:, None] & d_mask[None, :]
-        else:
-            page = tl.load(bt_row + pos // PAGE)
-            kv_mask = d_mask[None, :]
-        kv_off = (page.to(tl.int64) * PAGE + pos % PAGE)[:, None] * stride_cs + kvh * stride_ch + d[None, :]
-        k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * qk_scale
-        if CAUSAL:
-            s = tl.where(p_mask[None, :] & (pos[None, :] <= qpos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
-        return acc, m_new, l_i * alpha + tl.sum(p, 1)
 
     @triton.jit
     def _extend_kernel(
@@ -348,14 +346,14 @@ if HAS_TRITON:
         kv_end = tl.minimum(ctx, first + BLOCK_Q)
         full_end = (first + 1) // BLOCK_N * BLOCK_N  # keys below it: seen by every row of the tile
         for n0 in range(0, full_end, BLOCK_N):
-            acc, m_i, l_i = _extend_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, kvh, stride_cs,
-                                         stride_ch, n0, kv_end, qpos, d, d_mask, qk_scale, BLOCK_N, PAGE,
-                                         PRECISION, False)
+            acc, m_i, l_i = attend_kv_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, kvh, stride_cs,
+                                           stride_ch, n0, kv_end, qpos, d, d_mask, qk_scale, BLOCK_N, PAGE,
+                                           PRECISION, 0)
         # Key `first` is visible to every row, so no row of the masked tiles is fully masked.
         for n0 in range(full_end, kv_end, BLOCK_N):
-            acc, m_i, l_i = _extend_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, kvh, stride_cs,
-                                         stride_ch, n0, kv_end, qpos, d, d_mask, qk_scale, BLOCK_N, PAGE,
-                                         PRECISION, True)
+            acc, m_i, l_i = attend_kv_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, kvh, stride_cs,
+                                           stride_ch, n0, kv_end, qpos, d, d_mask, qk_scale, BLOCK_N, PAGE,
+                                           PRECISION, 2)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(o_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
@@ -429,8 +427,9 @@ def paged_decode_attention_triton(
 
 # _extend_kernel's (block_m, block_n, num_warps, num_stages) candidates. 16-bit operands run on
 # tensor cores with FlashAttention-2's tile sizes; the first call of each shape bucket on a GPU
-# times them (kernels.autotune) and keeps the fastest. All three compile for sm_90 without local
-# memory; 128 x 64 with head_dim 128 comes closest to the register limit. float32 (tests, the
+# times them (kernels.autotune) and keeps the fastest. Compiled for sm_90 at head_dim 128 (not
+# run): 128 x 64 hits the 255-register limit with a 48-byte stack frame, 128 x 32 uses 209
+# registers, 64 x 64 on 4 warps has a 200-byte stack frame. float32 (tests, the
 # reference precision) takes smaller tiles, as they need twice the shared memory.
 EXTEND_CONFIGS = {
     2: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
@@ -474,8 +473,9 @@ def paged_extend_attention_triton(
         return launch(configs[0])
     key = ("extend_attention", q.dtype, num_heads, k_cache.shape[1], head_dim, block_size,
            autotune.bucket(max_query_len), autotune.bucket(tokens))
-    runs = {str(c): (lambda c=c: launch(c)) for c in configs}
-    return launch(next(c for c in configs if str(c) == autotune.fastest(key, runs, q.device)))
+    by_name = {str(c): c for c in configs}
+    runs = {name: (lambda c=c: launch(c)) for name, c in by_name.items()}
+    return launch(by_name[autotune.fastest(key, runs, q.device)])
 
 
 def paged_attention(

@@ -18,6 +18,9 @@ import torch
 from kernels.attention import decode_num_splits, decode_partials_triton, dot_precision, reduce_partials_triton
 from kernels.dispatch import HAS_TRITON
 
+if HAS_TRITON:
+    from kernels.attention import attend_kv_tile, partial_result
+
 
 @dataclass
 class SharedPrefixes:
@@ -114,6 +117,7 @@ if HAS_TRITON:
         d_mask = d < HEAD_DIM
         heads = kvh * GROUP + rows % GROUP
         bt_row = bt_ptr + b * stride_bt
+        qk_scale = scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
         for j0 in range(0, count, MEMBERS):
             j = j0 + rows // GROUP
             row_ok = (rows < MEMBERS * GROUP) & (j < count)
@@ -124,25 +128,10 @@ if HAS_TRITON:
             den = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
             for n0 in range(start, end, BLOCK_N):
-                pos = n0 + tl.arange(0, BLOCK_N)
-                p_mask = pos < end
-                page = tl.load(bt_row + pos // PAGE, mask=p_mask, other=0)
-                slot = page.to(tl.int64) * PAGE + pos % PAGE
-                kv_off = slot[:, None] * stride_cs + kvh * stride_ch + d[None, :]
-                kv_mask = p_mask[:, None] & d_mask[None, :]
-                k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0)
-                v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0)
-                qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale
-                qk = tl.where(p_mask[None, :], qk, float("-inf"))
-                m_new = tl.maximum(m, tl.max(qk, 1))
-                p = tl.exp(qk - m_new[:, None])
-                alpha = tl.exp(m - m_new)
-                den = den * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
-                m = m_new
-            empty = den == 0.0  # a split past the prefix
-            out = acc / tl.where(empty, 1.0, den)[:, None]
-            lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, den)))
+                acc, m, den = attend_kv_tile(q, acc, m, den, kc_ptr, vc_ptr, bt_row, kvh, stride_cs,
+                                             stride_ch, n0, end, rows, d, d_mask, qk_scale, BLOCK_N, PAGE,
+                                             PRECISION, 1)
+            out, lse = partial_result(acc, m, den)  # a split past the prefix is empty
             part = (seq * num_heads + heads) * total_splits + s
             tl.store(part_lse_ptr + part, lse, mask=row_ok)
             tl.store(part_o_ptr + part[:, None] * HEAD_DIM + d[None, :], out,
