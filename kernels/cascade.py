@@ -59,6 +59,8 @@ def find_shared_prefixes(block_tables: np.ndarray, context_lens: np.ndarray, blo
     first = tables[:, 0]
     run_start = np.flatnonzero(np.r_[True, first[1:] != first[:-1]])
     run_len = np.diff(np.r_[run_start, batch])
+    if run_len.max() < 2:  # no two rows start with the same block: skip the table comparison
+        return None
     lead = np.repeat(run_start, run_len)  # each sorted row's run leader
     same = tables == tables[lead]
     common = np.where(same.all(axis=1), same.shape[1], same.argmin(axis=1))  # leading equal blocks

@@ -76,3 +76,25 @@ def test_samples_of_one_prompt_decode_through_cascade_attention(llama_dir, monke
             bm.free(seq)
     assert eng.runner.cascade_steps == 3
     torch.testing.assert_close(logits["triton"], logits["reference"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fraction,expect_cascade", [(0.0, True), (1e9, False)])
+def test_a_graph_decode_step_leaves_its_graph_only_when_cascade_saves_enough(llama_dir, monkeypatch,
+                                                                           fraction, expect_cascade):
+    # Where a graph would replay the step ("static": the graph path's buffers, eager), cascade takes
+    # the step only when the KV reads it saves reach CASCADE_MIN_SAVED_FRACTION of the weights.
+    import engine.runner as runner_mod
+
+    monkeypatch.setenv("SELFEVAL_KERNELS", "triton")
+    monkeypatch.setattr(runner_mod, "CASCADE_MIN_SAVED_FRACTION", fraction)
+    eng = Engine(str(llama_dir), dtype=torch.float32, block_size=16, num_blocks=64, cuda_graphs=False)
+    runner = runner_mod.ModelRunner(eng.model, eng.runner.device, torch.float32, 64, 16, 512,
+                                    graphs="static", max_graph_batch=8)
+    bm = eng.block_manager
+    ids = torch.randint(0, eng.model.config.vocab_size, (304,)).tolist()
+    bm.allocate(0, 0)
+    runner.execute(prepare_step(bm, [0], [ids[:300]]))
+    for child in (1, 2, 3):
+        bm.fork(0, child)
+    runner.execute(prepare_step(bm, [0, 1, 2, 3], [[t] for t in ids[300:304]]))
+    assert runner.cascade_steps == int(expect_cascade)
