@@ -304,6 +304,8 @@ if HAS_TRITON:
         w = tl.exp(lse - tl.max(lse, 0))
         parts = tl.load(part_o_ptr + (row * num_splits + s)[:, None] * HEAD_DIM + d[None, :],
                         mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+        # an empty split (lse -inf) may leave its output slot unwritten: never multiply its garbage
+        parts = tl.where(w[:, None] > 0.0, parts, 0.0)
         out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
         tl.store(o_ptr + b * stride_ot + h * stride_oh + d, out.to(o_ptr.dtype.element_ty), mask=d_mask)
 

@@ -94,3 +94,20 @@ def test_cascade_matches_reference(dtype, head_dim, group):
                                    prefix_block_n=32)
     ref = paged_attention_ref(q, kc, vc, bt, cl, qsl, 16, scale)
     torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_reduce_ignores_unwritten_empty_splits():
+    # The prefix kernel marks a row without a shared prefix empty (lse -inf) and leaves its output
+    # slot as torch.empty left it: the reduce must not turn that memory into the answer (0 * NaN).
+    from kernels.attention import reduce_partials_triton
+    g = torch.Generator().manual_seed(0)
+    part_o = torch.randn(3, 4, 3, 64, generator=g)
+    part_lse = torch.randn(3, 4, 3, generator=g)
+    part_o[:, :, 0] = float("nan")
+    part_lse[:, :, 0] = float("-inf")
+    part_o, part_lse = part_o.to(DEVICE), part_lse.to(DEVICE)
+    out = reduce_partials_triton(part_o, part_lse, torch.empty(3, 4, 64, device=DEVICE))
+    w = torch.softmax(part_lse[:, :, 1:], dim=-1)
+    ref = (part_o[:, :, 1:] * w[..., None]).sum(2)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
