@@ -7,7 +7,7 @@ live beside each reference (issue: kernels), called through the same signatures.
 from kernels.activation import silu_and_mul
 from kernels.attention import paged_attention
 from kernels.block_copy import copy_blocks
-from kernels.kv_store import store_kv
+from kernels.kv_store import rotary_store_kv, store_kv
 from kernels.lora import lora
 from kernels.rmsnorm import rms_norm
 from kernels.rotary import apply_rotary
@@ -19,6 +19,7 @@ __all__ = [
     "lora",
     "paged_attention",
     "rms_norm",
+    "rotary_store_kv",
     "sample",
     "silu_and_mul",
     "store_kv",

@@ -73,11 +73,12 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q)[0], self.k_norm(k)[0]
-        q, k = kernels.apply_rotary(q, k, meta.positions, cos_sin, meta.rope)
         if k_cache is None:
+            q, k = kernels.apply_rotary(q, k, meta.positions, cos_sin, meta.rope)
             o = packed_causal_attention(q, k, v, meta.query_start_loc, self.scale)
         else:
-            kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+            q = kernels.rotary_store_kv(q, k, v, k_cache, v_cache, meta.slot_mapping, meta.positions,
+                                        cos_sin, meta.rope)
             if meta.shared_prefixes is not None:
                 o = cascade_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                              meta.block_size, self.scale, meta.shared_prefixes)

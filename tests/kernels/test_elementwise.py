@@ -7,7 +7,12 @@ import torch
 pytest.importorskip("triton")
 
 from kernels.activation import silu_and_mul_ref, silu_and_mul_triton  # noqa: E402
-from kernels.kv_store import store_kv_ref, store_kv_triton  # noqa: E402
+from kernels.kv_store import (  # noqa: E402
+    rotary_store_kv_ref,
+    rotary_store_kv_triton,
+    store_kv_ref,
+    store_kv_triton,
+)
 from kernels.rmsnorm import rms_norm_ref, rms_norm_triton  # noqa: E402
 from kernels.rotary import apply_rotary_ref, apply_rotary_triton, rotary_cache  # noqa: E402
 
@@ -72,6 +77,40 @@ def test_store_kv_writes_only_its_slots(dtype, kv_heads, head_dim):
         assert torch.equal(got[slot_mapping], ref[slot_mapping])
         untouched = torch.ones(slots, dtype=torch.bool, device=DEVICE)
         untouched[slot_mapping] = False
+        assert got[untouched].isnan().all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cache_dtype", [None, torch.float32])
+@pytest.mark.parametrize("head_dim,heads,kv_heads", [(64, 4, 4), (128, 8, 2), (64, 24, 1), (96, 6, 3)])
+def test_rotary_store_kv_fused(dtype, cache_dtype, head_dim, heads, kv_heads):
+    # q, k, v are views of one fused projection, as the model passes them; positions repeat and
+    # jump; the caches are poisoned so a stray write or a missed slot shows.
+    tokens, slots = 13, 80
+    cache_dtype = cache_dtype or dtype
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device=DEVICE)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = q.view(tokens, heads, head_dim)
+    k, v = k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    table = rotary_cache(inv_freq, 4096).to(DEVICE)
+    positions = torch.tensor([0, 1, 2, 3, 4095, 7, 7, 100, 2048, 5, 6, 9, 1000], device=DEVICE)
+    slot_mapping = torch.randperm(slots, device=DEVICE)[:tokens]
+    caches = [torch.full((slots, kv_heads, head_dim), float("nan"), dtype=cache_dtype, device=DEVICE)
+              for _ in range(6)]
+    got_q = rotary_store_kv_triton(q, k, v, caches[0], caches[1], slot_mapping, positions, table)
+    # the unfused Triton path (rotary, then store) gives the same bits; the reference agrees to
+    # rounding (it rotates in the activations' dtype)
+    sep_q, sep_k = apply_rotary_triton(q, k, positions, table)
+    store_kv_triton(sep_k, v, caches[2], caches[3], slot_mapping)
+    ref_q = rotary_store_kv_ref(q, k, v, caches[4], caches[5], slot_mapping, positions, table)
+    assert torch.equal(got_q, sep_q)
+    _close(got_q, ref_q, dtype)
+    untouched = torch.ones(slots, dtype=torch.bool, device=DEVICE)
+    untouched[slot_mapping] = False
+    for got, sep, ref in ((caches[0], caches[2], caches[4]), (caches[1], caches[3], caches[5])):
+        assert torch.equal(got[slot_mapping], sep[slot_mapping])
+        _close(got[slot_mapping], ref[slot_mapping], dtype)
         assert got[untouched].isnan().all()
 
 
