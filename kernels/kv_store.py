@@ -110,19 +110,19 @@ if HAS_TRITON:
             h = (j - q_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
             m = (h < num_kv_heads)[:, None] & i_mask[None, :]
             slot = tl.load(slot_ptr + t).to(tl.int64)
-            src = k_ptr + t * stride_kt + h[:, None] * stride_kh + i[None, :]
-            x1 = tl.load(src, mask=m, other=0.0)
-            x2 = tl.load(src + HALF, mask=m, other=0.0)
+            ksrc = k_ptr + t * stride_kt + h[:, None] * stride_kh + i[None, :]
+            x1 = tl.load(ksrc, mask=m, other=0.0)
+            x2 = tl.load(ksrc + HALF, mask=m, other=0.0)
             c, s = cos.to(x1.dtype).to(tl.float32), sin.to(x1.dtype).to(tl.float32)
             a, b = x1.to(tl.float32), x2.to(tl.float32)
-            dst = slot * stride_cs + h[:, None] * stride_ch + i[None, :]
+            off = slot * stride_cs + h[:, None] * stride_ch + i[None, :]
             # rounded to k's dtype first, as the rotary kernel's output is before store_kv casts it
-            tl.store(kc_ptr + dst, (a * c - b * s).to(x1.dtype).to(kc_ptr.dtype.element_ty), mask=m)
-            tl.store(kc_ptr + dst + HALF, (b * c + a * s).to(x1.dtype).to(kc_ptr.dtype.element_ty),
+            tl.store(kc_ptr + off, (a * c - b * s).to(x1.dtype).to(kc_ptr.dtype.element_ty), mask=m)
+            tl.store(kc_ptr + off + HALF, (b * c + a * s).to(x1.dtype).to(kc_ptr.dtype.element_ty),
                      mask=m)
             vsrc = v_ptr + t * stride_vt + h[:, None] * stride_vh + i[None, :]
-            tl.store(vc_ptr + dst, tl.load(vsrc, mask=m).to(vc_ptr.dtype.element_ty), mask=m)
-            tl.store(vc_ptr + dst + HALF, tl.load(vsrc + HALF, mask=m).to(vc_ptr.dtype.element_ty), mask=m)
+            tl.store(vc_ptr + off, tl.load(vsrc, mask=m).to(vc_ptr.dtype.element_ty), mask=m)
+            tl.store(vc_ptr + off + HALF, tl.load(vsrc + HALF, mask=m).to(vc_ptr.dtype.element_ty), mask=m)
 
 
 def rotary_store_kv_triton(
