@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import autotune, cuda_ops
+from kernels import autotune
 from kernels.dispatch import HAS_TRITON, use_triton
 
 
@@ -429,13 +429,13 @@ def paged_decode_attention_triton(
 
 # _extend_kernel's (block_m, block_n, num_warps, num_stages) candidates. 16-bit operands run on
 # tensor cores with FlashAttention-2's tile sizes; the first call of each shape bucket on a GPU
-# times them (kernels.autotune) and keeps the fastest. Compiled for sm_90 at head_dim 128 (not
-# run): 128 x 64 hits the 255-register limit with a 48-byte stack frame, 128 x 32 uses 209
-# registers, 64 x 64 on 4 warps has a 200-byte stack frame. float32 (tests, the
-# reference precision) takes smaller tiles, as they need twice the shared memory.
+# times them (kernels.autotune) and keeps the fastest. float32 (tests, the reference precision)
+# takes smaller tiles, as they need twice the shared memory, on 8 warps: on 4 its exact (ieee)
+# dot spills 640 bytes to the stack. Registers, spills and shared memory of each at the 8B shapes
+# for sm_90: bench/compile_check.py (none spills).
 EXTEND_CONFIGS = {
     2: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
-    4: [(64, 32, 4, 2)],
+    4: [(64, 32, 8, 2)],
 }
 
 
@@ -443,10 +443,12 @@ def paged_extend_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, query_start_loc: torch.Tensor, block_size: int, scale: float,
     max_query_len: int, block_m: int | None = None, block_n: int | None = None,
+    config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """Any mix of prefills, extends (self-evaluation suffixes) and decodes: q [T, H, D].
     block_m: rows of a tile (query tokens x the query heads of one KV head); block_n: keys;
-    unset, the fastest of EXTEND_CONFIGS for this shape (the first on the CPU interpreter)."""
+    unset, the fastest of EXTEND_CONFIGS for this shape (the first on the CPU interpreter).
+    config: one (block_m, block_n, num_warps, num_stages) exactly (bench/compile_check.py)."""
     tokens, num_heads, head_dim = q.shape
     out = torch.empty_like(q)
     batch = block_tables.shape[0]
@@ -468,6 +470,8 @@ def paged_extend_attention_triton(
             num_warps=num_warps, num_stages=num_stages)
         return out
 
+    if config is not None:
+        return launch(config)
     configs = EXTEND_CONFIGS[2 if q.dtype.itemsize == 2 else 4]
     if block_m or block_n:
         return launch((block_m or configs[0][0], block_n or configs[0][1], *configs[0][2:]))
@@ -496,24 +500,10 @@ def paged_attention(
     if max_query_len == 1 and q.shape[0] == block_tables.shape[0]:
         if max_context_len is None:
             max_context_len = int(context_lens.max())
-        return decode_attention(q, k_cache, v_cache, block_tables, context_lens, block_size, scale,
-                                max_context_len)
+        # Split-K Triton only: a CUDA kernel measured 4.3x slower on an H100 and was removed
+        # (bench/results/gpu-h100-2026-11-24.md).
+        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, block_size,
+                                             scale, max_context_len)
     return paged_extend_attention_triton(q, k_cache, v_cache, block_tables, context_lens,
                                          query_start_loc, block_size, scale, max_query_len)
 
-
-def decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    context_lens: torch.Tensor, block_size: int, scale: float, max_context_len: int,
-) -> torch.Tensor:
-    """Triton split-K or the CUDA kernel, whichever measured faster for this shape bucket."""
-    triton_run = lambda: paged_decode_attention_triton(  # noqa: E731
-        q, k_cache, v_cache, block_tables, context_lens, block_size, scale, max_context_len)
-    if not cuda_ops.available(q):
-        return triton_run()
-    cuda_run = lambda: cuda_ops.decode_attention_cuda(  # noqa: E731
-        q, k_cache, v_cache, block_tables, context_lens, block_size, scale)
-    key = ("decode_attention", q.dtype, q.shape[1], k_cache.shape[1], q.shape[2], block_size,
-           autotune.bucket(q.shape[0]), autotune.bucket(max_context_len))
-    winner = autotune.fastest(key, {"triton": triton_run, "cuda": cuda_run}, q.device)
-    return cuda_run() if winner == "cuda" else triton_run()

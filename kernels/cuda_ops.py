@@ -10,9 +10,6 @@ import torch
 
 from kernels.dispatch import use_triton
 
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-DECODE_HEAD_DIMS = (64, 128, 256)
-
 
 @functools.cache
 def extension():
@@ -56,21 +53,3 @@ def store_kv_cuda(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
     extension().store_kv(k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                          slot_mapping.to(torch.int64).data_ptr(), tokens, k.stride(0) * elem,
                          v.stride(0) * elem, heads * dim * elem, _stream(k))
-
-
-def decode_attention_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
-                          scale: float) -> torch.Tensor:
-    """q [B, H, D], caches [slots, Hkv, D] of q's dtype, head_dim 64/128/256; ValueError otherwise."""
-    batch, num_heads, head_dim = q.shape
-    if head_dim not in DECODE_HEAD_DIMS or q.dtype not in _DTYPE_CODE or k_cache.dtype != q.dtype:
-        raise ValueError(f"decode_attention_cuda: unsupported head_dim {head_dim} / dtype {q.dtype}")
-    if q.stride(2) != 1 or k_cache.stride(2) != 1 or k_cache.stride() != v_cache.stride():
-        raise ValueError("decode_attention_cuda needs unit-stride head dims and like caches")
-    out = torch.empty_like(q)
-    extension().decode_attention(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
-        context_lens.data_ptr(), out.data_ptr(), batch, num_heads, head_dim, _DTYPE_CODE[q.dtype],
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
-        block_tables.stride(0), num_heads // k_cache.shape[1], block_size, scale, _stream(q))
-    return out

@@ -13,18 +13,11 @@ int launch_copy_blocks(uint64_t caches, int64_t num_caches, int64_t block_bytes,
 int launch_store_kv(uint64_t k, uint64_t v, uint64_t k_cache, uint64_t v_cache, uint64_t slots,
                     int64_t num_tokens, int64_t k_stride_bytes, int64_t v_stride_bytes,
                     int64_t row_bytes, uint64_t stream);
-int launch_decode_attention(uint64_t q, uint64_t k_cache, uint64_t v_cache, uint64_t block_tables,
-                            uint64_t context_lens, uint64_t out, int64_t batch, int64_t num_heads,
-                            int64_t head_dim, int dtype, int64_t q_stride_t, int64_t q_stride_h,
-                            int64_t o_stride_t, int64_t o_stride_h, int64_t cache_stride_slot,
-                            int64_t cache_stride_head, int64_t table_stride, int group,
-                            int block_size, float scale, uint64_t stream);
 }  // namespace selfeval
 
 namespace py = pybind11;
 
 static void check(int err, const char* what) {
-  if (err == -1) throw std::invalid_argument(std::string(what) + ": unsupported dtype or head_dim");
   if (err != 0) {
     throw std::runtime_error(std::string(what) + " launch failed: " +
                              cudaGetErrorString(static_cast<cudaError_t>(err)));
@@ -57,20 +50,4 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("num_tokens"), py::arg("k_stride_bytes"), py::arg("v_stride_bytes"),
       py::arg("row_bytes"), py::arg("stream"),
       "Write each token's K and V row (row_bytes, same dtype as the cache) to its int64 slot.");
-  m.def(
-      "decode_attention",
-      [](uint64_t q, uint64_t k_cache, uint64_t v_cache, uint64_t block_tables,
-         uint64_t context_lens, uint64_t out, int64_t batch, int64_t num_heads, int64_t head_dim,
-         int dtype, int64_t q_stride_t, int64_t q_stride_h, int64_t o_stride_t, int64_t o_stride_h,
-         int64_t cache_stride_slot, int64_t cache_stride_head, int64_t table_stride, int group,
-         int block_size, float scale, uint64_t stream) {
-        check(selfeval::launch_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
-                                                out, batch, num_heads, head_dim, dtype, q_stride_t,
-                                                q_stride_h, o_stride_t, o_stride_h,
-                                                cache_stride_slot, cache_stride_head, table_stride,
-                                                group, block_size, scale, stream),
-              "decode_attention");
-      },
-      "Paged decode attention: one query per sequence; strides in elements; dtype 0/1/2 = "
-      "float32/float16/bfloat16; head_dim 64, 128 or 256.");
 }
