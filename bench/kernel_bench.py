@@ -40,7 +40,12 @@ from kernels.attention import (  # noqa: E402
 )
 from kernels.block_copy import copy_blocks_ref  # noqa: E402
 from kernels.cascade import cascade_decode_attention, find_shared_prefixes  # noqa: E402
-from kernels.kv_store import store_kv_ref, store_kv_triton  # noqa: E402
+from kernels.kv_store import (  # noqa: E402
+    rotary_store_kv_ref,
+    rotary_store_kv_triton,
+    store_kv_ref,
+    store_kv_triton,
+)
 from kernels.lora import lora_ref, lora_triton  # noqa: E402
 from kernels.rmsnorm import rms_norm_ref, rms_norm_triton  # noqa: E402
 from kernels.rotary import apply_rotary_ref, apply_rotary_triton, rotary_cache  # noqa: E402
@@ -148,6 +153,25 @@ def cases(s: dict, device: torch.device):
         impls["cuda"] = lambda: cuda_ops.store_kv_cuda(k, v, kc, vc, slots)
     yield ("store_kv", f"{T}x{nkv}x{d}", 4 * T * nkv * d * el, 0, impls)
 
+    # What the model runs: rotary on q and k, then k and v into the cache. Fused, the rotated keys
+    # go straight to their slots (reads q, k, v once; writes q and the two cache rows).
+    def separate():
+        q_rot, k_rot = apply_rotary_triton(q, k, pos, cs)
+        store_kv_triton(k_rot, v, kc, vc, slots)
+        return q_rot
+
+    yield (
+        "rotary+store_kv",
+        f"{T}x({nh}+{nkv}+{nkv})x{d}",
+        2 * T * (nh + 2 * nkv) * d * el + T * d * 4,
+        0,
+        {
+            "torch": lambda: rotary_store_kv_ref(q, k, v, kc, vc, slots, pos, cs),
+            "triton": separate,
+            "fused": lambda: rotary_store_kv_triton(q, k, v, kc, vc, slots, pos, cs),
+        },
+    )
+
     B, C, bs = s["batch"], s["context"], s["block_size"]
     kc2, vc2, tables, ctx = paged_cache(B, C, nkv, d, bs, dt, device)
     qd = rnd(B, nh, d)
@@ -157,8 +181,6 @@ def cases(s: dict, device: torch.device):
         "torch": lambda: paged_attention_ref(qd, kc2, vc2, tables, ctx, qsl, bs, scale),
         "triton": lambda: paged_decode_attention_triton(qd, kc2, vc2, tables, ctx, bs, scale, C),
     }
-    if cuda_ops.available(qd):
-        impls["cuda"] = lambda: cuda_ops.decode_attention_cuda(qd, kc2, vc2, tables, ctx, bs, scale)
     yield (
         "decode_attention",
         f"b{B} ctx{C} {nh}/{nkv}x{d}",

@@ -2,6 +2,9 @@
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +29,26 @@ def test_kernels_bench_times_every_kernel(tmp_path):
     for op in ("rms_norm+residual", "silu_and_mul", "rotary", "store_kv", "decode_attention",
                "extend_attention", "sample", "lora_masked (1/8 rows)"):
         assert (op, "torch") in ops and (op, "triton") in ops
+    assert ("rotary+store_kv", "fused") in ops
     assert all(r["ms"] > 0 and r["floor_ms"] > 0 for r in metrics["kernels"])
+
+
+@pytest.mark.parametrize("shapes", [[], ["--toy"]], ids=["8b-bf16", "toy-fp32"])
+def test_every_kernel_compiles_for_sm90(tmp_path, shapes):
+    # A subprocess: the check must import triton without the interpreter this test run uses.
+    pytest.importorskip("triton.backends.nvidia.driver")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(HERE / "compile_check.py"), "--out-dir", str(tmp_path),
+                           *shapes], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    record = json.loads(next(tmp_path.glob("compile_check-sm90*.json")).read_text())
+    assert record["failures"] == []
+    kernels = {r["kernel"] for r in record["kernels"]}
+    for name in ("_rms_norm_kernel", "_decode_partial_kernel", "_prefix_partial_kernel", "_extend_kernel",
+                 "_sample_partial_kernel", "_sample_finish_kernel", "_lora_shrink_kernel",
+                 "_rotary_store_kv_kernel"):
+        assert name in kernels, name
+    assert all(r["reg"] and r["reg"] <= 255 for r in record["kernels"])
 
 
 def test_fork_bench_reports_latency_and_block_ratio(tmp_path):

@@ -1,0 +1,184 @@
+"""Compiles every Triton kernel for a GPU that is not here, at the Llama-3.1-8B shapes of the
+kernel bench, and reports what the compiler made of it: registers per thread, stack and local
+memory (spills), dynamic shared memory. Nothing runs.
+
+    python bench/compile_check.py              # sm_90 (H100), bf16, kernel_bench's FULL shapes
+    python bench/compile_check.py --arch 80
+    python bench/compile_check.py --toy        # tiny float32 shapes: what the GPU tests compile
+
+The Triton interpreter (how the tests run the kernels on a CPU) accepts code that the real
+compiler rejects (an `if` whose branches give one name two types, a dot below 16 rows, ...);
+GPU time is rare, so this finds those failures, and register spills, before a GPU run does.
+Every wrapper is called as the kernel bench calls it, with CPU tensors of the real shapes
+(zero-filled: values do not matter); a stand-in driver reports the target GPU, and each launch
+compiles its kernel and returns without running it. Register counts come from cuobjdump (the one
+bundled with Triton). Writes bench/results/compile_check-sm<arch>.json; exits 1 when a kernel
+does not compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: compile, do not interpret
+
+_HERE = Path(__file__).resolve().parent
+if sys.path and Path(sys.path[0] or ".").resolve() == _HERE:
+    sys.path.pop(0)
+sys.path.append(str(_HERE))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.backends.nvidia.driver as nvidia_driver  # noqa: E402
+from benchlib import RESULTS, print_table  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+
+class _TargetOnlyDriver(nvidia_driver.CudaDriver):
+    """Answers the JIT's questions about the device (which GPU, which stream) for a GPU that is
+    not present; loads no CUDA library. Enough to compile, not to launch."""
+
+    def __init__(self, arch: int):
+        self.arch = arch
+
+    def get_current_target(self):
+        return GPUTarget("cuda", self.arch, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def is_active(self):
+        return True
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    """REG / STACK / LOCAL of the one function in a cubin, from cuobjdump -res-usage (its SHARED
+    is the static 1 KB the runtime reserves; the kernel's own shared memory is dynamic, in the
+    kernel's metadata)."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    usage = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text))
+    return {k.lower(): int(v) for k, v in usage.items()}
+
+
+def compile_all(arch: int, toy: bool = False) -> tuple[list[dict], list[dict]]:
+    """(one row per compiled kernel, one row per case that failed)."""
+    driver.set_active(_TargetOnlyDriver(arch))
+    compiled: list = []
+    run = JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        compiled.append(kernel)
+        return kernel
+
+    JITFunction.run = compile_only
+    # The bench fills its inputs with random values; compiling needs only the shapes and dtypes.
+    randn, randn_like = torch.randn, torch.randn_like
+    torch.randn = lambda *size, **kw: torch.zeros(*size, **kw)
+    torch.randn_like = lambda t, **kw: torch.zeros_like(t, **kw)
+    try:
+        import kernel_bench
+
+        from kernels.attention import EXTEND_CONFIGS, paged_extend_attention_triton
+
+        rows, failures = [], []
+        device = torch.device("cpu")
+        s = kernel_bench.TOY if toy else kernel_bench.FULL
+
+        def extend_cases():
+            dt = getattr(torch, s["dtype"])
+            nh, nkv, d, bs = s["heads"], s["kv_heads"], s["head_dim"], s["block_size"]
+            for S, Q, C in s["extend"]:
+                kc, vc, tables, ctx = kernel_bench.paged_cache(S, C, nkv, d, bs, dt, device)
+                q = torch.zeros(S * Q, nh, d, dtype=dt)
+                qsl = (torch.arange(S + 1) * Q).int()
+                for config in EXTEND_CONFIGS[dt.itemsize]:
+                    yield (f"extend_attention {config}", f"{S}x{Q} new, ctx{C}",
+                           lambda q=q, kc=kc, vc=vc, t=tables, c=ctx, qsl=qsl, Q=Q, cf=config:
+                           paged_extend_attention_triton(q, kc, vc, t, c, qsl, bs, d**-0.5, Q, config=cf))
+
+        def every_case():
+            for op, shape, _, _, impls in kernel_bench.cases(s, device):
+                for name, fn in impls.items():
+                    if name not in ("torch", "cuda"):
+                        yield (op if name == "triton" else f"{op} [{name}]", shape, fn)
+            yield from extend_cases()
+
+        for op, shape, fn in every_case():
+            start = len(compiled)
+            try:
+                fn()
+            except Exception as e:  # a compile error names the kernel and the line
+                failures.append({"op": op, "shape": shape, "error": f"{type(e).__name__}: {e}",
+                                 "traceback": traceback.format_exc(limit=3)})
+                continue
+            for kernel in compiled[start:]:
+                meta = kernel.metadata
+                usage = _resource_usage(kernel.asm["cubin"])
+                rows.append({"op": op, "shape": shape, "kernel": meta.name, "num_warps": meta.num_warps,
+                             "num_stages": meta.num_stages, "reg": usage.get("reg"),
+                             "stack": usage.get("stack", 0), "local": usage.get("local", 0),
+                             "shared": meta.shared})
+        # one row per distinct compiled kernel of an op (a wrapper may launch it several times)
+        seen, unique = set(), []
+        for r in rows:
+            key = tuple(sorted(r.items()))
+            if key not in seen:
+                seen.add(key)
+                unique.append(r)
+        return unique, failures
+    finally:
+        JITFunction.run = run
+        torch.randn, torch.randn_like = randn, randn_like
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100)")
+    parser.add_argument("--toy", action="store_true",
+                        help="kernel_bench's TOY shapes: float32, the dtype the GPU tests use")
+    parser.add_argument("--out-dir", default=None)
+    args = parser.parse_args(argv)
+    rows, failures = compile_all(args.arch, args.toy)
+    print_table(rows, ["op", "kernel", "num_warps", "num_stages", "reg", "stack", "local", "shared"])
+    spills = [r for r in rows if r.get("stack", 0) or r.get("local", 0)]
+    print(f"\n{len(rows)} kernels compiled for sm_{args.arch}; {len(spills)} with a stack frame or "
+          f"local memory; {len(failures)} failed")
+    for f in failures:
+        print(f"FAILED {f['op']} ({f['shape']}): {f['error'][:2000]}")
+    shapes = "kernel_bench TOY (float32)" if args.toy else "kernel_bench FULL (Llama-3.1-8B, bf16)"
+    record = {"target": f"sm_{args.arch}", "triton": triton.__version__, "torch": torch.__version__,
+              "shapes": shapes, "kernels": rows, "failures": failures}
+    out_dir = Path(args.out_dir) if args.out_dir else RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"compile_check-sm{args.arch}{'-toy' if args.toy else ''}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
+    if failures:
+        raise SystemExit(1)
+    return record
+
+
+if __name__ == "__main__":
+    main()
