@@ -32,6 +32,11 @@ def reference_only():
         _reference_only.on = previous
 
 
+def references_forced() -> bool:
+    """reference_only() is active or SELFEVAL_KERNELS=reference: no kernel of ours, any device."""
+    return getattr(_reference_only, "on", False) or os.environ.get("SELFEVAL_KERNELS") == "reference"
+
+
 def use_triton(t: torch.Tensor) -> bool:
     if not HAS_TRITON or getattr(_reference_only, "on", False):
         return False

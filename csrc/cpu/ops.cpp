@@ -1,0 +1,96 @@
+// CPU kernels for the small ops of a decode step (engine._cpu), float32 only.
+//
+// At batch 1 a decode step of a small model on the CPU is dominated not by its matmuls but by the
+// dozens of small torch ops around them, each costing microseconds of dispatch for nanoseconds of
+// work (RoPE alone is ~12 ops a layer). These loops do one op's work in one call, as vLLM's CPU
+// backend does. Tensors arrive as raw pointers with their strides (kernels/cpu_ops.py checks dtype,
+// device and layout); no torch ABI. The GIL is released while they run. Built with
+// -ffp-contract=off so that, like torch, a*b + c*d rounds each product: RoPE matches the torch
+// reference bit for bit.
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace py = pybind11;
+
+namespace {
+
+float* f32(uintptr_t p) { return reinterpret_cast<float*>(p); }
+const int64_t* i64(uintptr_t p) { return reinterpret_cast<const int64_t*>(p); }
+
+// out[r] = (x[r] + res[r]) * rsqrt(mean((x[r] + res[r])^2) + eps) * w; res_out[r] = x[r] + res[r].
+// has_res false: x alone, res_out unused. Sums of squares in double (torch's float32 mean is a
+// pairwise sum: the two agree to float32 rounding).
+void rms_norm(uintptr_t x, uintptr_t res, uintptr_t w, uintptr_t out, uintptr_t res_out, int64_t rows,
+              int64_t cols, int64_t x_stride, int64_t res_stride, double eps, bool has_res) {
+  const float* weight = f32(w);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = f32(x) + r * x_stride;
+    float* o = f32(out) + r * cols;
+    const float* h = xr;
+    if (has_res) {
+      const float* rr = f32(res) + r * res_stride;
+      float* ro = f32(res_out) + r * cols;
+      for (int64_t c = 0; c < cols; ++c) ro[c] = xr[c] + rr[c];
+      h = ro;
+    }
+    double sum = 0.0;
+    for (int64_t c = 0; c < cols; ++c) sum += static_cast<double>(h[c]) * h[c];
+    const float mean = static_cast<float>(sum / static_cast<double>(cols));
+    const float rstd = 1.0f / std::sqrt(mean + static_cast<float>(eps));
+    for (int64_t c = 0; c < cols; ++c) o[c] = (h[c] * rstd) * weight[c];
+  }
+}
+
+// Rotate-half RoPE on q (into q_out [T, H, D] contiguous) and k (straight into k_cache at the
+// token's slot), and v copied to v_cache at the same slot. cos_sin [positions, D]: cos in the
+// first half, sin in the second; num_positions and num_slots bound positions and slots.
+void rotary_store_kv(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t q_out, uintptr_t k_cache,
+                     uintptr_t v_cache, uintptr_t positions, uintptr_t slots, uintptr_t cos_sin,
+                     int64_t num_positions, int64_t num_slots, int64_t tokens, int64_t heads,
+                     int64_t kv_heads, int64_t dim, int64_t q_s0, int64_t q_s1, int64_t k_s0, int64_t k_s1,
+                     int64_t v_s0, int64_t v_s1, int64_t c_s0, int64_t c_s1) {
+  // Checked before anything is written: an index out of range raises IndexError, as torch's would.
+  for (int64_t t = 0; t < tokens; ++t) {
+    const int64_t pos = i64(positions)[t], slot = i64(slots)[t];
+    if (pos < 0 || pos >= num_positions)
+      throw py::index_error("rotary_store_kv: position " + std::to_string(pos) + " outside the rotary table");
+    if (slot < 0 || slot >= num_slots)
+      throw py::index_error("rotary_store_kv: slot " + std::to_string(slot) + " outside the KV cache");
+  }
+  const int64_t half = dim / 2;
+  auto rotate = [half](const float* src, float* dst, const float* cs) {
+    const float* cos = cs;
+    const float* sin = cs + half;
+    for (int64_t i = 0; i < half; ++i) {
+      const float x1 = src[i], x2 = src[half + i];
+      const float a = x1 * cos[i], b = -x2 * sin[i];  // torch: x * cos + cat(-x2, x1) * sin
+      const float c = x2 * cos[i], d = x1 * sin[i];
+      dst[i] = a + b;
+      dst[half + i] = c + d;
+    }
+  };
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* cs = f32(cos_sin) + i64(positions)[t] * dim;
+    for (int64_t h = 0; h < heads; ++h)
+      rotate(f32(q) + t * q_s0 + h * q_s1, f32(q_out) + (t * heads + h) * dim, cs);
+    const int64_t slot = i64(slots)[t];
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      rotate(f32(k) + t * k_s0 + h * k_s1, f32(k_cache) + slot * c_s0 + h * c_s1, cs);
+      const float* vs = f32(v) + t * v_s0 + h * v_s1;
+      float* vd = f32(v_cache) + slot * c_s0 + h * c_s1;
+      for (int64_t i = 0; i < dim; ++i) vd[i] = vs[i];
+    }
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu, m) {
+  m.doc() = "selfeval-engine CPU kernels for the small ops of a decode step (float32)";
+  m.def("rms_norm", &rms_norm, py::call_guard<py::gil_scoped_release>());
+  m.def("rotary_store_kv", &rotary_store_kv, py::call_guard<py::gil_scoped_release>());
+}

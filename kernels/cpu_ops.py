@@ -1,0 +1,81 @@
+"""Python side of engine._cpu: the decode step's small ops on the CPU in one call each (float32).
+Each falls back to its torch path (returns None) where it does not apply: another dtype or device,
+autograd (training), reference_only() or SELFEVAL_KERNELS=reference, or no engine._cpu. The
+wrappers stay lean: at batch 1 their Python is most of what they cost (bench/host_overhead.py)."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+
+from kernels.dispatch import references_forced
+
+_F32 = torch.float32
+
+
+@functools.cache
+def extension():
+    try:
+        return importlib.import_module("engine._cpu")
+    except ImportError:
+        return None
+
+
+def available(*tensors: torch.Tensor) -> bool:
+    if extension() is None or references_forced():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t.dtype is not _F32 or not t.is_cpu or (grad and t.requires_grad):
+            return False
+    return True
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
+             ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """kernels.rms_norm's (normed, x + residual) for rows with unit column stride; None: not here."""
+    if not available(x, weight) if residual is None else not available(x, weight, residual):
+        return None
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    r2 = residual if residual is None or residual.dim() == 2 else residual.reshape(x2.shape)
+    if x2.stride(1) != 1 or weight.stride(0) != 1 or (r2 is not None and r2.stride(1) != 1):
+        return None
+    rows, cols = x2.shape
+    out = torch.empty((rows, cols), dtype=_F32)
+    if r2 is None:
+        extension().rms_norm(x2.data_ptr(), 0, weight.data_ptr(), out.data_ptr(), 0, rows, cols,
+                             x2.stride(0), 0, eps, False)
+        return (out if x.dim() == 2 else out.view(x.shape)), x
+    res_out = torch.empty((rows, cols), dtype=_F32)
+    extension().rms_norm(x2.data_ptr(), r2.data_ptr(), weight.data_ptr(), out.data_ptr(), res_out.data_ptr(),
+                         rows, cols, x2.stride(0), r2.stride(0), eps, True)
+    if x.dim() == 2:
+        return out, res_out
+    return out.view(x.shape), res_out.view(x.shape)
+
+
+def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, slot_mapping: torch.Tensor, positions: torch.Tensor,
+                    cos_sin: torch.Tensor) -> torch.Tensor | None:
+    """kernels.rotary_store_kv in one call: the rotated q [T, H, D]; None: not here. Positions and
+    slots out of range raise IndexError before anything is written."""
+    if not available(q, k, v, k_cache, v_cache, cos_sin):
+        return None
+    tokens, heads, dim = q.shape
+    if (q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1 or k_cache.stride(2) != 1
+            or k_cache.stride() != v_cache.stride() or not cos_sin.is_contiguous()
+            or cos_sin.shape[1] != dim):
+        return None
+    if positions.dtype is not torch.int64 or not positions.is_contiguous():
+        positions = positions.to(torch.int64).contiguous()
+    if slot_mapping.dtype is not torch.int64 or not slot_mapping.is_contiguous():
+        slot_mapping = slot_mapping.to(torch.int64).contiguous()
+    out = torch.empty((tokens, heads, dim), dtype=_F32)
+    q_s, k_s, v_s, c_s = q.stride(), k.stride(), v.stride(), k_cache.stride()
+    extension().rotary_store_kv(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        positions.data_ptr(), slot_mapping.data_ptr(), cos_sin.data_ptr(), cos_sin.shape[0], k_cache.shape[0],
+        tokens, heads, k.shape[1], dim, q_s[0], q_s[1], k_s[0], k_s[1], v_s[0], v_s[1], c_s[0], c_s[1])
+    return out
