@@ -147,3 +147,13 @@ def test_host_overhead_bench_splits_each_step_by_phase(tmp_path):
         assert 0 < r["host_ms"] < r["step_ms"] and r["forward"] > 0
         assert r["schedule"] > 0 and r["prepare"] > 0 and r["output"] > 0
     assert rows[("b8+score", "score")]["score"] > 0 and rows[("b8", "decode")]["score"] == 0
+
+
+def test_combined_scorer_probe_fits_and_judges_on_held_out_problems(tmp_path):
+    metrics = _load("combined_scorer").main(["--fit", "6", "--eval", "6", "-n", "4", "--out", str(tmp_path)])
+    fits = {(r["scorer"], r["fit"]) for r in metrics["rows"]}
+    assert ("mean_logprob", "-") in fits and ("selfeval_logit", "-") in fits
+    pair = "selfeval_logit+mean_logprob"
+    assert (pair, "pointwise") in fits and (pair, "pairwise") in fits
+    assert all(0 <= r["best_of_n"] <= metrics["oracle_best_of_n"] for r in metrics["rows"])
+    assert json.loads(next(tmp_path.glob("combined_scorer-*.json")).read_text())["metrics"]["setup"]["n"] == 4

@@ -1,0 +1,143 @@
+"""Does the self-evaluation score add to the sample's own token statistics? A probe on the testbed
+(issue 16's combined scorer): a logistic model over the score's logit, mean and lowest token
+log-probability, DeepConf-style lowest group confidence and log length, fitted on training
+problems and judged by best-of-16 and within-prompt AUROC on the held-out ones, each feature alone
+beside it. Two fits: pointwise (P(correct), what calibration gives) and pairwise (right minus
+wrong samples of one prompt: the within-prompt ranking that best-of-n needs).
+
+    python bench/combined_scorer.py                       # 300 fit / 300 held-out problems, ~1 min
+    python bench/combined_scorer.py --fit 40 --eval 40    # quicker
+
+Writes bench/results/combined_scorer-<device>.json. The demo's scorers are not changed by it: a
+combination earns a place there only where it beats mean log-probability on held-out problems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+_HERE = Path(__file__).resolve().parent
+if sys.path and Path(sys.path[0] or ".").resolve() == _HERE:
+    sys.path.pop(0)
+sys.path.append(str(_HERE))
+
+import torch  # noqa: E402
+from benchlib import write_results  # noqa: E402
+
+from engine.api import Engine  # noqa: E402
+from engine.policies import ConfidenceScorer  # noqa: E402
+from engine.sampling import SamplingParams, seeds_per_prompt  # noqa: E402
+from engine.testbed import BUNDLED, task_of  # noqa: E402
+from engine.testbed.demo import HELD_OUT_SEED  # noqa: E402
+from engine.train.trainer import auroc  # noqa: E402
+
+FEATURES = ("selfeval_logit", "mean_logprob", "min_logprob", "confidence", "log_length")
+FIT_SEED = 7  # neither pretraining (0), adapter data (1) nor the held-out problems
+COMBINATIONS = ((0, 1), (0, 1, 2), (0, 1, 2, 3), (0, 1, 2, 3, 4), (1, 2, 3, 4), (0, 4), (0, 1, 4))
+
+
+def sample_features(eng: Engine, task, seed: int, problems: int, n: int, temperature: float):
+    """Features [samples, 5], right or wrong [samples], prompt index [samples]."""
+    records = [p.record() for p in task.problems(problems, seed, task.DEMO_LEVELS)]
+    convs = [[{"role": "user", "content": r["prompt"]}] for r in records]
+    params = SamplingParams(temperature=temperature, max_tokens=task.MAX_TOKENS, n=n, score=True,
+                            confidence=True, seed=0)
+    outs = eng.chat(convs, seeds_per_prompt(params, len(convs)), use_tqdm=False)
+    conf = ConfidenceScorer(window=8)  # the demo's
+    feats, labels, groups = [], [], []
+    for i, (r, o) in enumerate(zip(records, outs)):
+        for s in o.samples:
+            p = min(max(s.score, 1e-6), 1 - 1e-6)
+            lp = s.logprobs or [0.0]
+            feats.append([math.log(p / (1 - p)), sum(lp) / len(lp), min(lp),
+                          conf(s) if s.confidences else 0.0, math.log(1 + len(s.token_ids))])
+            labels.append(float(task.verify(r, s.text)))
+            groups.append(i)
+    return np.array(feats), np.array(labels), np.array(groups)
+
+
+def newton_logistic(z: np.ndarray, t: np.ndarray, l2: float = 1e-2, iters: int = 50) -> np.ndarray:
+    w = np.zeros(z.shape[1])
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-z @ w))
+        hess = (z * (p * (1 - p))[:, None]).T @ z + l2 * np.eye(len(w))
+        w -= np.linalg.solve(hess, z.T @ (p - t) + l2 * w)
+    return w
+
+
+def within_pairs(x: np.ndarray, y: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Every (right - wrong) feature difference inside a prompt."""
+    diffs = [r - w for i in np.unique(g) for r in x[(g == i) & (y == 1)] for w in x[(g == i) & (y == 0)]]
+    return np.array(diffs).reshape(-1, x.shape[1])
+
+
+def best_of_n(score: np.ndarray, y: np.ndarray, g: np.ndarray) -> float:
+    return float(np.mean([y[g == i][np.argmax(score[g == i])] for i in np.unique(g)]))
+
+
+def auroc_within(score: np.ndarray, y: np.ndarray, g: np.ndarray) -> tuple[float | None, int]:
+    values = [auroc(list(score[(g == i) & (y == 1)]), list(score[(g == i) & (y == 0)])) for i in np.unique(g)]
+    values = [v for v in values if v is not None]
+    return (float(np.mean(values)) if values else None), len(values)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=str(BUNDLED))
+    ap.add_argument("--fit", type=int, default=300, help="training problems the combination is fitted on")
+    ap.add_argument("--eval", type=int, default=300, help="held-out problems (the demo's --full set)")
+    ap.add_argument("-n", type=int, default=16)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    task = task_of(args.model)
+    eng = Engine(args.model, device="cpu", adapter=str(Path(args.model) / "adapter"), seed=0)
+    xf, yf, gf = sample_features(eng, task, FIT_SEED, args.fit, args.n, args.temperature)
+    xe, ye, ge = sample_features(eng, task, HELD_OUT_SEED, args.eval, args.n, args.temperature)
+
+    def judged(score):
+        value, prompts = auroc_within(score, ye, ge)
+        return {"best_of_n": best_of_n(score, ye, ge), "auroc_within": value, "prompts": prompts}
+
+    rows = [{"scorer": name, "fit": "-", **judged(xe[:, j])} for j, name in enumerate(FEATURES)]
+    for cols in COMBINATIONS:
+        name = "+".join(FEATURES[c] for c in cols)
+        mu, sd = xf[:, cols].mean(0), xf[:, cols].std(0) + 1e-9
+        zf, ze = (xf[:, cols] - mu) / sd, (xe[:, cols] - mu) / sd
+        w = newton_logistic(np.hstack([zf, np.ones((len(zf), 1))]), yf)
+        rows.append({"scorer": name, "fit": "pointwise", "weights": w.round(3).tolist(),
+                     **judged(np.hstack([ze, np.ones((len(ze), 1))]) @ w)})
+        d = within_pairs(zf, yf, gf)
+        w = newton_logistic(np.vstack([d, -d]), np.r_[np.ones(len(d)), np.zeros(len(d))])
+        rows.append({"scorer": name, "fit": "pairwise", "weights": w.round(3).tolist(), **judged(ze @ w)})
+    for r in rows:
+        auc = "-" if r["auroc_within"] is None else f"{r['auroc_within']:.3f}"
+        print(f"{r['scorer']:<60} {r['fit']:<9} best-of-{args.n} {r['best_of_n']:.3f}  AUROC within {auc}")
+    baseline = next(r for r in rows if r["scorer"] == "mean_logprob")
+    best = max((r for r in rows if r["fit"] != "-"), key=lambda r: r["best_of_n"])
+    metrics = {
+        "rows": rows,
+        "oracle_best_of_n": float(np.mean([ye[ge == i].max() for i in np.unique(ge)])),
+        "fit_accuracy": float(yf.mean()), "eval_accuracy": float(ye.mean()),
+        "best_combination": best["scorer"] + " (" + best["fit"] + ")",
+        "best_combination_minus_mean_logprob": best["best_of_n"] - baseline["best_of_n"],
+        "setup": {"model": args.model, "fit_problems": args.fit, "fit_seed": FIT_SEED,
+                  "eval_problems": args.eval, "eval_seed": HELD_OUT_SEED, "n": args.n,
+                  "temperature": args.temperature, "features": FEATURES},
+    }
+    gap = metrics["best_combination_minus_mean_logprob"]
+    print(f"best combination {metrics['best_combination']}: best-of-{args.n} {best['best_of_n']:.3f} vs mean "
+          f"log-probability {baseline['best_of_n']:.3f} ({gap:+.3f}); "
+          f"oracle {metrics['oracle_best_of_n']:.3f}")
+    out = write_results("combined_scorer", torch.device("cpu"), metrics, args.out)
+    print(f"-> {out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
