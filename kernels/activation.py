@@ -1,6 +1,7 @@
 import torch
 import torch.nn.functional as F
 
+from kernels import autotune
 from kernels.dispatch import HAS_TRITON, use_triton
 
 
@@ -33,8 +34,12 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((x2.shape[0], inter), dtype=x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(inter))
     if x2.shape[0]:
-        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](x2, out, inter, x2.stride(0),
-                                                                       BLOCK=block)
+        def launch(num_warps: int) -> None:
+            _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](x2, out, inter, x2.stride(0),
+                                                                           BLOCK=block, num_warps=num_warps)
+
+        key = ("silu_and_mul", x.dtype, inter, autotune.bucket(x2.shape[0]))
+        autotune.launch_warps(key, launch, x.device, (4, 8))
     return out.view(*x.shape[:-1], inter)
 
 

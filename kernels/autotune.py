@@ -48,3 +48,17 @@ def fastest(key: tuple, candidates: dict[str, Callable[[], object]], device: tor
 def winners() -> dict[tuple, str]:
     """Every decision made so far (benchmarks report them)."""
     return dict(_winners)
+
+
+WARPS = (4, 8, 16)
+
+
+def launch_warps(key: tuple, launch: Callable[[int], object], device: torch.device,
+                 candidates: tuple[int, ...] = WARPS) -> object:
+    """launch(num_warps) with the fastest of candidates for key on a GPU (the first elsewhere):
+    for the elementwise kernels, whose best warp count depends on the row width and the GPU.
+    launch must be idempotent (it may run once per candidate on the first call of a key)."""
+    if device.type != "cuda":
+        return launch(candidates[0])
+    runs = {str(w): (lambda w=w: launch(w)) for w in candidates}
+    return launch(int(fastest(key, runs, device)))

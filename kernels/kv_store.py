@@ -141,11 +141,17 @@ def rotary_store_kv_triton(
         half = dim // 2
         block_h = max(1, min(triton.next_power_of_2(max(num_heads, num_kv_heads)), 4096 // dim))
         q_blocks = triton.cdiv(num_heads, block_h)
-        _rotary_store_kv_kernel[(tokens, q_blocks + triton.cdiv(num_kv_heads, block_h))](
-            q, k, v, out, k_cache, v_cache, positions, slot_mapping, cos_sin.contiguous(),
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            k_cache.stride(0), k_cache.stride(1), num_heads, num_kv_heads, q_blocks,
-            HALF=half, HALF_PAD=triton.next_power_of_2(half), BLOCK_H=block_h)
+        cos_sin = cos_sin.contiguous()
+
+        def launch(num_warps: int) -> None:
+            _rotary_store_kv_kernel[(tokens, q_blocks + triton.cdiv(num_kv_heads, block_h))](
+                q, k, v, out, k_cache, v_cache, positions, slot_mapping, cos_sin,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                k_cache.stride(0), k_cache.stride(1), num_heads, num_kv_heads, q_blocks,
+                HALF=half, HALF_PAD=triton.next_power_of_2(half), BLOCK_H=block_h, num_warps=num_warps)
+
+        key = ("rotary_store_kv_warps", q.dtype, num_heads, num_kv_heads, dim, autotune.bucket(tokens))
+        autotune.launch_warps(key, launch, q.device, (4, 8))
     return out
 
 

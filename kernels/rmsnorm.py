@@ -1,6 +1,6 @@
 import torch
 
-from kernels import cpu_ops
+from kernels import autotune, cpu_ops
 from kernels.dispatch import HAS_TRITON, use_triton
 
 
@@ -55,9 +55,13 @@ def rms_norm_triton(
     else:
         r2, res_out = x2, x2
     if n_rows:
-        _rms_norm_kernel[(n_rows,)](x2, r2, weight, out, res_out, n_cols, x2.stride(0), r2.stride(0),
-                                    eps, HAS_RESIDUAL=residual is not None,
-                                    BLOCK=triton.next_power_of_2(n_cols))
+        def launch(num_warps: int) -> None:
+            _rms_norm_kernel[(n_rows,)](x2, r2, weight, out, res_out, n_cols, x2.stride(0), r2.stride(0),
+                                        eps, HAS_RESIDUAL=residual is not None,
+                                        BLOCK=triton.next_power_of_2(n_cols), num_warps=num_warps)
+
+        key = ("rms_norm", x.dtype, n_cols, residual is not None, autotune.bucket(n_rows))
+        autotune.launch_warps(key, launch, x.device)
     new_res = res_out.view(shape) if residual is not None else x
     return out.view(shape), new_res
 

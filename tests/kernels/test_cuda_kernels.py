@@ -37,6 +37,23 @@ def test_dispatch_picks_the_faster_candidate_once_per_key():
     assert [autotune.bucket(n) for n in (1, 2, 3, 64, 65)] == [1, 2, 4, 64, 128]
 
 
+def test_launch_warps_uses_the_first_count_off_the_gpu_and_the_fastest_on_it(monkeypatch):
+    seen = []
+    assert autotune.launch_warps(("test-warps", 0), lambda w: seen.append(w) or w, torch.device("cpu")) == 4
+    assert seen == [4]  # no timing off the GPU: one launch
+    # On a GPU autotune.fastest runs every candidate (stood in for here: each once, 8 wins), and
+    # the winner is launched.
+    def fastest(key, runs, device):
+        for run in runs.values():
+            run()
+        return "8"
+
+    monkeypatch.setattr(autotune, "fastest", fastest)
+    seen.clear()
+    assert autotune.launch_warps(("test-warps", 1), lambda w: seen.append(w) or w, torch.device("cuda")) == 8
+    assert seen == [4, 8, 16, 8]
+
+
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_cuda_store_kv_and_block_copy_match_reference(dtype):
