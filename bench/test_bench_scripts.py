@@ -44,11 +44,15 @@ def test_every_kernel_compiles_for_sm90(tmp_path, shapes):
     record = json.loads(next(tmp_path.glob("compile_check-sm90*.json")).read_text())
     assert record["failures"] == []
     kernels = {r["kernel"] for r in record["kernels"]}
-    for name in ("_rms_norm_kernel", "_decode_partial_kernel", "_prefix_partial_kernel", "_extend_kernel",
-                 "_sample_partial_kernel", "_sample_finish_kernel", "_lora_shrink_kernel",
-                 "_rotary_store_kv_kernel"):
+    for name in ("_rms_norm_kernel", "_silu_and_mul_kernel", "_rotary_kernel", "_store_kv_kernel",
+                 "_rotary_store_kv_kernel", "_decode_partial_kernel", "_decode_reduce_kernel",
+                 "_prefix_partial_kernel", "_extend_kernel", "_sample_partial_kernel",
+                 "_sample_finish_kernel", "_lora_shrink_kernel", "_lora_expand_kernel"):
         assert name in kernels, name
-    assert all(r["reg"] and r["reg"] <= 255 for r in record["kernels"])
+    # none spills to local memory (with this Triton; bench/results/compile_check-sm90*.json)
+    spills = [(r["op"], r["num_warps"], r["stack"], r["local"]) for r in record["kernels"]
+              if r["stack"] or r["local"]]
+    assert spills == []
 
 
 def test_fork_bench_reports_latency_and_block_ratio(tmp_path):
@@ -155,5 +159,6 @@ def test_combined_scorer_probe_fits_and_judges_on_held_out_problems(tmp_path):
     assert ("mean_logprob", "-") in fits and ("selfeval_logit", "-") in fits
     pair = "selfeval_logit+mean_logprob"
     assert (pair, "pointwise") in fits and (pair, "pairwise") in fits
-    assert all(0 <= r["best_of_n"] <= metrics["oracle_best_of_n"] for r in metrics["rows"])
+    fitted = [r for r in metrics["rows"] if r["fit"] != "-"]
+    assert all(len(r["weights"]) == r["scorer"].count("+") + 1 + (r["fit"] == "pointwise") for r in fitted)
     assert json.loads(next(tmp_path.glob("combined_scorer-*.json")).read_text())["metrics"]["setup"]["n"] == 4

@@ -301,12 +301,14 @@ if HAS_TRITON:
         s_mask = s < num_splits
         d_mask = d < HEAD_DIM
         lse = tl.load(part_lse_ptr + row * num_splits + s, mask=s_mask, other=float("-inf"))
-        w = tl.exp(lse - tl.max(lse, 0))
+        top = tl.max(lse, 0)
+        w = tl.exp(lse - tl.where(top == float("-inf"), 0.0, top))  # every split empty: all 0
         parts = tl.load(part_o_ptr + (row * num_splits + s)[:, None] * HEAD_DIM + d[None, :],
                         mask=s_mask[:, None] & d_mask[None, :], other=0.0)
         # an empty split (lse -inf) may leave its output slot unwritten: never multiply its garbage
         parts = tl.where(w[:, None] > 0.0, parts, 0.0)
-        out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
+        total = tl.sum(w, 0)  # 0 with no keys at all: the output is 0, as the reference's
+        out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
         tl.store(o_ptr + b * stride_ot + h * stride_oh + d, out.to(o_ptr.dtype.element_ty), mask=d_mask)
 
     @triton.jit

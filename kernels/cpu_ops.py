@@ -38,6 +38,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     """kernels.rms_norm's (normed, x + residual) for rows with unit column stride; None: not here."""
     if not available(x, weight) if residual is None else not available(x, weight, residual):
         return None
+    if weight.shape != x.shape[-1:] or (residual is not None and residual.shape != x.shape):
+        return None  # the torch path broadcasts or raises
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     r2 = residual if residual is None or residual.dim() == 2 else residual.reshape(x2.shape)
     if x2.stride(1) != 1 or weight.stride(0) != 1 or (r2 is not None and r2.stride(1) != 1):
@@ -63,10 +65,18 @@ def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     slots out of range raise IndexError before anything is written."""
     if not available(q, k, v, k_cache, v_cache, cos_sin):
         return None
+    if q.dim() != 3 or k.dim() != 3 or k_cache.dim() != 3 or cos_sin.dim() != 2:
+        return None
     tokens, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    # every pointer and stride handed to C++ must stay inside its tensor: anything else goes to
+    # the torch path, which raises or broadcasts as torch does
+    if (dim % 2 or k.shape != (tokens, kv_heads, dim) or v.shape != k.shape
+            or k_cache.shape != v_cache.shape or k_cache.shape[1:] != (kv_heads, dim)
+            or cos_sin.shape[1] != dim or positions.shape != (tokens,) or slot_mapping.shape != (tokens,)):
+        return None
     if (q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1 or k_cache.stride(2) != 1
-            or k_cache.stride() != v_cache.stride() or not cos_sin.is_contiguous()
-            or cos_sin.shape[1] != dim):
+            or k_cache.stride() != v_cache.stride() or not cos_sin.is_contiguous()):
         return None
     if positions.dtype is not torch.int64 or not positions.is_contiguous():
         positions = positions.to(torch.int64).contiguous()
@@ -77,5 +87,5 @@ def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     extension().rotary_store_kv(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         positions.data_ptr(), slot_mapping.data_ptr(), cos_sin.data_ptr(), cos_sin.shape[0], k_cache.shape[0],
-        tokens, heads, k.shape[1], dim, q_s[0], q_s[1], k_s[0], k_s[1], v_s[0], v_s[1], c_s[0], c_s[1])
+        tokens, heads, kv_heads, dim, q_s[0], q_s[1], k_s[0], k_s[1], v_s[0], v_s[1], c_s[0], c_s[1])
     return out

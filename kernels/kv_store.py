@@ -170,13 +170,16 @@ def rotary_store_kv(
     fused = lambda: rotary_store_kv_triton(q, k, v, k_cache, v_cache, slot_mapping, positions, cos_sin)  # noqa: E731
     if not q.is_cuda:
         return fused()
+    if k_cache.stride(2) != 1 or k_cache.stride() != v_cache.stride():  # the fused kernel's layout
+        return rotary_store_kv_ref(q, k, v, k_cache, v_cache, slot_mapping, positions, cos_sin, rows)
     result = {}
 
     def separate():
         result["q"], k_rot = apply_rotary_triton(q, k, positions, cos_sin)
         store_kv(k_rot, v, k_cache, v_cache, slot_mapping)
 
-    key = ("rotary_store_kv", q.dtype, q.shape[1], k.shape[1], q.shape[2], autotune.bucket(q.shape[0]))
+    key = ("rotary_store_kv", q.dtype, k_cache.dtype, q.shape[1], k.shape[1], q.shape[2],
+           autotune.bucket(q.shape[0]))
     if autotune.fastest(key, {"fused": lambda: result.update(q=fused()), "separate": separate},
                         q.device) == "fused":
         return fused()

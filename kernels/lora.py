@@ -121,6 +121,9 @@ def lora_triton(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: 
     Two launches and nothing else; y may be any strided view (a column slice of a fused qkv)."""
     tokens, in_dim = x.shape
     out_dim, rank = lora_b.shape
+    if mask.shape != (tokens,) or y.shape != (tokens, out_dim) or lora_a.shape != (rank, in_dim):
+        raise ValueError(f"lora_triton: x {tuple(x.shape)}, y {tuple(y.shape)}, A {tuple(lora_a.shape)}, "
+                         f"B {tuple(lora_b.shape)}, mask {tuple(mask.shape)} do not fit together")
     if tokens == 0 or out_dim == 0:
         return y
     lora_a, lora_b, mask = lora_a.contiguous(), lora_b.contiguous(), mask.contiguous()

@@ -4,7 +4,7 @@
 // dozens of small torch ops around them, each costing microseconds of dispatch for nanoseconds of
 // work (RoPE alone is ~12 ops a layer). These loops do one op's work in one call, as vLLM's CPU
 // backend does. Tensors arrive as raw pointers with their strides (kernels/cpu_ops.py checks dtype,
-// device and layout); no torch ABI. The GIL is released while they run. Built with
+// device, shapes and layout, so every pointer and stride stays inside its tensor); no torch ABI. The GIL is released while they run. Built with
 // -ffp-contract=off so that, like torch, a*b + c*d rounds each product: RoPE matches the torch
 // reference bit for bit.
 #include <pybind11/pybind11.h>
@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace py = pybind11;
 
@@ -53,13 +54,16 @@ void rotary_store_kv(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t q_out, uin
                      int64_t num_positions, int64_t num_slots, int64_t tokens, int64_t heads,
                      int64_t kv_heads, int64_t dim, int64_t q_s0, int64_t q_s1, int64_t k_s0, int64_t k_s1,
                      int64_t v_s0, int64_t v_s1, int64_t c_s0, int64_t c_s1) {
-  // Checked before anything is written: an index out of range raises IndexError, as torch's would.
+  // Copied, then checked before anything is written (an index out of range raises IndexError, as
+  // torch's would); only the copies are used, so another thread changing the tensors while the GIL
+  // is released cannot slip an unchecked index in.
+  std::vector<int64_t> pos_of(i64(positions), i64(positions) + tokens);
+  std::vector<int64_t> slot_of(i64(slots), i64(slots) + tokens);
   for (int64_t t = 0; t < tokens; ++t) {
-    const int64_t pos = i64(positions)[t], slot = i64(slots)[t];
-    if (pos < 0 || pos >= num_positions)
-      throw py::index_error("rotary_store_kv: position " + std::to_string(pos) + " outside the rotary table");
-    if (slot < 0 || slot >= num_slots)
-      throw py::index_error("rotary_store_kv: slot " + std::to_string(slot) + " outside the KV cache");
+    if (pos_of[t] < 0 || pos_of[t] >= num_positions)
+      throw py::index_error("rotary_store_kv: position " + std::to_string(pos_of[t]) + " outside the rotary table");
+    if (slot_of[t] < 0 || slot_of[t] >= num_slots)
+      throw py::index_error("rotary_store_kv: slot " + std::to_string(slot_of[t]) + " outside the KV cache");
   }
   const int64_t half = dim / 2;
   auto rotate = [half](const float* src, float* dst, const float* cs) {
@@ -74,10 +78,10 @@ void rotary_store_kv(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t q_out, uin
     }
   };
   for (int64_t t = 0; t < tokens; ++t) {
-    const float* cs = f32(cos_sin) + i64(positions)[t] * dim;
+    const float* cs = f32(cos_sin) + pos_of[t] * dim;
     for (int64_t h = 0; h < heads; ++h)
       rotate(f32(q) + t * q_s0 + h * q_s1, f32(q_out) + (t * heads + h) * dim, cs);
-    const int64_t slot = i64(slots)[t];
+    const int64_t slot = slot_of[t];
     for (int64_t h = 0; h < kv_heads; ++h) {
       rotate(f32(k) + t * k_s0 + h * k_s1, f32(k_cache) + slot * c_s0 + h * c_s1, cs);
       const float* vs = f32(v) + t * v_s0 + h * v_s1;

@@ -111,3 +111,12 @@ def test_reduce_ignores_unwritten_empty_splits():
     w = torch.softmax(part_lse[:, :, 1:], dim=-1)
     ref = (part_o[:, :, 1:] * w[..., None]).sum(2)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_reduce_of_a_row_without_any_key_is_zero():
+    from kernels.attention import reduce_partials_triton
+    part_o = torch.full((1, 2, 3, 16), float("nan"), device=DEVICE)
+    part_lse = torch.full((1, 2, 3), float("-inf"), device=DEVICE)
+    out = reduce_partials_triton(part_o, part_lse, torch.full((1, 2, 16), 5.0, device=DEVICE))
+    assert torch.equal(out, torch.zeros_like(out))

@@ -111,3 +111,35 @@ def test_cpu_kernels_step_aside_for_autograd_other_dtypes_and_reference_only():
         pos = torch.tensor([1])
         assert cpu_ops.rotary_store_kv(q, q, q, kc, kc.clone(), pos, pos, table) is None
         assert rotary_store_kv(q, q, q, kc, kc.clone(), pos, pos, table) is not None  # the reference ran
+
+
+@needs_cpu_ext
+def test_cpu_kernels_leave_shapes_they_cannot_index_safely_to_torch():
+    # every pointer and stride handed to C++ must stay inside its tensor: a mismatch goes to the
+    # torch path (None here), which raises or broadcasts as torch does
+    x, w = torch.randn(4, 8), torch.ones(8)
+    assert cpu_ops.rms_norm(x, torch.ones(3), 1e-5, None) is None
+    assert cpu_ops.rms_norm(x, w, 1e-5, torch.randn(1, 8)) is None  # torch broadcasts it
+    out, _ = rms_norm(x, w, 1e-5, torch.randn(1, 8))
+    assert out.shape == x.shape
+    table = rotary_cache(1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8)), 64)
+    q, k, v = torch.randn(4, 2, 8), torch.randn(4, 1, 8), torch.randn(4, 1, 8)
+    kc, vc = torch.zeros(16, 1, 8), torch.zeros(16, 1, 8)
+    pos, slots = torch.arange(4), torch.arange(4)
+    bad = {
+        "short positions": dict(positions=pos[:1]),
+        "short slots": dict(slot_mapping=slots[:2]),
+        "v cache with fewer slots": dict(v_cache=torch.zeros(8, 1, 8)),
+        "k with more heads than the cache": dict(k=torch.randn(4, 4, 8), v=torch.randn(4, 4, 8)),
+        "v narrower than k": dict(v=torch.randn(4, 1, 2)),
+        "odd head dim": dict(q=torch.randn(4, 2, 7), k=torch.randn(4, 1, 7), v=torch.randn(4, 1, 7),
+                             k_cache=torch.zeros(16, 1, 7), v_cache=torch.zeros(16, 1, 7),
+                             cos_sin=torch.randn(64, 7)),
+    }
+    for what, change in bad.items():
+        args = dict(q=q, k=k, v=v, k_cache=kc, v_cache=vc, slot_mapping=slots, positions=pos, cos_sin=table)
+        args.update(change)
+        assert cpu_ops.rotary_store_kv(**args) is None, what
+        assert not kc.any() and not vc.any(), what
+    with pytest.raises((IndexError, RuntimeError)):  # the reference's own error
+        rotary_store_kv(q, k, v, kc, vc, slots[:2], pos, table)

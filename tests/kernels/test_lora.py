@@ -150,3 +150,15 @@ def test_lora_is_deterministic():
     mask = (torch.rand(1100, generator=g) < 0.125).to(DEVICE)
     first = lora_triton(x, y.clone(), a, b, 0.5, mask)
     assert torch.equal(lora_triton(x, y.clone(), a, b, 0.5, mask), first)
+
+
+
+def test_lora_triton_rejects_shapes_that_do_not_fit():
+    x, y = torch.randn(6, 32), torch.zeros(6, 48)
+    a, b = torch.randn(4, 32), torch.randn(48, 4)
+    mismatches = (dict(mask=torch.ones(5, dtype=torch.bool)), dict(y=torch.zeros(6, 40)),
+                  dict(a=torch.randn(4, 30)))
+    for bad in mismatches:
+        args = dict(x=x, y=y, a=a, b=b, mask=torch.ones(6, dtype=torch.bool)) | bad
+        with pytest.raises(ValueError, match="do not fit"):
+            lora_triton(args["x"], args["y"], args["a"], args["b"], 0.5, args["mask"])
