@@ -10,15 +10,18 @@ The Triton interpreter (how the tests run the kernels on a CPU) accepts code tha
 compiler rejects (an `if` whose branches give one name two types, a dot below 16 rows, ...);
 GPU time is rare, so this finds those failures, and register spills, before a GPU run does.
 Every wrapper is called as the kernel bench calls it, with CPU tensors of the real shapes
-(zero-filled: values do not matter); a stand-in driver reports the target GPU, and each launch
-compiles its kernel and returns without running it. Register counts come from cuobjdump (the one
-bundled with Triton). Writes bench/results/compile_check-sm<arch>.json; exits 1 when a kernel
-does not compile.
+(zero-filled: values do not matter); then the model itself runs one decoder layer of the 8B
+shape with a LoRA adapter through two steps (prefills + decodes, and forked samples decoding over
+shared prompts), so each kernel is also compiled as the model calls it. A stand-in driver reports
+the target GPU, and each launch compiles its kernel and returns without running it. Register
+counts come from cuobjdump (the one bundled with Triton). Writes
+bench/results/compile_check-sm<arch>.json; exits 1 when a kernel does not compile.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -81,6 +84,62 @@ def _resource_usage(cubin: bytes) -> dict:
     return {k.lower(): int(v) for k, v in usage.items()}
 
 
+def model_steps(s: dict):
+    """The model's own calls at its call sites (views of the fused qkv, the adapter's masked rows,
+    a mixed prefill + decode step, a decode step over shared prompts): one decoder layer of the
+    8B shape, bf16, with a LoRA adapter, run with SELFEVAL_KERNELS=triton so every op takes its
+    Triton kernel (compiled, not run: its outputs are whatever memory held)."""
+    from transformers import LlamaConfig
+
+    from engine.model.config import ModelConfig
+    from engine.model.llama import AttentionMetadata, LlamaForCausalLM
+    from engine.model.lora import LoraConfig, init_adapter
+    from kernels.cascade import find_shared_prefixes
+
+    os.environ["SELFEVAL_KERNELS"] = "triton"  # CPU tensors take the Triton kernels
+    hf = LlamaConfig(hidden_size=s["hidden"], intermediate_size=s["inter"], num_hidden_layers=1,
+                     num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                     head_dim=s["head_dim"], vocab_size=1024, max_position_embeddings=8192)
+    cfg = ModelConfig.from_hf(hf)
+    dt = getattr(torch, s["dtype"])
+    with torch.no_grad():
+        model = LlamaForCausalLM(cfg).to(dt)
+        model.init_rotary()
+        init_adapter(model, LoraConfig(), b_std=0.01)
+        model = model.to(dt)
+    bs = s["block_size"]
+    cache = torch.zeros(2, 1, 256 * bs, cfg.num_kv_heads, cfg.head_dim, dtype=dt)
+
+    def step(new: list[int], ctx: list[int], tables: list[list[int]], adapter_rows: int, shared: bool):
+        width = max(len(t) for t in tables)
+        bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        pos = torch.cat([torch.arange(c - n, c) for n, c in zip(new, ctx)])
+        slots = torch.cat([bt[i].long()[p // bs] * bs + p % bs
+                           for i, p in enumerate(torch.arange(c - n, c) for n, c in zip(new, ctx))])
+        qsl = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
+        mask = torch.zeros(len(pos), dtype=torch.bool)
+        mask[len(pos) - adapter_rows:] = True
+        meta = AttentionMetadata(pos, slots, bt, torch.tensor(ctx, dtype=torch.int32), qsl, bs, max(new),
+                                 max(ctx), adapter_mask=mask if adapter_rows else None)
+        if shared:
+            meta.shared_prefixes = find_shared_prefixes(bt.numpy(), meta.context_lens.numpy(), bs)
+            assert meta.shared_prefixes is not None
+        with torch.no_grad():
+            model(torch.zeros(len(pos), dtype=torch.long), meta, cache)
+
+    # two prefills (one with a self-evaluation suffix under the adapter) beside three decodes
+    mixed = dict(new=[40, 17, 1, 1, 1], ctx=[40, 29, 500, 130, 17],
+                 tables=[list(range(0, 3)), list(range(3, 5)), list(range(5, 37)), list(range(37, 46)),
+                         list(range(46, 48))], adapter_rows=8, shared=False)
+    # eight samples of two prompts (512 tokens each) decoding: the cascade kernel
+    prompt_a, prompt_b = list(range(48, 80)), list(range(80, 112))
+    forked = dict(new=[1] * 8, ctx=[520 + i for i in range(8)],
+                  tables=[(prompt_a if i < 4 else prompt_b) + [112 + i] for i in range(8)],
+                  adapter_rows=0, shared=True)
+    yield ("model: prefills + decodes + adapter", "1 layer, 8B shape", lambda: step(**mixed))
+    yield ("model: forked samples decoding", "1 layer, 8B shape", lambda: step(**forked))
+
+
 def compile_all(arch: int, toy: bool = False) -> tuple[list[dict], list[dict]]:
     """(one row per compiled kernel, one row per case that failed)."""
     driver.set_active(_TargetOnlyDriver(arch))
@@ -95,7 +154,7 @@ def compile_all(arch: int, toy: bool = False) -> tuple[list[dict], list[dict]]:
     JITFunction.run = compile_only
     # The bench fills its inputs with random values; compiling needs only the shapes and dtypes.
     randn, randn_like = torch.randn, torch.randn_like
-    torch.randn = lambda *size, **kw: torch.zeros(*size, **kw)
+    torch.randn = lambda *size, generator=None, **kw: torch.zeros(*size, **kw)
     torch.randn_like = lambda t, **kw: torch.zeros_like(t, **kw)
     from kernels import autotune
 
@@ -131,7 +190,8 @@ def compile_all(arch: int, toy: bool = False) -> tuple[list[dict], list[dict]]:
                         yield (op if name == "triton" else f"{op} [{name}]", shape, fn)
             yield from extend_cases()
 
-        for op, shape, fn in every_case():
+        cases = every_case() if toy else itertools.chain(every_case(), model_steps(s))
+        for op, shape, fn in cases:
             start = len(compiled)
             try:
                 fn()
@@ -157,6 +217,7 @@ def compile_all(arch: int, toy: bool = False) -> tuple[list[dict], list[dict]]:
     finally:
         JITFunction.run = run
         autotune.launch_warps = launch_warps
+        os.environ.pop("SELFEVAL_KERNELS", None)
         torch.randn, torch.randn_like = randn, randn_like
 
 
