@@ -22,11 +22,22 @@ def row_keys(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     return _hash32(_hash32(seeds ^ (seeds >> 32)) ^ _hash32(steps * 0x9E3779B + 0x632BE5AB))
 
 
+# The largest float32 below 1. (2^24 - 1 + 0.5) / 2^24 rounds to 1.0 in float32, whose Gumbel noise
+# -log(-log(1)) is +inf: one (row, token) in 2^24 would win whatever its probability (at a 128k
+# vocabulary, 0.8% of unfiltered draws a uniformly random token). Clamped, the noise tops at 16.6.
+U_MAX = 1.0 - 2.0**-24
+
+
+def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Uniforms in (0, 1) from the top 24 of 32 hash bits (float32, never 0 or 1)."""
+    return (((bits >> 8).float() + 0.5) / float(1 << 24)).clamp_(max=U_MAX)
+
+
 def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[B, V] uniforms in (0, 1) from per-row seeds and steps (int64 [B])."""
     cols = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
     bits = _hash32(row_keys(seeds, steps)[:, None] ^ _hash32(cols * 0x2545F491 + 0x1B873593)[None, :])
-    return ((bits >> 8).float() + 0.5) / float(1 << 24)
+    return uniform_from_bits(bits)
 
 
 def _tempered(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
@@ -85,7 +96,7 @@ if HAS_TRITON:
     @triton.jit
     def _gumbel_tl(key, cols):
         bits = _hash32_tl(key ^ _hash32_tl(cols.to(tl.uint32) * 0x2545F491 + 0x1B873593))
-        u = ((bits >> 8).to(tl.float32) + 0.5) / 16777216.0
+        u = tl.minimum(((bits >> 8).to(tl.float32) + 0.5) / 16777216.0, 0.99999994)  # U_MAX
         return -tl.log(-tl.log(u))
 
     @triton.jit
@@ -252,7 +263,7 @@ def sample_cpu(
         scaled = sub / temperature[rows][:, None]
         cutoff = logit_cutoff(scaled, top_k[rows], top_p[rows])
         bits = _hash32(row_keys(seeds[rows], steps[rows])[:, None] ^ _column_keys[key][None, :])
-        gumbel = -torch.log(-torch.log(((bits >> 8).float() + 0.5) / float(1 << 24)))
+        gumbel = -torch.log(-torch.log(uniform_from_bits(bits)))
         drawn = torch.where(scaled >= cutoff[:, None], scaled + gumbel, float("-inf")).argmax(dim=-1)
         if every:
             tokens = drawn

@@ -120,3 +120,20 @@ def test_bfloat16_logits_sample_like_their_float32_values():
     low = args[0].to(torch.bfloat16)
     tok, _ = sample_triton(low, *args[1:])
     assert tok.tolist() == sample_ref(low.float(), *args[1:])[0].tolist()
+
+
+@pytest.mark.parametrize("sampler", [pytest.param(sample_ref, id="ref"), *SAMPLERS])
+def test_the_top_hash_value_gives_finite_noise_not_a_random_token(sampler):
+    # Seed 291, step 0 hashes token 2,927 of 4,096 to the top 24-bit value, whose uniform
+    # (2^24 - 0.5) / 2^24 rounds to 1.0 in float32: unclamped, its Gumbel noise is +inf and it
+    # beat a token 30 nats more likely. Clamped, the likely token wins, as it nearly always must.
+    from kernels.sampling import _hash32, row_keys, uniform_from_bits
+    seeds, steps = torch.tensor([291]), torch.tensor([0])
+    bits = _hash32(row_keys(seeds, steps) ^ _hash32(torch.tensor(2927) * 0x2545F491 + 0x1B873593))
+    assert int(bits >> 8) == (1 << 24) - 1
+    assert 0 < float(uniform_from_bits(bits)) < 1
+    logits = torch.zeros(1, 4096)
+    logits[0, 7] = 30.0
+    args = [logits, torch.tensor([1.0]), torch.tensor([0]), torch.tensor([1.0]), seeds, steps]
+    tok, _ = sampler(*[t.to(DEVICE) for t in args])
+    assert tok.tolist() == [7]
