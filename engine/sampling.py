@@ -7,13 +7,15 @@ import math
 from dataclasses import dataclass, field, replace
 
 from engine.errors import InvalidRequestError
+from kernels.sampling import GREEDY_BELOW
 
 MAX_LOGPROBS = 20  # most alternatives per position a request may ask for (OpenAI's and vLLM's bound)
 
 
 @dataclass
 class SamplingParams:
-    """How to sample one request. temperature=0 is greedy; top_k=0 and top_p=1 disable those."""
+    """How to sample one request. temperature=0 is greedy (so is any under 1e-5, as in vLLM);
+    top_k=0 and top_p=1 disable those."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -83,7 +85,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def wants_score(self) -> bool:

@@ -40,6 +40,17 @@ def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> 
     return uniform_from_bits(bits)
 
 
+# Below this a temperature samples greedily (as vLLM's _SAMPLING_EPS): logits divided by a
+# temperature near float32's smallest would all overflow to -inf and argmax would return token 0.
+GREEDY_BELOW = 1e-5
+
+
+def greedy_rows_zeroed(temperature: torch.Tensor) -> torch.Tensor:
+    """temperature with every value under GREEDY_BELOW set to 0 (greedy), as a float32 tensor."""
+    temperature = temperature.float()
+    return torch.where(temperature < GREEDY_BELOW, 0.0, temperature)
+
+
 def _tempered(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     return logits / torch.where(temperature <= 0, 1.0, temperature)[:, None]
 
@@ -69,10 +80,11 @@ def sample_ref(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
     seeds: torch.Tensor, steps: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V]; per-row temperature (0 = greedy), top_k (0 = off), top_p (1 = off),
+    """logits [B, V]; per-row temperature (under GREEDY_BELOW = greedy), top_k (0 = off), top_p (1 = off),
     seeds and steps (int64). Returns (tokens int64 [B], logprob of each token under the model's
     untempered distribution [B])."""
     logits = logits.float()
+    temperature = greedy_rows_zeroed(temperature)
     scaled = _tempered(logits, temperature)
     cutoff = logit_cutoff(scaled, top_k, top_p)
     gumbel = -torch.log(-torch.log(uniform_noise(seeds, steps, logits.shape[-1])))
@@ -229,7 +241,7 @@ def sample_triton(
     chunk = triton.cdiv(triton.cdiv(vocab, chunks), block) * block
     chunks = triton.cdiv(vocab, chunk)
     part = torch.empty(rows, chunks, 8, dtype=torch.float32, device=logits.device)
-    temperature = temperature.float().contiguous()
+    temperature = greedy_rows_zeroed(temperature).contiguous()
     keys = row_keys(seeds, steps)
     _sample_partial_kernel[(rows, chunks)](logits, logits.stride(0), temperature, keys, part, vocab, chunk,
                                            BLOCK=block)
@@ -252,6 +264,7 @@ def sample_cpu(
     logits = logits.float()
     vocab = logits.shape[-1]
     tokens = logits.argmax(dim=-1)
+    temperature = greedy_rows_zeroed(temperature)
     rows = torch.nonzero(temperature > 0).flatten()
     if rows.numel():
         key = (vocab, logits.device)

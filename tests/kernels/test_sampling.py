@@ -137,3 +137,15 @@ def test_the_top_hash_value_gives_finite_noise_not_a_random_token(sampler):
     args = [logits, torch.tensor([1.0]), torch.tensor([0]), torch.tensor([1.0]), seeds, steps]
     tok, _ = sampler(*[t.to(DEVICE) for t in args])
     assert tok.tolist() == [7]
+
+
+@pytest.mark.parametrize("sampler", [pytest.param(sample_ref, id="ref"), *SAMPLERS])
+def test_temperatures_near_zero_sample_greedily(sampler):
+    # 1e-40 is a float32 denormal: every logit / 1e-40 overflowed to -inf and argmax returned 0
+    logits = -5 - torch.rand(4, 50, generator=torch.Generator().manual_seed(0))
+    logits[:, 13] = -1.0
+    temps = torch.tensor([1e-40, 1e-30, 1e-6, 0.0])
+    off = torch.zeros(4, dtype=torch.long)
+    args = [logits, temps, off, torch.ones(4), torch.arange(4), off]
+    tok, _ = sampler(*[t.to(DEVICE) for t in args])
+    assert tok.tolist() == [13, 13, 13, 13]
