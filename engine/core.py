@@ -86,6 +86,9 @@ class EngineCore:
         self.requests: dict[int, Request] = {}
         self.rng = random.Random(config.seed)
         self._ready: list[Request] = []  # finished without a step (max_tokens=0, no score)
+        # Requests whose results a step committed but did not deliver (an interrupt or error in
+        # its text, policy or output phase): the next step delivers them, or they never come back.
+        self._undelivered: dict[int, Request] = {}
         self._columns: _SampleColumns | None = None  # the last batch's sampling columns
         self.profiler: StepProfiler | None = None  # attach one to time each step's phases
 
@@ -195,6 +198,7 @@ class EngineCore:
         phase = prof.phase if prof is not None else _no_phase
         ready, self._ready = self._ready, []
         touched = {r.request_id: r for r in ready}
+        touched.update(self._undelivered)
         error = self._transaction(lambda: self._step_transaction(touched, phase, every=deltas), phase)
         if isinstance(error, BaseException):  # undone: the engine stays usable
             self._ready = ready + self._ready
@@ -210,6 +214,7 @@ class EngineCore:
             if request.policy is not None and not request.policy.done:
                 touched[request.request_id] = request
         lazy = not deltas
+        self._undelivered = touched
         with phase("detokenize"):
             for request in touched.values():
                 self.outputs.advance_text(request, lazy)
@@ -223,7 +228,12 @@ class EngineCore:
                     self.outputs.advance_text(request, lazy)  # flush the text of samples it dropped
         with phase("output"):
             live = [r for r in touched.values() if r.request_id in self.requests and (deltas or r.finished)]
-            return [self.outputs.delta(r, self.requests) for r in live]
+            out = [self.outputs.delta(r) for r in live]
+            for d in out:  # delivered: finished requests leave
+                if d.finished:
+                    del self.requests[d.request_id]
+            self._undelivered = {}
+            return out
 
     def _transaction(self, body, phase=_no_phase) -> BaseException | None:
         """Run body all or nothing: on any exception (Ctrl-C too) undo it and return it."""

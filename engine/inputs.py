@@ -31,7 +31,10 @@ class InputProcessor:
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+            try:
+                ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+            except Exception as e:  # e.g. a lone surrogate, which no UTF-8 tokenizer can take
+                raise InvalidRequestError(f"the tokenizer cannot encode this prompt: {e}") from e
         elif isinstance(prompt, (list, tuple)) and all(
                 isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
             ids = [int(t) for t in prompt]
@@ -67,6 +70,8 @@ class InputProcessor:
                                       f"Prune) or None, got {policy!r}")
         if policy is not None and params.n != 1:
             raise InvalidRequestError("a policy draws its own samples: leave n at 1")
+        if policy is not None and params.max_tokens < 1:
+            raise InvalidRequestError("a policy judges the samples it draws: max_tokens must be >= 1")
         samples = policy.full_samples if policy is not None else params.n
         if samples > lim.num_blocks:  # each sample writes a block of its own
             raise InvalidRequestError(f"n={samples} samples cannot fit {lim.num_blocks} KV blocks; lower n")

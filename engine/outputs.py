@@ -40,9 +40,9 @@ class OutputProcessor:
             if text:
                 seq.pending_text += text
 
-    def delta(self, request: Request, requests: dict[int, Request]) -> RequestDelta:
+    def delta(self, request: Request) -> RequestDelta:
         """What changed since the last delta; the last one (request finished) carries the output
-        and removes the request from `requests`."""
+        (the caller then drops the request)."""
         delta = RequestDelta(request.request_id, [])
         base = request.num_prompt
         for seq in request.seqs:  # once per sample per step: kept lean
@@ -69,7 +69,6 @@ class OutputProcessor:
                 d.score, seq.score_emitted = score, True
             delta.samples.append(d)
         if request.finished:
-            del requests[request.request_id]
             delta.finished, delta.output = True, self.output(request)
         return delta
 
@@ -78,13 +77,19 @@ class OutputProcessor:
         scorer = request.policy.scorer if request.policy is not None else None
         for seq in request.samples:
             score = seq.score or (None, None, None)
+            value = score[0]
+            if scorer is not None:
+                try:
+                    value = scorer(seq)
+                except Exception as e:  # a scorer's own bug fails its request only
+                    value = None
+                    request.error = request.error or f"scorer {type(scorer).__name__} raised {e!r}"
             samples.append(Sample(seq.index, seq.token_ids[request.num_prompt:], seq.detokenizer.text,
                                   seq.finish_reason, *score,
                                   checkpoint_scores=list(seq.checkpoint_scores),
                                   logprobs=list(seq.logprobs), confidences=list(seq.confidences),
                                   top_logprobs=list(seq.top_logprobs),
-                                  pruned_at=seq.pruned_at, temperature=seq.temperature,
-                                  value=scorer(seq) if scorer is not None else score[0]))
+                                  pruned_at=seq.pruned_at, temperature=seq.temperature, value=value))
         request.stats.latency_s = time.perf_counter() - request.arrival
         return RequestOutput(request.request_id, request.prompt_ids, samples, request.stats,
                              request.best_index, request.error)

@@ -73,7 +73,8 @@ class SamplingParams:
         checks = [
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}"),
+            (0 <= self.top_k < 1 << 31,
+             f"top_k must be in [0, 2**31) (0, or one >= the vocabulary, disables it), got {self.top_k}"),
             (self.max_tokens >= 0, f"max_tokens must be >= 0, got {self.max_tokens}"),
             (self.n >= 1, f"n must be >= 1, got {self.n}"),
             (all(s for s in self.stop), "stop strings must be non-empty"),

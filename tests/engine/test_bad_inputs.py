@@ -48,6 +48,10 @@ API_CASES = {
     "top_p 0": lambda e: SP(top_p=0.0),
     "top_p over 1": lambda e: SP(top_p=1.5),
     "negative top_k": lambda e: SP(top_k=-1),
+    "top_k 2**63": lambda e: SP(top_k=2**63),  # passed, then failed every step it was in
+    "lone surrogate prompt": lambda e: e.generate("\ud800", REF),
+    "policy with max_tokens 0": lambda e: e.generate(
+        [P], SP(max_tokens=0), policy=Adaptive(0.9, max_samples=4, scorer="logprob")),
     "float top_k": lambda e: SP(top_k=1.5),
     "negative max_tokens": lambda e: SP(max_tokens=-1),
     "float max_tokens": lambda e: SP(max_tokens=3.0),

@@ -151,3 +151,57 @@ def test_a_poisoned_request_fails_alone_whatever_the_queue(llama_dir, max_num_se
     clean, poisoned = run(False), run(True)
     assert [poisoned[i] for i in (0, 2, 3)] == [clean[i] for i in (0, 2, 3)]
     assert "poisoned batch" in poisoned[1][0] and poisoned[1][1] == [([], "error")]
+
+
+def _drain(eng, max_steps=200):
+    """Step until nothing is unfinished, keeping every delivered output; an interrupt or error
+    raised out of a step is swallowed (the caller's loop goes on, as a server's would)."""
+    outs = {}
+    for _ in range(max_steps):
+        if not eng.has_unfinished_requests():
+            return outs
+        try:
+            for out in eng.step():
+                outs[out.request_id] = out
+        except (KeyboardInterrupt, Exception):
+            pass
+    raise AssertionError(f"still unfinished after {max_steps} steps: delivered {sorted(outs)}")
+
+
+def test_a_failing_scorer_fails_its_request_and_every_other_is_delivered(llama_dir):
+    from engine.policies import BestOfN, Scorer
+
+    class Broken(Scorer):
+        def __call__(self, seq, upto=None):
+            raise ZeroDivisionError("scorer bug")
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    expected = Engine(str(llama_dir)).generate([[5, 6, 7]], greedy)[0].samples[0].token_ids
+    eng = Engine(str(llama_dir))
+    sampled = SamplingParams(max_tokens=5, ignore_eos=True)
+    bad = eng.add_request([5, 6, 7], sampled, BestOfN(2, scorer=Broken()))
+    good = eng.add_request([5, 6, 7], greedy)
+    outs = _drain(eng)  # before the fix: the bad request's output raised and took the good one with it
+    assert set(outs) == {bad, good}
+    assert "scorer" in (outs[bad].error or "") and outs[good].error is None
+    assert outs[good].samples[0].token_ids == expected
+
+
+def test_an_interrupt_while_outputs_are_made_delivers_them_on_the_next_step(llama_dir):
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    expected = [o.samples[0].token_ids for o in Engine(str(llama_dir)).generate(prompts, greedy)]
+    eng = Engine(str(llama_dir))
+    ids = [eng.add_request(p, greedy) for p in prompts]
+    delta, fired = eng.core.outputs.delta, []
+
+    def interrupted(request):  # Ctrl-C while the step that finishes them builds its outputs
+        if request.finished and not fired:
+            fired.append(request.request_id)
+            raise KeyboardInterrupt
+        return delta(request)
+
+    eng.core.outputs.delta = interrupted
+    outs = _drain(eng)
+    assert fired and set(outs) == set(ids)
+    assert [outs[i].samples[0].token_ids for i in ids] == expected
