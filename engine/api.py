@@ -186,8 +186,12 @@ class Engine:
         params = SamplingParams(max_tokens=0, score=True)
         joined = []
         for prompt, response in zip(prompts, responses):
-            resp = (self.tokenizer.encode(response, add_special_tokens=False)
-                    if isinstance(response, str) else self.tokenize(response))
+            if isinstance(response, str):
+                resp = self.tokenizer.encode(response, add_special_tokens=False)
+            elif isinstance(response, (list, tuple)) and not response:
+                resp = []  # an empty response, as "" is (not "the prompt is empty")
+            else:
+                resp = self.tokenize(response)
             joined.append(self.tokenize(prompt) + resp)
         outs = self.generate(joined, params)
         return [o.samples[0].score for o in outs]

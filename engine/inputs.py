@@ -70,6 +70,10 @@ class InputProcessor:
                                       f"Prune) or None, got {policy!r}")
         if policy is not None and params.n != 1:
             raise InvalidRequestError("a policy draws its own samples: leave n at 1")
+        bad = [t for t in params.stop_token_ids if not 0 <= t < lim.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"stop_token_ids {bad[:5]} are outside the vocabulary "
+                                      f"[0, {lim.vocab_size})")
         if policy is not None and params.max_tokens < 1:
             raise InvalidRequestError("a policy judges the samples it draws: max_tokens must be >= 1")
         samples = policy.full_samples if policy is not None else params.n

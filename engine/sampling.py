@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 from dataclasses import dataclass, field, replace
 
 from engine.errors import InvalidRequestError
@@ -38,13 +39,13 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "n", "top_k", "logprobs"):
-            _int(name, getattr(self, name))
+            setattr(self, name, _int(name, getattr(self, name)))
         if not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise InvalidRequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         for name in ("temperature", "top_p"):
             _finite(name, getattr(self, name))
         if self.seed is not None:
-            _int("seed", self.seed)
+            self.seed = _int("seed", self.seed)
             if not 0 <= self.seed < 1 << 64:
                 raise InvalidRequestError(f"seed must be in [0, 2**64), got {self.seed}")
         for name in ("ignore_eos", "confidence"):
@@ -60,16 +61,12 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         if not (self.stop_token_ids is None or isinstance(self.stop_token_ids, (list, tuple))):
             raise InvalidRequestError(f"stop_token_ids must be a list of ints, got {self.stop_token_ids!r}")
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        for t in self.stop_token_ids:
-            _int("stop_token_ids entries", t)
+        self.stop_token_ids = [_int("stop_token_ids entries", t) for t in self.stop_token_ids or []]
         if isinstance(self.score_at, int):
             self.score_at = (self.score_at,)
         if not isinstance(self.score_at, (list, tuple)):
             raise InvalidRequestError(f"score_at must be a tuple of generated lengths, got {self.score_at!r}")
-        for c in self.score_at:
-            _int("score_at checkpoints", c)
-        self.score_at = tuple(sorted(set(self.score_at)))
+        self.score_at = tuple(sorted({_int("score_at checkpoints", c) for c in self.score_at}))
         checks = [
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
@@ -93,10 +90,11 @@ class SamplingParams:
         return self.n > 1 if self.score is None else self.score
 
 
-def _int(name: str, value) -> None:
-    """An integer, not a float or bool that would be truncated or mistaken for one."""
-    if isinstance(value, bool) or not isinstance(value, int):
+def _int(name: str, value) -> int:
+    """An integer (numpy's too), not a float or bool that would be truncated or mistaken for one."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise InvalidRequestError(f"{name} must be an integer, got {value!r}")
+    return int(value)
 
 
 def _finite(name: str, value) -> None:

@@ -49,6 +49,7 @@ API_CASES = {
     "top_p over 1": lambda e: SP(top_p=1.5),
     "negative top_k": lambda e: SP(top_k=-1),
     "top_k 2**63": lambda e: SP(top_k=2**63),  # passed, then failed every step it was in
+    "stop token id outside the vocabulary": lambda e: e.generate([P], SP(stop_token_ids=[10**20])),
     "lone surrogate prompt": lambda e: e.generate("\ud800", REF),
     "policy with max_tokens 0": lambda e: e.generate(
         [P], SP(max_tokens=0), policy=Adaptive(0.9, max_samples=4, scorer="logprob")),
@@ -192,3 +193,11 @@ def test_the_table_is_long_enough():
 
 def test_engine_errors_are_one_family():
     assert issubclass(InvalidRequestError, EngineError) and issubclass(CheckpointError, EngineError)
+
+
+def test_numpy_integers_are_integers_and_an_empty_token_response_scores_like_an_empty_string(eng, reference):
+    np = pytest.importorskip("numpy")
+    params = SamplingParams(temperature=0.0, max_tokens=np.int64(8), ignore_eos=True, seed=np.int64(3))
+    assert type(params.max_tokens) is int and type(params.seed) is int
+    assert eng.generate([P], params)[0].samples[0].token_ids == reference
+    assert eng.score([P], [[]]) == eng.score([P], [""])
