@@ -2,7 +2,7 @@ import torch
 
 from kernels import autotune, cpu_ops, cuda_ops
 from kernels.dispatch import HAS_TRITON, use_triton
-from kernels.rotary import apply_rotary, apply_rotary_triton
+from kernels.rotary import apply_rotary
 
 
 def store_kv_ref(
@@ -172,16 +172,9 @@ def rotary_store_kv(
         return fused()
     if k_cache.stride(2) != 1 or k_cache.stride() != v_cache.stride():  # the fused kernel's layout
         return rotary_store_kv_ref(q, k, v, k_cache, v_cache, slot_mapping, positions, cos_sin, rows)
-    result = {}
-
-    def separate():
-        result["q"], k_rot = apply_rotary_triton(q, k, positions, cos_sin)
-        store_kv(k_rot, v, k_cache, v_cache, slot_mapping)
-
+    # the unfused pair (rotary kernel, then the autotuned store_kv) is the reference composition
+    separate = lambda: rotary_store_kv_ref(q, k, v, k_cache, v_cache, slot_mapping, positions, cos_sin)  # noqa: E731
     key = ("rotary_store_kv", q.dtype, k_cache.dtype, q.shape[1], k.shape[1], q.shape[2],
            autotune.bucket(q.shape[0]))
-    if autotune.fastest(key, {"fused": lambda: result.update(q=fused()), "separate": separate},
-                        q.device) == "fused":
-        return fused()
-    separate()
-    return result["q"]
+    winner = autotune.fastest(key, {"fused": fused, "separate": separate}, q.device)
+    return fused() if winner == "fused" else separate()

@@ -4,9 +4,9 @@
 // dozens of small torch ops around them, each costing microseconds of dispatch for nanoseconds of
 // work (RoPE alone is ~12 ops a layer). These loops do one op's work in one call, as vLLM's CPU
 // backend does. Tensors arrive as raw pointers with their strides (kernels/cpu_ops.py checks dtype,
-// device, shapes and layout, so every pointer and stride stays inside its tensor); no torch ABI. The GIL is released while they run. Built with
-// -ffp-contract=off so that, like torch, a*b + c*d rounds each product: RoPE matches the torch
-// reference bit for bit.
+// device, shapes and layout, so every pointer and stride stays inside its tensor); no torch ABI.
+// The GIL is released while they run. Built with -ffp-contract=off so that, like torch,
+// a*b + c*d rounds each product: RoPE matches the torch reference bit for bit.
 #include <pybind11/pybind11.h>
 
 #include <cmath>
