@@ -3,7 +3,8 @@
 log-probability, DeepConf-style lowest group confidence and log length, fitted on training
 problems and judged by best-of-16 and within-prompt AUROC on the held-out ones, each feature alone
 beside it. Two fits: pointwise (P(correct), what calibration gives) and pairwise (right minus
-wrong samples of one prompt: the within-prompt ranking that best-of-n needs).
+wrong samples of one prompt: the within-prompt ranking that best-of-n needs). Greedy decoding is
+reported beside them.
 
     python bench/combined_scorer.py                       # 300 fit / 300 held-out problems, ~1 min
     python bench/combined_scorer.py --fit 40 --eval 40    # quicker
@@ -99,6 +100,10 @@ def main(argv: list[str] | None = None) -> dict:
     eng = Engine(args.model, device="cpu", adapter=str(Path(args.model) / "adapter"), seed=0)
     xf, yf, gf = sample_features(eng, task, FIT_SEED, args.fit, args.n, args.temperature)
     xe, ye, ge = sample_features(eng, task, HELD_OUT_SEED, args.eval, args.n, args.temperature)
+    records = [p.record() for p in task.problems(args.eval, HELD_OUT_SEED, task.DEMO_LEVELS)]
+    greedy = eng.chat([[{"role": "user", "content": r["prompt"]}] for r in records],
+                      SamplingParams(temperature=0, max_tokens=task.MAX_TOKENS), use_tqdm=False)
+    greedy_acc = float(np.mean([task.verify(r, o.samples[0].text) for r, o in zip(records, greedy)]))
 
     def judged(score):
         value, prompts = auroc_within(score, ye, ge)
@@ -123,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = {
         "rows": rows,
         "oracle_best_of_n": float(np.mean([ye[ge == i].max() for i in np.unique(ge)])),
+        "greedy": greedy_acc,  # the other strongest simple baseline: one greedy answer
         "fit_accuracy": float(yf.mean()), "eval_accuracy": float(ye.mean()),
         "best_combination": best["scorer"] + " (" + best["fit"] + ")",  # picked on the held-out set
         "best_combination_note": "the best of 14 fits on the held-out problems: optimistic for them",
@@ -135,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     # chosen among 14 fits by its held-out best-of-n: an optimistic figure for the combinations
     print(f"best combination {metrics['best_combination']}: best-of-{args.n} {best['best_of_n']:.3f} vs mean "
           f"log-probability {baseline['best_of_n']:.3f} ({gap:+.3f}); "
-          f"oracle {metrics['oracle_best_of_n']:.3f}")
+          f"greedy {greedy_acc:.3f}; oracle {metrics['oracle_best_of_n']:.3f}")
     out = write_results("combined_scorer", torch.device("cpu"), metrics, args.out)
     print(f"-> {out}")
     return metrics

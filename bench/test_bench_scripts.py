@@ -160,6 +160,7 @@ def test_combined_scorer_probe_fits_and_judges_on_held_out_problems(tmp_path):
     metrics = _load("combined_scorer").main(["--fit", "6", "--eval", "6", "-n", "4", "--out", str(tmp_path)])
     fits = {(r["scorer"], r["fit"]) for r in metrics["rows"]}
     assert ("mean_logprob", "-") in fits and ("selfeval_logit", "-") in fits
+    assert 0 <= metrics["greedy"] <= 1
     pair = "selfeval_logit+mean_logprob"
     assert (pair, "pointwise") in fits and (pair, "pairwise") in fits
     fitted = [r for r in metrics["rows"] if r["fit"] != "-"]
