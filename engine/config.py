@@ -23,7 +23,10 @@ class EngineConfig:
     load_format: "dummy" fills random weights instead of reading them (benchmarks of a shape).
     enable_prefix_caching: requests whose prompts start with cached full blocks reuse them.
     tensor_parallel_size: the model split over this many processes (engine.tensor_parallel);
-    tensor_parallel_timeout: seconds a collective waits for a stuck rank before failing."""
+    tensor_parallel_timeout: seconds a collective waits for a stuck rank before failing.
+    async_scheduling: launch the next decode step before the host has the current one's tokens
+    (they feed it on the device), so host work overlaps device work (EngineCore._step_transaction);
+    the tokens are the synchronous loop's. Off by default, as in vLLM; one process only."""
 
     model: str
     device: str = "cpu"
@@ -41,6 +44,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
     tensor_parallel_timeout: float = 60.0
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.dtype, str):
@@ -55,6 +59,8 @@ class EngineConfig:
         if not isinstance(self.enable_prefix_caching, bool):
             raise InvalidRequestError(f"enable_prefix_caching must be True or False, "
                                       f"got {self.enable_prefix_caching!r}")
+        if not isinstance(self.async_scheduling, bool):
+            raise InvalidRequestError(f"async_scheduling must be True or False, got {self.async_scheduling!r}")
         if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
             raise InvalidRequestError(f"cuda_graphs must be True, False or None, got {self.cuda_graphs!r}")
         def positive_int(name: str, allow_none: bool = False) -> None:
@@ -68,6 +74,8 @@ class EngineConfig:
             positive_int(name)
         for name in ("num_blocks", "max_model_len", "kv_cache_memory"):
             positive_int(name, allow_none=True)
+        if self.async_scheduling and self.tensor_parallel_size > 1:
+            raise InvalidRequestError("async_scheduling runs in one process: not with tensor_parallel_size > 1")
         t = self.tensor_parallel_timeout
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
             raise InvalidRequestError(f"tensor_parallel_timeout must be a positive number of seconds, "

@@ -28,9 +28,11 @@ from engine.sampling import RequestDelta, SamplingParams, mix_seed
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.selfeval import SelfEvalSpec, build_spec, score_from_logits
 from engine.sequence import Request, SeqStatus, Sequence, sample_seed
+from engine.step_input import prepare_decode
 from engine.tensor_parallel import TensorParallel, TensorParallelRunner
 
 _no_phase = contextlib.nullcontext
+_RUNNING = SeqStatus.RUNNING
 
 
 class EngineCore:
@@ -91,6 +93,10 @@ class EngineCore:
         self._undelivered: dict[int, Request] = {}
         self._columns: _SampleColumns | None = None  # the last batch's sampling columns
         self.profiler: StepProfiler | None = None  # attach one to time each step's phases
+        self.async_scheduling = config.async_scheduling
+        self._flight: _Flight | None = None  # a step launched ahead, applied by the next step()
+        self.ahead_steps = 0  # steps launched ahead (tests, benchmarks)
+        self.ahead_rows_discarded = 0  # their rows of samples that had ended by then
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, request_id: int, prompt_ids: list[int], params: SamplingParams,
@@ -193,14 +199,18 @@ class EngineCore:
         the tokens an uninterrupted run gives. deltas=False (callers that want only finished
         requests, as vLLM's FINAL_ONLY): only the finished requests' deltas, and text is decoded
         when a sample ends unless stop strings need it as it grows; a later deltas=True step
-        carries what was skipped."""
+        carries what was skipped. With async scheduling each call applies one step and may leave
+        the next decode step running on the device (see _step_transaction)."""
         prof = self.profiler
         phase = prof.phase if prof is not None else _no_phase
         ready, self._ready = self._ready, []
         touched = {r.request_id: r for r in ready}
         touched.update(self._undelivered)
+        flight = self._flight
         error = self._transaction(lambda: self._step_transaction(touched, phase, every=deltas), phase)
         if isinstance(error, BaseException):  # undone: the engine stays usable
+            self._flight = flight
+            self._cancel_flight()  # a step launched ahead is computed again, synchronously
             self._ready = ready + self._ready
             if isinstance(error, WorkerError):  # not a request's fault, and no step can run now
                 raise error
@@ -267,45 +277,140 @@ class EngineCore:
     def _step_transaction(self, touched: dict, phase, probe: bool = False, every: bool = True) -> None:
         """Schedule, run, sample and update: all or nothing (the caller undoes a failure). Adds
         the requests in the step to touched; every=False: only those whose text or end is due
-        (scheduler.changed), the rest wait for a later step."""
-        prof = self.profiler
+        (scheduler.changed), the rest wait for a later step.
+
+        Async scheduling (config.async_scheduling): when the step is a plain decode step whose
+        samples all stay plain decodes after it (whatever tokens they draw), the next step goes
+        to the device before this one's tokens come back to the host: its input tokens are this
+        step's sampled tokens, still on the device (vLLM V1's async scheduling). The host then
+        applies this step while the device computes the next; the next call applies that one.
+        A sample that this step ends (a stop token or string, a policy's drop) has its row of
+        the next step discarded and its cache cut back, so every sample's tokens are the
+        synchronous loop's."""
         changed = self.scheduler.changed
         changed.clear()
-        with phase("schedule"):
-            out = self.scheduler.schedule(layout=False)
-        with phase("prepare"):
-            self.scheduler.layout(out)
-        if out.seqs:
-            start = time.perf_counter()
-            logits = self.runner.execute(out.step, phase)
-            if prof is not None and not probe:
-                prof.record(out, time.perf_counter() - start)
-            num_sample = len(out.sample_seqs)
-            scores = []
-            if out.score_seqs:
-                with phase("score"):
-                    scores = score_from_logits(logits[num_sample:], self.spec).tolist()
-            tokens, logprobs = [], []
-            if num_sample:
-                tokens, logprobs = self._sample(out, logits[:num_sample], phase)
-            with phase("update"):
-                self.scheduler.update_from_output(out, tokens, logprobs, scores)
-            if probe:
-                raise _ProbeDone
-            # In the step's order; samples forked in it belong to a root's request in it.
-            if every:
-                for seq in out.seqs:
+        flight = self._flight
+        if flight is None:
+            with phase("schedule"):
+                out = self.scheduler.schedule(layout=False)
+            with phase("prepare"):
+                self.scheduler.layout(out)
+            if not out.seqs:
+                if self.scheduler.has_work() and not probe:
+                    raise RuntimeError("the scheduler could not place any sequence: KV cache too small")
+                return
+            flight = self._launch(out, phase, probe=probe)
+        ahead = None
+        if not probe and self.async_scheduling and self._can_run_ahead(flight.out):
+            ahead = self._launch_ahead(flight, phase)
+        self._flight = None
+        out = self._apply(flight, phase)
+        if probe:
+            raise _ProbeDone
+        # In the step's order; samples forked in it belong to a root's request in it.
+        if every:
+            for seq in out.seqs:
+                touched[seq.request.request_id] = seq.request
+        elif changed:
+            for seq in out.seqs:
+                if seq.request in changed:
                     touched[seq.request.request_id] = seq.request
-            elif changed:
-                for seq in out.seqs:
-                    if seq.request in changed:
-                        touched[seq.request.request_id] = seq.request
-        elif self.scheduler.has_work() and not probe:
-            raise RuntimeError("the scheduler could not place any sequence: KV cache too small")
+        self._flight = ahead
 
-    def _sample(self, out: SchedulerOutput, logits: torch.Tensor, phase=_no_phase,
-                ) -> tuple[list[int], list[float]]:
-        """Sampling math under phase "sample"; the host's per-sequence work under "sample_prep"."""
+    def _launch(self, out: SchedulerOutput, phase, probe: bool = False, token_ids=None) -> _Flight:
+        """Run the model over a laid-out step and start sampling it; nothing waits for the device
+        except a step's self-evaluation scores."""
+        prof = self.profiler
+        start = time.perf_counter()
+        logits = self.runner.execute(out.step, phase) if token_ids is None else \
+            self.runner.execute(out.step, phase, token_ids=token_ids)
+        if prof is not None and not probe:
+            prof.record(out, time.perf_counter() - start)
+        num_sample = len(out.sample_seqs)
+        scores = []
+        if out.score_seqs:
+            with phase("score"):
+                scores = score_from_logits(logits[num_sample:], self.spec).tolist()
+        drawn = self._sample(out, logits[:num_sample], phase) if num_sample else None
+        return _Flight(out, drawn, scores)
+
+    def _apply(self, flight: _Flight, phase) -> SchedulerOutput:
+        """Take a launched step's tokens back and update the sequences; a step launched ahead
+        first drops the rows of samples that no longer decode (returns the step as applied)."""
+        out, drawn = flight.out, flight.drawn
+        keep = None
+        if flight.expect is not None:
+            keep = [i for i, (seq, n) in enumerate(zip(out.seqs, flight.expect))
+                    if seq.status is _RUNNING and seq.finish_reason is None and not seq.pending_score
+                    and len(seq.token_ids) == n]
+            if len(keep) < len(out.seqs):
+                self.ahead_rows_discarded += len(out.seqs) - len(keep)
+                self._cut_back([out.seqs[i] for i in sorted(set(range(len(out.seqs))) - set(keep))])
+                seqs = [out.seqs[i] for i in keep]
+                out = SchedulerOutput(step=out.step, seqs=seqs, num_real=[1] * len(seqs),
+                                      suffixes=[()] * len(seqs), sample_seqs=seqs, decodes=len(seqs))
+        tokens, logprobs = drawn.resolve(out.sample_seqs, keep, phase) if drawn is not None else ([], [])
+        with phase("update"):
+            self.scheduler.update_from_output(out, tokens, logprobs, flight.scores)
+        return out
+
+    def _can_run_ahead(self, out: SchedulerOutput) -> bool:
+        """Whether the step after `out` (not yet applied) is the same plain decode step, one
+        token further, for every outcome of out's tokens that the host cannot know yet: every
+        running sequence with work is one of out's samples, none ends by length or reaches a
+        score checkpoint with its next token, nothing waits to be admitted and the blocks fit.
+        A stop token or string is found only when applied: that row is discarded then."""
+        seqs, sched = out.seqs, self.scheduler
+        if (out.decodes != len(seqs) or out.score_seqs or not seqs or sched.waiting
+                or sched.only is not None):
+            return False
+        max_len = self.max_model_len
+        for seq in seqs:
+            if seq.status is not _RUNNING or seq.finish_reason is not None or seq.pending_score:
+                return False
+            request = seq.request
+            length = len(seq.token_ids) + 1  # after out's token
+            generated = length - request.num_prompt
+            if (generated >= request.params.max_tokens or length >= max_len or generated in request.score_at
+                    or request.pending_forks):
+                return False
+        if len(sched.running) != len(seqs):  # others (a root, a sample just forked) must be idle
+            ids = {seq.seq_id for seq in seqs}
+            if any(s.seq_id not in ids and s.num_computed < len(s.token_ids) for s in sched.running):
+                return False
+        bm = self.block_manager
+        return bm.blocks_needed_many([s.seq_id for s in seqs], 1) <= bm.num_free_blocks
+
+    def _launch_ahead(self, flight: _Flight, phase) -> _Flight:
+        """Lay out and launch the decode step after `flight`, its input tokens `flight`'s sampled
+        ones on the device; rows are flight's samples in order."""
+        seqs = flight.out.sample_seqs
+        with phase("prepare"):
+            step = prepare_decode(self.block_manager, [s.seq_id for s in seqs], [0] * len(seqs))
+            out = SchedulerOutput(step=step, seqs=list(seqs), num_real=[1] * len(seqs),
+                                  suffixes=[()] * len(seqs), sample_seqs=list(seqs), decodes=len(seqs))
+        ahead = self._launch(out, phase, token_ids=flight.drawn.tokens)
+        ahead.expect = [len(s.token_ids) + 1 for s in seqs]
+        self.ahead_steps += 1
+        return ahead
+
+    def _cut_back(self, seqs) -> None:
+        """Samples whose row of a step launched ahead is discarded: their cache forgets it."""
+        bm = self.block_manager
+        for seq in seqs:
+            if seq.seq_id in bm and bm.length(seq.seq_id) > seq.num_computed:
+                bm.truncate(seq.seq_id, seq.num_computed)
+
+    def _cancel_flight(self) -> None:
+        """Forget a step launched ahead and not applied (after an undone step): its samples'
+        caches are cut back to what they computed, and the next step computes it again."""
+        flight, self._flight = self._flight, None
+        if flight is not None:
+            self._cut_back(flight.out.seqs)
+
+    def _sample(self, out: SchedulerOutput, logits: torch.Tensor, phase=_no_phase) -> _Drawn:
+        """Sampling math under phase "sample"; the host's per-sequence work under "sample_prep".
+        Returns the draws still on the device (_Drawn.resolve brings them back)."""
         seqs, dev = out.sample_seqs, logits.device
         with phase("sample_prep"):
             cols = self._columns
@@ -314,24 +419,17 @@ class EngineCore:
             # Each sample's generated tokens: its sampled row is its last token's.
             last = out.step.positions[out.step.logit_rows[:len(seqs)]]
             steps = torch.from_numpy(last + 1 - cols.num_prompt).to(dev)
-        if cols.confident:
-            with phase("sample"):
-                conf = token_confidence(logits[torch.tensor(cols.confident, device=dev)]).tolist()
-            for i, c in zip(cols.confident, conf):
-                seqs[i].confidences.append(c)
-        if cols.alternatives:  # the most likely tokens under the untempered model, as the logprobs
-            params = [seqs[i].request.params for i in cols.alternatives]
-            with phase("sample"):
-                rows = logits[torch.tensor(cols.alternatives, device=dev)].float().log_softmax(dim=-1)
-                k = min(max(p.logprobs for p in params), rows.shape[-1])
-                values, ids = rows.topk(k, dim=-1)
-                values, ids = values.tolist(), ids.tolist()
-            for i, p, v, t in zip(cols.alternatives, params, values, ids):
-                seqs[i].top_logprobs.append(list(zip(t, v))[:p.logprobs])
         with phase("sample"):
+            conf = alt = None
+            if cols.confident:
+                conf = token_confidence(logits[torch.tensor(cols.confident, device=dev)])
+            if cols.alternatives:  # the most likely tokens under the untempered model, as the logprobs
+                k = min(max(seqs[i].request.params.logprobs for i in cols.alternatives), logits.shape[-1])
+                rows = logits[torch.tensor(cols.alternatives, device=dev)].float().log_softmax(dim=-1)
+                alt = rows.topk(k, dim=-1)
             tokens, logprobs = kernels.sample(logits, cols.temperature, cols.top_k, cols.top_p, cols.seeds,
                                               steps)
-            return tokens.tolist(), logprobs.tolist()
+            return _Drawn(tokens, logprobs, cols, conf, alt)
 
     def _fail(self, request: Request, error: str) -> None:
         """End a request with finish reason "error" and free its blocks; others go on. Samples
@@ -372,6 +470,65 @@ class _SampleColumns:
         self.num_prompt = np.array([s.request.num_prompt for s in seqs], dtype=np.int64)
         self.confident = [i for i, s in enumerate(seqs) if s.request.track_confidence]
         self.alternatives = [i for i, p in enumerate(params) if p.logprobs]
+
+
+class _Drawn:
+    """One step's draws on the device: the tokens (also the next step's input when it runs
+    ahead), their logprobs, and any confidences and top logprobs. On CUDA the copies to the
+    host start at once, so bringing them back waits for this step only."""
+
+    def __init__(self, tokens: torch.Tensor, logprobs: torch.Tensor, cols: _SampleColumns,
+                 conf: torch.Tensor | None, alt: tuple[torch.Tensor, torch.Tensor] | None):
+        self.tokens, self.cols = tokens, cols
+        device_values = [tokens, logprobs] + ([conf] if conf is not None else []) + (list(alt) if alt else [])
+        self.event = None
+        if tokens.device.type == "cuda":
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in device_values]
+            for h, t in zip(host, device_values):
+                h.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+            device_values = host
+        self.values = device_values
+        self.has_conf, self.has_alt = conf is not None, alt is not None
+
+    def resolve(self, seqs: list[Sequence], keep: list[int] | None, phase=_no_phase,
+                ) -> tuple[list[int], list[float]]:
+        """(tokens, logprobs) of the rows kept (None: all), in order; appends the kept rows'
+        confidences and top logprobs to seqs (the kept samples)."""
+        with phase("sample"):
+            if self.event is not None:
+                self.event.synchronize()
+            tokens, logprobs = self.values[0].tolist(), self.values[1].tolist()
+            rest = self.values[2:]
+            conf = rest.pop(0).tolist() if self.has_conf else None
+            alt = (rest[0].tolist(), rest[1].tolist()) if self.has_alt else None
+        if keep is not None:
+            tokens, logprobs = [tokens[i] for i in keep], [logprobs[i] for i in keep]
+        row = {i: k for k, i in enumerate(keep)} if keep is not None else None
+        cols = self.cols
+        if conf is not None:
+            for j, i in enumerate(cols.confident):
+                k = i if row is None else row.get(i)
+                if k is not None:
+                    seqs[k].confidences.append(conf[j])
+        if alt is not None:
+            for j, i in enumerate(cols.alternatives):
+                k = i if row is None else row.get(i)
+                if k is not None:
+                    n = seqs[k].request.params.logprobs
+                    seqs[k].top_logprobs.append(list(zip(alt[1][j], alt[0][j]))[:n])
+        return tokens, logprobs
+
+
+class _Flight:
+    """A launched step: its schedule, draws and scores. expect: for a step launched ahead,
+    each row's sequence length once the step before it is applied (a row whose sample differs
+    then is discarded)."""
+
+    def __init__(self, out: SchedulerOutput, drawn: _Drawn | None, scores: list):
+        self.out, self.drawn, self.scores = out, drawn, scores
+        self.expect: list[int] | None = None
 
 
 class _ProbeDone(Exception):

@@ -83,9 +83,11 @@ class ModelRunner:
 
     # ---- eager step -------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, step: StepInput, phase=None) -> torch.Tensor:
+    def execute(self, step: StepInput, phase=None, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Apply the step's copy-on-write copies, run the model over its tokens and return
-        float32 logits [len(step.logit_rows), V]. phase: a profiler's phase timer, if any."""
+        float32 logits [len(step.logit_rows), V]. phase: a profiler's phase timer, if any.
+        token_ids: the step's tokens already on the device (int64 [T]; async scheduling feeds a
+        step the previous step's draws), in place of step.token_ids."""
         phase = phase or _no_phase
         if step.cow.size:
             with phase("block_copy"):
@@ -93,7 +95,7 @@ class ModelRunner:
         adapter = step.uses_adapter and self.adapter_loaded
         shared = self._shared_prefixes(step)
         if not adapter and shared is None and self._graph_size(np.diff(step.query_start_loc)) is not None:
-            return self._run_decode_static(step, phase)
+            return self._run_decode_static(step, phase, token_ids)
         with phase("to_device"):
             to = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dt)  # noqa: E731
             counts = np.diff(step.query_start_loc)
@@ -110,7 +112,7 @@ class ModelRunner:
                 shared_prefixes=None if shared is None else shared.to(self.device),
             )
             self.cascade_steps += shared is not None
-            ids = to(step.token_ids, torch.int64)
+            ids = to(step.token_ids, torch.int64) if token_ids is None else token_ids
             rows, n = None, step.num_tokens
             if len(step.logit_rows) != n or (step.logit_rows != np.arange(n)).any():  # built only if needed
                 rows = to(step.logit_rows, torch.int64)
@@ -159,8 +161,10 @@ class ModelRunner:
             "context_lens": torch.ones(n, dtype=torch.int32, device=dev),
             "query_start": torch.arange(n + 1, dtype=torch.int32, device=dev),
         }
-        self._host = {k: torch.zeros_like(v, device="cpu").pin_memory() if dev.type == "cuda"
-                      else torch.zeros_like(v) for k, v in self._static.items() if k != "query_start"}
+        self._hosts = [{k: torch.zeros_like(v, device="cpu").pin_memory() if dev.type == "cuda"
+                        else torch.zeros_like(v) for k, v in self._static.items() if k != "query_start"}
+                       for _ in range(2)]
+        self._turn = 0
         self._logits: dict[int, torch.Tensor] = {}
 
     def _static_meta(self, size: int) -> AttentionMetadata:
@@ -176,11 +180,16 @@ class ModelRunner:
         hidden = self.model(self._static["ids"][:size], self._static_meta(size), self.kv_cache)
         return self.model.compute_logits(hidden)
 
-    def _run_decode_static(self, step: StepInput, phase=_no_phase) -> torch.Tensor:
+    def _run_decode_static(self, step: StepInput, phase=_no_phase, token_ids: torch.Tensor | None = None,
+                           ) -> torch.Tensor:
         batch = step.num_seqs
         size = self._graph_size(np.ones(batch, dtype=np.int64))
         with phase("to_device"):
-            h = {k: v[:size].numpy() for k, v in self._host.items()}
+            # Two host buffers in turn: with async scheduling the copy out of one may still be
+            # queued behind the step before when the host fills the other.
+            self._turn ^= 1
+            hosts = self._hosts[self._turn]
+            h = {k: v[:size].numpy() for k, v in hosts.items()}
             scratch_slot = self.scratch_block * self.block_size
             h["ids"][:batch], h["ids"][batch:] = step.token_ids, 0
             h["positions"][:batch], h["positions"][batch:] = step.positions, 0
@@ -190,8 +199,10 @@ class ModelRunner:
             h["tables"][:batch, :width] = step.block_tables
             h["tables"][:batch, width:] = 0
             h["tables"][batch:] = self.scratch_block
-            for name, host in self._host.items():
+            for name, host in hosts.items():
                 self._static[name][:size].copy_(host[:size], non_blocking=True)
+            if token_ids is not None:
+                self._static["ids"][:batch].copy_(token_ids)
         with phase("forward"):
             if self.graphs_mode == "cuda":
                 self._graphs[size].replay()
