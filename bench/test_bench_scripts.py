@@ -156,6 +156,17 @@ def test_host_overhead_bench_splits_each_step_by_phase(tmp_path):
     assert rows[("b8+score", "score")]["score"] > 0 and rows[("b8", "decode")]["score"] == 0
 
 
+def test_async_scheduling_bench_runs_ahead_with_equal_tokens(tmp_path):
+    metrics = _load("async_scheduling").main(["--steps", "6", "--batches", "1,8", "--out", str(tmp_path)])
+    assert (tmp_path / "async_scheduling-cpu.json").exists()
+    assert metrics["tokens_equal"] is True
+    modes = {(r["batch"], r["mode"]): r for r in metrics["rows"]}
+    assert set(modes) == {(1, "sync"), (1, "async"), (8, "sync"), (8, "async")}
+    for (_, mode), r in modes.items():
+        assert r["step_ms"] > 0 and r["ran_ahead"] == (6 if mode == "async" else 0)
+    assert [s["batch"] for s in metrics["summary"]] == [1, 8]
+
+
 def test_combined_scorer_probe_fits_and_judges_on_held_out_problems(tmp_path):
     metrics = _load("combined_scorer").main(["--fit", "6", "--eval", "6", "-n", "4", "--out", str(tmp_path)])
     fits = {(r["scorer"], r["fit"]) for r in metrics["rows"]}

@@ -84,7 +84,8 @@ def _live_stats(eng: Engine) -> dict:
     return {"kv_blocks_total": bm.num_blocks, "kv_blocks_used": bm.num_blocks - bm.num_free_blocks,
             "kv_blocks_cached": bm.num_cached_blocks,
             "requests_running": len({q.request.request_id for q in scheduler.running}),
-            "requests_waiting": len({q.request.request_id for q in scheduler.waiting})}
+            "requests_waiting": len({q.request.request_id for q in scheduler.waiting}),
+            "steps_ran_ahead": eng.core.ahead_steps}
 
 
 def _core_loop(eng: Engine, receive: Callable[[bool], list], emit: Callable[[list, float | None, dict], None],

@@ -20,7 +20,8 @@ def _config(args):
         adapter = str(Path(args.model) / "adapter")
     return EngineConfig(model=args.model, device=args.device, block_size=args.block_size, adapter=adapter,
                         load_format=getattr(args, "load_format", "auto"),
-                        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1))
+                        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
+                        async_scheduling=getattr(args, "async_scheduling", False))
 
 
 def _engine(args):
@@ -317,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="dummy: random weights of the checkpoint's shape (benchmarks without weights)")
     sv.add_argument("--tensor-parallel-size", type=positive_int, default=1,
                     help="split the model over this many processes (started here; under torchrun its ranks)")
+    sv.add_argument("--async-scheduling", action="store_true",
+                    help="launch each decode step before the host has the last one's tokens (overlaps "
+                         "host and GPU work; same outputs; one process only)")
     sv.add_argument("--max-waiting", type=positive_int, default=None,
                     help="answer 503 while this many requests wait (default: no bound)")
     sv.add_argument("--log-level", default="warning", help="uvicorn log level")

@@ -32,7 +32,7 @@ from engine.step_input import prepare_decode
 from engine.tensor_parallel import TensorParallel, TensorParallelRunner
 
 _no_phase = contextlib.nullcontext
-_RUNNING = SeqStatus.RUNNING
+_RUNNING, _FINISHED = SeqStatus.RUNNING, SeqStatus.FINISHED
 
 
 class EngineCore:
@@ -290,6 +290,8 @@ class EngineCore:
         changed = self.scheduler.changed
         changed.clear()
         flight = self._flight
+        if flight is not None and all(s.status is _FINISHED for s in flight.out.seqs):
+            flight = self._flight = None  # every sample it ran ahead for has ended (and freed its blocks)
         if flight is None:
             with phase("schedule"):
                 out = self.scheduler.schedule(layout=False)

@@ -20,9 +20,9 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13], [20], [30, 31]]
 
 
-@pytest.fixture()
-def aeng(llama_dir):
-    engine = AsyncEngine(Engine(str(llama_dir), block_size=4, num_blocks=128))
+@pytest.fixture(params=[False, True], ids=["sync", "async-scheduling"])
+def aeng(llama_dir, request):
+    engine = AsyncEngine(Engine(str(llama_dir), block_size=4, num_blocks=128, async_scheduling=request.param))
     yield engine
     engine.shutdown()
 
@@ -52,6 +52,7 @@ def test_concurrent_streams_match_the_sync_engine(llama_dir, aeng):
         assert text[0] == final.samples[0].text
     assert len(results[-1][2].samples) == 3 and results[-1][2].best_index is not None
     assert aeng.engine.num_free_blocks == 128
+    assert (aeng.engine.core.ahead_steps > 0) == aeng.engine.core.async_scheduling
     stats = aeng.stats()
     assert stats["requests_finished"] == 5 and stats["tokens_generated"] == 4 * 10 + 3 * 6
 

@@ -29,10 +29,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(llama_dir):
+def _launch(llama_dir, *extra):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--model", str(llama_dir),
-                             "--port", str(port), "--served-model-name", "m", "--block-size", "4"],
+                             "--port", str(port), "--served-model-name", "m", "--block-size", "4", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
@@ -115,6 +115,26 @@ def test_chat_n_streams_are_told_apart_by_index_and_seeds_repeat(client):
                 reasons[c.index] = c.finish_reason
     assert [texts[i] for i in range(3)] == [c.message.content for c in full.choices]
     assert reasons == {0: "length", 1: "length", 2: "length"}
+
+
+def test_async_scheduling_serves_the_same_outputs(client, llama_dir):
+    proc, url = _launch(llama_dir, "--async-scheduling")
+    try:
+        other = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        chat = dict(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=10, n=3, seed=7,
+                    temperature=1.0, extra_body={"ignore_eos": True})
+        plain = dict(model="m", prompt="Hello there", max_tokens=12, temperature=0, logprobs=1)
+        for c in (client, other):
+            c.results = ([x.message.content for x in c.chat.completions.create(**chat).choices],
+                         "".join(x.choices[0].delta.content or "" for x in c.chat.completions.create(
+                             stream=True, **{**chat, "n": 1}) if x.choices),
+                         c.completions.create(**plain).choices[0].logprobs.tokens)
+        assert other.results == client.results and len(set(client.results[0])) > 1
+        assert _metrics(url)["selfeval_steps_ran_ahead_total"] > 0
+        assert _metrics(str(client.base_url).removesuffix("/v1/"))["selfeval_steps_ran_ahead_total"] == 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_a_list_of_prompts_gives_their_choices_in_order(client):
