@@ -420,14 +420,14 @@ class EngineCore:
                 cols = self._columns = _SampleColumns(seqs, dev)
             # Each sample's generated tokens: its sampled row is its last token's.
             last = out.step.positions[out.step.logit_rows[:len(seqs)]]
-            steps = torch.from_numpy(last + 1 - cols.num_prompt).to(dev)
+            steps = torch.from_numpy(last + 1 - cols.num_prompt).to(dev, non_blocking=True)  # no stream wait
         with phase("sample"):
             conf = alt = None
             if cols.confident:
-                conf = token_confidence(logits[torch.tensor(cols.confident, device=dev)])
+                conf = token_confidence(logits[cols.confident_rows])
             if cols.alternatives:  # the most likely tokens under the untempered model, as the logprobs
                 k = min(max(seqs[i].request.params.logprobs for i in cols.alternatives), logits.shape[-1])
-                rows = logits[torch.tensor(cols.alternatives, device=dev)].float().log_softmax(dim=-1)
+                rows = logits[cols.alternative_rows].float().log_softmax(dim=-1)
                 alt = rows.topk(k, dim=-1)
             tokens, logprobs = kernels.sample(logits, cols.temperature, cols.top_k, cols.top_p, cols.seeds,
                                               steps)
@@ -465,13 +465,18 @@ class _SampleColumns:
     def __init__(self, seqs: list[Sequence], dev: torch.device):
         self.seqs = list(seqs)
         params = [s.request.params for s in seqs]
-        self.temperature = torch.tensor([s.temperature for s in seqs], dtype=torch.float32, device=dev)
-        self.top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64, device=dev)
-        self.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
-        self.seeds = torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev)
+
+        def column(values, dtype):  # staged and copied without waiting for the device's stream
+            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
+        self.temperature = column([s.temperature for s in seqs], torch.float32)
+        self.top_k = column([p.top_k for p in params], torch.int64)
+        self.top_p = column([p.top_p for p in params], torch.float32)
+        self.seeds = column([s.seed for s in seqs], torch.int64)
         self.num_prompt = np.array([s.request.num_prompt for s in seqs], dtype=np.int64)
         self.confident = [i for i, s in enumerate(seqs) if s.request.track_confidence]
         self.alternatives = [i for i, p in enumerate(params) if p.logprobs]
+        self.confident_rows = column(self.confident, torch.int64)
+        self.alternative_rows = column(self.alternatives, torch.int64)
 
 
 class _Drawn:

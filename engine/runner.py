@@ -97,7 +97,11 @@ class ModelRunner:
         if not adapter and shared is None and self._graph_size(np.diff(step.query_start_loc)) is not None:
             return self._run_decode_static(step, phase, token_ids)
         with phase("to_device"):
-            to = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dt)  # noqa: E731
+            # non_blocking: a blocking copy to a GPU waits for the whole stream (a step launched
+            # ahead would wait for the one before it); from pageable memory the data is staged
+            # before the call returns, so the array may go at once.
+            to = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(  # noqa: E731
+                self.device, dt, non_blocking=True)
             counts = np.diff(step.query_start_loc)
             meta = AttentionMetadata(
                 positions=to(step.positions, torch.int64),
@@ -137,7 +141,7 @@ class ModelRunner:
         """Copy-on-write: every (src, dst) block pair of every layer's K and V in one call."""
         block_numel = self.block_size * self.kv_cache[0, 0, 0].numel()
         caches = self.kv_cache.view(-1, self.num_blocks + 1, block_numel)
-        kernels.copy_blocks(caches, torch.from_numpy(np.ascontiguousarray(cow)).to(self.device))
+        kernels.copy_blocks(caches, torch.from_numpy(np.ascontiguousarray(cow)).to(self.device, non_blocking=True))
 
     # ---- decode graphs ----------------------------------------------------------------
     @property
@@ -211,7 +215,8 @@ class ModelRunner:
                 logits = self._forward_static(size)[:batch]
             rows = step.logit_rows
             if len(rows) != batch or (rows != np.arange(batch)).any():
-                logits = logits[torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(self.device)]
+                index = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
+                logits = logits[index.to(self.device, non_blocking=True)]
             return logits.clone() if self.graphs_mode == "cuda" else logits
 
     @torch.inference_mode()
