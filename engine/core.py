@@ -97,6 +97,7 @@ class EngineCore:
         self._flight: _Flight | None = None  # a step launched ahead, applied by the next step()
         self.ahead_steps = 0  # steps launched ahead (tests, benchmarks)
         self.ahead_rows_discarded = 0  # their rows of samples that had ended by then
+        self._ahead_pause = 0  # steps left to run synchronously after a step was undone
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, request_id: int, prompt_ids: list[int], params: SamplingParams,
@@ -211,6 +212,10 @@ class EngineCore:
         if isinstance(error, BaseException):  # undone: the engine stays usable
             self._flight = flight
             self._cancel_flight()  # a step launched ahead is computed again, synchronously
+            self._ahead_pause = 2  # this step and the next run synchronously (their probes find culprits)
+            if isinstance(error, _AheadFailed):  # only the speculative launch failed: step again
+                error = self._transaction(lambda: self._step_transaction(touched, phase, every=deltas), phase)
+        if isinstance(error, BaseException):
             self._ready = ready + self._ready
             if isinstance(error, WorkerError):  # not a request's fault, and no step can run now
                 raise error
@@ -285,8 +290,13 @@ class EngineCore:
         step's sampled tokens, still on the device (vLLM V1's async scheduling). The host then
         applies this step while the device computes the next; the next call applies that one.
         A sample that this step ends (a stop token or string, a policy's drop) has its row of
-        the next step discarded and its cache cut back, so every sample's tokens are the
-        synchronous loop's."""
+        the next step discarded and its cache cut back. Work that arises between steps (a
+        request added while a step is in flight, an end score after a stop token, a policy's
+        fork or score request) joins one step later than in the synchronous loop. Sampling is
+        seeded per sample and position, so a sample draws the synchronous loop's tokens; its
+        scores and logprobs are the same bit for bit where its batches are, else to rounding
+        (as with any change of arrival time), which may flip a choice between exactly tied
+        samples. A failure while launching ahead undoes the step and runs it again without."""
         changed = self.scheduler.changed
         changed.clear()
         flight = self._flight
@@ -303,8 +313,13 @@ class EngineCore:
                 return
             flight = self._launch(out, phase, probe=probe)
         ahead = None
-        if not probe and self.async_scheduling and self._can_run_ahead(flight.out):
-            ahead = self._launch_ahead(flight, phase)
+        if not probe and self.async_scheduling and not self._ahead_pause and self._can_run_ahead(flight.out):
+            try:
+                ahead = self._launch_ahead(flight, phase)
+            except Exception as e:  # e.g. a request whose next position fails: found synchronously
+                raise _AheadFailed(e) from e
+        if not probe:
+            self._ahead_pause = max(0, self._ahead_pause - 1)
         self._flight = None
         out = self._apply(flight, phase)
         if probe:
@@ -536,6 +551,11 @@ class _Flight:
     def __init__(self, out: SchedulerOutput, drawn: _Drawn | None, scores: list):
         self.out, self.drawn, self.scores = out, drawn, scores
         self.expect: list[int] | None = None
+
+
+class _AheadFailed(Exception):
+    """Launching the step after this one raised: the step is undone and run again without it
+    (the error belongs to the next step; run synchronously, that step finds its culprit)."""
 
 
 class _ProbeDone(Exception):

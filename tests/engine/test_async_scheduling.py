@@ -135,6 +135,30 @@ def _same(a, b, rel):
     return a == b
 
 
+def test_arrivals_mid_run_draw_the_same_tokens(llama_dir):
+    """A request added while a step is in flight joins a step later: its batches differ from
+    the synchronous loop's, so floats may differ in rounding, never the tokens."""
+    def run(async_scheduling):
+        eng = _engine(llama_dir, async_scheduling)
+        requests = _workload(eng.model.config.vocab_size)
+        ids = [eng.add_request(*r) for r in requests[:3]]
+        final, steps = {}, 0
+        while eng.has_unfinished_requests() or len(ids) < len(requests):
+            if steps % 3 == 2 and len(ids) < len(requests):
+                ids.append(eng.add_request(*requests[len(ids)]))
+            for o in eng.step():
+                final[o.request_id] = o
+            steps += 1
+        assert eng.num_free_blocks == 200
+        return [[(s.token_ids, s.finish_reason, s.logprobs, s.score, s.checkpoint_scores, s.pruned_at)
+                 for s in final[i].samples] for i in ids], eng.core.ahead_steps
+    expected, _ = run(False)
+    got, ahead = run(True)
+    assert ahead >= 10
+    assert [[s[0] for s in r] for r in got] == [[s[0] for s in r] for r in expected]
+    assert _same(got, expected, rel=1e-4)
+
+
 class Injected(Exception):
     pass
 
@@ -181,6 +205,37 @@ def test_a_fault_with_a_step_in_flight_is_undone(llama_dir, exc, where):
     got = [[(s.token_ids, s.text, s.finish_reason, s.logprobs, s.top_logprobs, s.confidences, s.score,
              s.checkpoint_scores, s.pruned_at) for s in final[i].samples] for i in ids]
     assert got == [[x[:2] + x[3:] for x in r] for r in expected]
+
+
+def test_a_request_that_fails_at_a_later_position_is_failed_alone(llama_dir):
+    """Its failure first comes while launching the step ahead: the step is run again without it,
+    and the next step (synchronous) finds the culprit, as the synchronous loop does."""
+    def run(async_scheduling):
+        eng = _engine(llama_dir, async_scheduling, num_blocks=64)
+        real = eng.core.runner.execute
+
+        def execute(step, *a, **k):
+            if (step.positions >= 12).any():
+                raise RuntimeError("poisoned position")
+            return real(step, *a, **k)
+
+        eng.core.runner.execute = execute
+        greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+        long = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+        ids = [eng.add_request([5, 6, 7], greedy), eng.add_request([8, 9, 10, 11], long),
+               eng.add_request([9, 10], greedy)]
+        outs, steps = {}, 0
+        while eng.has_unfinished_requests():
+            for o in eng.step():  # nothing raises: the culprit is failed, the rest go on
+                outs[o.request_id] = o
+            steps += 1
+            assert steps < 60
+        assert eng.num_free_blocks == 64
+        return [(outs[i].error, outs[i].samples[0].token_ids) for i in ids], eng.core.ahead_steps
+    expected, _ = run(False)
+    got, ahead = run(True)
+    assert ahead >= 3 and "poisoned position" in got[1][0] and got[0][0] is None
+    assert got == expected
 
 
 def test_async_scheduling_settings(llama_dir):
