@@ -64,7 +64,8 @@ def run_mode(eng: Engine, batch: int, steps: int, prompt_len: int, async_on: boo
     core.async_scheduling = async_on
     params = [SamplingParams(temperature=1.0, max_tokens=WARMUP + steps + trace_steps + 8, ignore_eos=True,
                              seed=i) for i in range(batch)]
-    ids = [eng.add_request([5 + (7 * i + j) % 200 for j in range(prompt_len)], p) for i, p in enumerate(params)]
+    ids = [eng.add_request([5 + (7 * i + j) % 200 for j in range(prompt_len)], p)
+           for i, p in enumerate(params)]
     tokens = {i: [] for i in ids}
 
     def step() -> None:

@@ -60,7 +60,8 @@ class EngineConfig:
             raise InvalidRequestError(f"enable_prefix_caching must be True or False, "
                                       f"got {self.enable_prefix_caching!r}")
         if not isinstance(self.async_scheduling, bool):
-            raise InvalidRequestError(f"async_scheduling must be True or False, got {self.async_scheduling!r}")
+            raise InvalidRequestError(
+                f"async_scheduling must be True or False, got {self.async_scheduling!r}")
         if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
             raise InvalidRequestError(f"cuda_graphs must be True, False or None, got {self.cuda_graphs!r}")
         def positive_int(name: str, allow_none: bool = False) -> None:
@@ -75,7 +76,8 @@ class EngineConfig:
         for name in ("num_blocks", "max_model_len", "kv_cache_memory"):
             positive_int(name, allow_none=True)
         if self.async_scheduling and self.tensor_parallel_size > 1:
-            raise InvalidRequestError("async_scheduling runs in one process: not with tensor_parallel_size > 1")
+            raise InvalidRequestError(
+                "async_scheduling runs in one process: not with tensor_parallel_size > 1")
         t = self.tensor_parallel_timeout
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
             raise InvalidRequestError(f"tensor_parallel_timeout must be a positive number of seconds, "

@@ -91,6 +91,7 @@ class EngineCore:
         # Requests whose results a step committed but did not deliver (an interrupt or error in
         # its text, policy or output phase): the next step delivers them, or they never come back.
         self._undelivered: dict[int, Request] = {}
+        self._built: dict[int, RequestDelta] = {}  # deltas built by an interrupted output phase
         self._columns: _SampleColumns | None = None  # the last batch's sampling columns
         self.profiler: StepProfiler | None = None  # attach one to time each step's phases
         self.async_scheduling = config.async_scheduling
@@ -243,7 +244,25 @@ class EngineCore:
                     self.outputs.advance_text(request, lazy)  # flush the text of samples it dropped
         with phase("output"):
             live = [r for r in touched.values() if r.request_id in self.requests and (deltas or r.finished)]
-            out = [self.outputs.delta(r) for r in live]
+            # Deltas that an interrupted output phase built (their samples' counters moved on) go
+            # out merged with this step's, or what they carried would never be streamed.
+            built = {k: d for k, d in self._built.items() if k in self.requests}
+            self._built = {}
+            out = []
+            r = marks = None
+            try:
+                for r in live:
+                    marks = self.outputs.marks(r)
+                    d = self.outputs.delta(r)
+                    earlier = built.pop(r.request_id, None)
+                    out.append(d if earlier is None else earlier.merge(d))
+                    marks = None
+            except BaseException:
+                if marks is not None:  # its delta is not kept: what it took is reported again
+                    self.outputs.rewind(r, marks)
+                self._built = {**built, **{d.request_id: d for d in out}}
+                raise
+            self._built = built  # not delivered in this step (a final-only step: not finished yet)
             for d in out:  # delivered: finished requests leave
                 if d.finished:
                     del self.requests[d.request_id]

@@ -72,6 +72,17 @@ class OutputProcessor:
             delta.finished, delta.output = True, self.output(request)
         return delta
 
+    @staticmethod
+    def marks(request: Request) -> list[tuple]:
+        """What delta(request) moves on: restore it with rewind() if that delta is lost."""
+        return [(s.emitted, s.emitted_scores, s.pending_text, s.emitted_end, s.score_emitted)
+                for s in request.seqs]
+
+    @staticmethod
+    def rewind(request: Request, marks: list[tuple]) -> None:
+        for s, m in zip(request.seqs, marks):
+            s.emitted, s.emitted_scores, s.pending_text, s.emitted_end, s.score_emitted = m
+
     def output(self, request: Request) -> RequestOutput:
         samples = []
         scorer = request.policy.scorer if request.policy is not None else None

@@ -141,7 +141,8 @@ class ModelRunner:
         """Copy-on-write: every (src, dst) block pair of every layer's K and V in one call."""
         block_numel = self.block_size * self.kv_cache[0, 0, 0].numel()
         caches = self.kv_cache.view(-1, self.num_blocks + 1, block_numel)
-        kernels.copy_blocks(caches, torch.from_numpy(np.ascontiguousarray(cow)).to(self.device, non_blocking=True))
+        pairs = torch.from_numpy(np.ascontiguousarray(cow)).to(self.device, non_blocking=True)
+        kernels.copy_blocks(caches, pairs)
 
     # ---- decode graphs ----------------------------------------------------------------
     @property

@@ -445,7 +445,8 @@ def _prometheus(stats: dict) -> str:
     counters = {"tokens_generated": "tokens generated", "score_calls": "self-evaluation scores",
                 "samples_pruned": "samples pruned by policies", "steps": "engine steps",
                 "step_seconds_total": "seconds spent in steps", "requests_finished": "requests finished",
-                "steps_ran_ahead": "decode steps launched before the last one's tokens were back (async scheduling)"}
+                "steps_ran_ahead": "decode steps launched before the last one's tokens were back "
+                                   "(async scheduling)"}
 
     class Collector:
         def collect(self):

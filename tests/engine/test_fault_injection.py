@@ -205,3 +205,48 @@ def test_an_interrupt_while_outputs_are_made_delivers_them_on_the_next_step(llam
     outs = _drain(eng)
     assert fired and set(outs) == set(ids)
     assert [outs[i].samples[0].token_ids for i in ids] == expected
+
+
+@pytest.mark.parametrize("after", [False, True])
+@pytest.mark.parametrize("call", [2, 5, 9, 14])
+def test_an_interrupt_while_deltas_are_built_loses_nothing_streamed(llama_dir, call, after):
+    """Ctrl-C in the output phase, before or after a request's delta was built: the deltas built
+    before it come with the next step's, so the streamed tokens and text add up to the output."""
+    params = [SamplingParams(temperature=1.0, max_tokens=7, ignore_eos=True, seed=i, n=1 + (i == 1))
+              for i in range(3)]
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+
+    def run(fault):
+        eng = Engine(str(llama_dir))
+        ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
+        delta, calls = eng.core.outputs.delta, []
+
+        def interrupted(request):
+            calls.append(request.request_id)
+            if fault and len(calls) == call:
+                if after:
+                    delta(request)
+                raise KeyboardInterrupt
+            return delta(request)
+
+        eng.core.outputs.delta = interrupted
+        streamed, final, raised = {}, {}, 0
+        for _ in range(100):
+            if not eng.has_unfinished_requests():
+                break
+            try:
+                for d in eng.step_deltas():
+                    for s in d.samples:
+                        tokens, text = streamed.get((d.request_id, s.index), ([], ""))
+                        streamed[d.request_id, s.index] = (tokens + s.token_ids, text + s.text)
+                    if d.finished:
+                        final[d.request_id] = d.output
+            except KeyboardInterrupt:
+                raised += 1
+        assert raised == fault and set(final) == set(ids)
+        for i in ids:
+            for s in final[i].samples:
+                assert streamed[i, s.index] == (s.token_ids, s.text)
+        return [[(s.token_ids, s.text) for s in final[i].samples] for i in ids]
+
+    assert run(True) == run(False)
