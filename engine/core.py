@@ -394,12 +394,14 @@ class EngineCore:
         """Whether the step after `out` (not yet applied) is the same plain decode step, one
         token further, for every outcome of out's tokens that the host cannot know yet: every
         running sequence with work is one of out's samples, none ends by length or reaches a
-        score checkpoint with its next token, nothing waits to be admitted and the blocks fit.
+        score checkpoint with its next token, nothing that waits could be admitted now (a slot a
+        sample frees in this step is filled a step later) and the blocks fit.
         A stop token or string is found only when applied: that row is discarded then."""
         seqs, sched = out.seqs, self.scheduler
-        if (out.decodes != len(seqs) or out.score_seqs or not seqs or sched.waiting
-                or sched.only is not None):
+        if out.decodes != len(seqs) or out.score_seqs or not seqs or sched.only is not None:
             return False
+        if sched.waiting and len(sched.running) < sched.max_num_seqs:
+            return False  # there is room to admit it now: the synchronous step does
         max_len = self.max_model_len
         for seq in seqs:
             if seq.status is not _RUNNING or seq.finish_reason is not None or seq.pending_score:

@@ -135,6 +135,24 @@ def _same(a, b, rel):
     return a == b
 
 
+def test_a_queue_longer_than_max_num_seqs_runs_ahead_with_the_same_tokens(llama_dir):
+    """Requests wait for a slot: steps run ahead while every slot is taken, and a slot that a
+    stop token frees is filled a step later; tokens as in the synchronous loop."""
+    def run(async_scheduling):
+        eng = _engine(llama_dir, async_scheduling, max_num_seqs=3)
+        g = torch.Generator().manual_seed(5)
+        requests = [(torch.randint(5, 384, (4,), generator=g).tolist(),
+                     SamplingParams(temperature=1.0, max_tokens=12, seed=i,
+                                    stop_token_ids=list(range(5, 40))),
+                     None) for i in range(10)]
+        return _outputs(eng, requests), eng.core
+    expected, _ = run(False)
+    got, core = run(True)
+    assert core.ahead_steps >= 18 and core.ahead_rows_discarded >= 1  # 9 if nothing may wait
+    assert [[s[0] for s in r] for r in got] == [[s[0] for s in r] for r in expected]
+    assert _same(got, expected, rel=1e-4)
+
+
 def test_arrivals_mid_run_draw_the_same_tokens(llama_dir):
     """A request added while a step is in flight joins a step later: its batches differ from
     the synchronous loop's, so floats may differ in rounding, never the tokens."""
