@@ -400,7 +400,7 @@ class EngineCore:
         seqs, sched = out.seqs, self.scheduler
         if out.decodes != len(seqs) or out.score_seqs or not seqs or sched.only is not None:
             return False
-        if sched.waiting and len(sched.running) < sched.max_num_seqs:
+        if sched.waiting and len(sched.running) - sched.running_roots() < sched.max_num_seqs:
             return False  # there is room to admit it now: the synchronous step does
         max_len = self.max_model_len
         for seq in seqs:

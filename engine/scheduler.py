@@ -138,7 +138,10 @@ class Scheduler:
             budget -= n + len(suffix)
             reserved += need
             i += 1
-        while budget > 0 and len(self.running) < self.max_num_seqs:
+        # A policy's root holds its prompt's cache but computes nothing after it: it takes no slot
+        # (with max_num_seqs=1 it would keep its own preempted samples out for good).
+        roots = self.running_roots() if self.waiting else 0
+        while budget > 0 and len(self.running) - roots < self.max_num_seqs:
             seq = self._head()
             if seq is None:
                 break
@@ -158,6 +161,7 @@ class Scheduler:
                 self.waiting.remove(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
+            roots += seq.is_root
             self._take(out, seq, n, suffix)
             budget -= n + len(suffix)
             reserved += need
@@ -184,6 +188,10 @@ class Scheduler:
         out.seqs, out.num_real, out.suffixes = seqs, [1] * len(seqs), [()] * len(seqs)
         out.decodes = len(seqs)
         return need
+
+    def running_roots(self) -> int:
+        """Running policy roots: they hold a prompt's cache and take no slot of max_num_seqs."""
+        return sum(s.is_root for s in self.running)
 
     def _head(self) -> Sequence | None:
         """The next waiting sequence to admit (of `only`'s request, when set)."""

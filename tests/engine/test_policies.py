@@ -184,3 +184,25 @@ def test_a_policy_that_raises_fails_its_request_only(engine):
     assert "ZeroDivisionError" in bad.error and {s.finish_reason for s in bad.samples} == {"error"}
     assert good.error is None and all(s.finish_reason == "length" for s in good.samples)
     assert engine.num_free_blocks == free
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_root_takes_no_slot_with_max_num_seqs_one(llama_dir, async_scheduling):
+    """A policy's root holds its prompt's cache and computes nothing after it: with one slot
+    and a cache that preempts, its samples still run in turn (before, the root kept its own
+    preempted sample out of the only slot and the engine never finished)."""
+    eng = Engine(str(llama_dir), block_size=16, num_blocks=7, max_num_seqs=1,
+                 async_scheduling=async_scheduling)
+    rid = eng.add_request([131, 184, 364, 116, 211, 143, 369, 329, 52],
+                          SamplingParams(temperature=0.0, top_k=50, max_tokens=13, seed=347, ignore_eos=True),
+                          Adaptive(0.99, max_samples=3, rounds=(2, 2, 1), scorer="selfeval"))
+    plain = eng.add_request([126, 258, 355, 45, 119, 222, 113],
+                            SamplingParams(temperature=1.5, max_tokens=8, seed=752, ignore_eos=True))
+    done, steps = {}, 0
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            done[out.request_id] = out
+        steps += 1
+        assert steps < 300, "the engine stopped making progress"
+    assert set(done) == {rid, plain} and eng.num_free_blocks == 7
+    assert done[rid].samples and all(s.finish_reason == "length" for s in done[rid].samples)
