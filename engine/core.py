@@ -315,7 +315,8 @@ class EngineCore:
         seeded per sample and position, so a sample draws the synchronous loop's tokens; its
         scores and logprobs are the same bit for bit where its batches are, else to rounding
         (as with any change of arrival time), which may flip a choice between exactly tied
-        samples. A failure while launching ahead undoes the step and runs it again without."""
+        samples, and a pruned sample may be cut a token later or earlier. A failure while
+        launching ahead undoes the step and runs it again without."""
         changed = self.scheduler.changed
         changed.clear()
         flight = self._flight
