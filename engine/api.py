@@ -36,7 +36,7 @@ class Engine:
     Engine(model_dir, **settings) or Engine(EngineConfig(...)); every setting is an EngineConfig
     field (engine.config): device, dtype, block_size, num_blocks, max_batch_tokens, max_num_seqs,
     max_model_len, kv_cache_memory, seed, cuda_graphs, adapter, load_format,
-    enable_prefix_caching.
+    enable_prefix_caching, tensor_parallel_size, tensor_parallel_timeout, async_scheduling.
 
     Thread-safe by serialization: calls from several threads run one after another."""
 
