@@ -531,7 +531,7 @@ class _Drawn:
             for h, t in zip(host, device_values):
                 h.copy_(t, non_blocking=True)
             self.event = torch.cuda.Event()
-            self.event.record()
+            self.event.record(torch.cuda.current_stream(tokens.device))  # the copies' stream
             device_values = host
         self.values = device_values
         self.has_conf, self.has_alt = conf is not None, alt is not None

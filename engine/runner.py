@@ -170,6 +170,7 @@ class ModelRunner:
                         else torch.zeros_like(v) for k, v in self._static.items() if k != "query_start"}
                        for _ in range(2)]
         self._turn = 0
+        self._host_copied: list[torch.cuda.Event | None] = [None, None]  # after each buffer's copies
         self._logits: dict[int, torch.Tensor] = {}
 
     def _static_meta(self, size: int) -> AttentionMetadata:
@@ -194,6 +195,8 @@ class ModelRunner:
             # queued behind the step before when the host fills the other.
             self._turn ^= 1
             hosts = self._hosts[self._turn]
+            if self._host_copied[self._turn] is not None:  # its last copies out have run
+                self._host_copied[self._turn].synchronize()
             h = {k: v[:size].numpy() for k, v in hosts.items()}
             scratch_slot = self.scratch_block * self.block_size
             h["ids"][:batch], h["ids"][batch:] = step.token_ids, 0
@@ -206,6 +209,9 @@ class ModelRunner:
             h["tables"][batch:] = self.scratch_block
             for name, host in hosts.items():
                 self._static[name][:size].copy_(host[:size], non_blocking=True)
+            if self.device.type == "cuda":
+                self._host_copied[self._turn] = torch.cuda.Event()
+                self._host_copied[self._turn].record(torch.cuda.current_stream(self.device))
             if token_ids is not None:
                 self._static["ids"][:batch].copy_(token_ids)
         with phase("forward"):

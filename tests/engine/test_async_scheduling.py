@@ -76,6 +76,22 @@ def test_async_outputs_are_the_synchronous_loops(llama_dir, static):
     assert got == expected
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("graphs", [True, False])
+def test_async_on_cuda_matches_the_synchronous_loop(llama_dir, graphs):
+    """The CUDA-only parts: pinned draws read after an event, ids copied on the device into a
+    replayed graph's buffer (or the eager path's), host buffers in turn, no stream waits."""
+    kw = dict(device="cuda", dtype=torch.float32, cuda_graphs=graphs)
+    sync = _engine(llama_dir, False, **kw)
+    expected = _outputs(sync, _workload(sync.model.config.vocab_size))
+    eng = _engine(llama_dir, True, **kw)
+    got = _outputs(eng, _workload(eng.model.config.vocab_size))
+    assert eng.core.ahead_steps >= 10 and eng.core.ahead_rows_discarded >= 1
+    assert [[s[0] for s in r] for r in got] == [[s[0] for s in r] for r in expected]
+    assert _same(got, expected, rel=1e-4)
+
+
 def test_async_policies_and_stop_strings(llama_dir):
     """Best-of-n and adaptive sampling on self-evaluation scores and confidences, and a stop
     string that ends a sample only when its text is decoded (after the next step launched)."""
