@@ -28,8 +28,8 @@ if sys.path and Path(sys.path[0] or ".").resolve() == _HERE:
     sys.path.pop(0)
 sys.path.append(str(_HERE))
 import torch  # noqa: E402
-from benchlib import model_dir, print_table, write_results  # noqa: E402
-from host_overhead import tiny_model  # noqa: E402
+from benchlib import print_table, write_results  # noqa: E402
+from host_overhead import host_bench_model  # noqa: E402
 
 from engine import Engine, SamplingParams  # noqa: E402
 
@@ -125,12 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     batches = [int(b) for b in args.batches.split(",")]
     trace = args.trace_steps if args.device == "cuda" else 0
     with tempfile.TemporaryDirectory() as tmp:
-        if args.model:
-            path, load_format, label = args.model, "auto", args.model
-        elif args.device == "cuda":
-            path, load_format, label = str(model_dir(Path(tmp), toy=False)), "dummy", "llama-3.1-8b shape"
-        else:
-            path, load_format, label = str(tiny_model(Path(tmp))), "auto", "tiny llama (2 layers, hidden 32)"
+        path, load_format, label = host_bench_model(args.model, args.device, Path(tmp))
         longest = args.prompt_len + WARMUP + args.steps + trace + 16
         eng = Engine(path, device=args.device, block_size=16, max_num_seqs=max(batches),
                      max_batch_tokens=max(2048, max(batches) * args.prompt_len), load_format=load_format,

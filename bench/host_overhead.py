@@ -47,6 +47,16 @@ def tiny_model(out: Path) -> Path:
                       intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
 
 
+def host_bench_model(model: str | None, device: str, tmp: Path) -> tuple[str, str, str]:
+    """(path, load_format, label): the checkpoint given, else the 8B shape (random weights) on
+    CUDA, else the tiny model whose forward is nearly free."""
+    if model:
+        return model, "auto", model
+    if device == "cuda":
+        return str(model_dir(tmp, toy=False)), "dummy", "llama-3.1-8b shape"
+    return str(tiny_model(tmp)), "auto", "tiny llama (2 layers, hidden 32)"
+
+
 def run_case(path: str, device: str, batch: int, steps: int, prompt_len: int, score: bool,
              load_format: str, final_only: bool = False) -> dict:
     eng = Engine(path, device=device, block_size=16, max_num_seqs=max(batch, 1),
@@ -112,12 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        if args.model:
-            path, load_format, label = args.model, "auto", args.model
-        elif args.device == "cuda":
-            path, load_format, label = str(model_dir(Path(tmp), toy=False)), "dummy", "llama-3.1-8b shape"
-        else:
-            path, load_format, label = str(tiny_model(Path(tmp))), "auto", "tiny llama (2 layers, hidden 32)"
+        path, load_format, label = host_bench_model(args.model, args.device, Path(tmp))
         rows = []
         for batch in batches:
             rows += run_case(path, args.device, batch, args.steps, args.prompt_len, False, load_format)

@@ -382,10 +382,9 @@ class EngineCore:
                     and len(seq.token_ids) == n]
             if len(keep) < len(out.seqs):
                 self.ahead_rows_discarded += len(out.seqs) - len(keep)
-                self._cut_back([out.seqs[i] for i in sorted(set(range(len(out.seqs))) - set(keep))])
-                seqs = [out.seqs[i] for i in keep]
-                out = SchedulerOutput(step=out.step, seqs=seqs, num_real=[1] * len(seqs),
-                                      suffixes=[()] * len(seqs), sample_seqs=seqs, decodes=len(seqs))
+                kept = set(keep)
+                self._cut_back([s for i, s in enumerate(out.seqs) if i not in kept])
+                out = _decode_output(out.step, [out.seqs[i] for i in keep])
         tokens, logprobs = drawn.resolve(out.sample_seqs, keep, phase) if drawn is not None else ([], [])
         with phase("update"):
             self.scheduler.update_from_output(out, tokens, logprobs, flight.scores)
@@ -426,8 +425,7 @@ class EngineCore:
         seqs = flight.out.sample_seqs
         with phase("prepare"):
             step = prepare_decode(self.block_manager, [s.seq_id for s in seqs], [0] * len(seqs))
-            out = SchedulerOutput(step=step, seqs=list(seqs), num_real=[1] * len(seqs),
-                                  suffixes=[()] * len(seqs), sample_seqs=list(seqs), decodes=len(seqs))
+            out = _decode_output(step, list(seqs))
         ahead = self._launch(out, phase, token_ids=flight.drawn.tokens)
         ahead.expect = [len(s.token_ids) + 1 for s in seqs]
         self.ahead_steps += 1
@@ -493,6 +491,13 @@ def _namespace(adapter: str | None) -> int:
     if adapter is None:
         return 0
     return int.from_bytes(hashlib.blake2b(str(adapter).encode(), digest_size=8).digest(), "little")
+
+
+def _decode_output(step, seqs: list[Sequence]) -> SchedulerOutput:
+    """A plain decode step's SchedulerOutput: one token per sample, every row sampled."""
+    n = len(seqs)
+    return SchedulerOutput(step=step, seqs=seqs, num_real=[1] * n, suffixes=[()] * n, sample_seqs=seqs,
+                           decodes=n)
 
 
 class _SampleColumns:
