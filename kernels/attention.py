@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import autotune
+from kernels import autotune, cpu_ops
 from kernels.dispatch import HAS_TRITON, use_triton
 
 
@@ -107,6 +107,7 @@ class _Batch:
     q_len: int
     blocks: torch.Tensor  # [B * W] block ids, W blocks per sequence
     mask: torch.Tensor  # [B, 1, Lq, W * block_size]
+    seqs: torch.Tensor | None = None  # the sequences (rows of the block table); None: all, in order
 
 
 @dataclass
@@ -133,6 +134,7 @@ def plan_cpu_attention(
     for rows in groups:
         q_len = q_lens[rows[0]]
         width = -(-max(ctx_list[r] for r in rows) // block_size)
+        index = None
         if whole:
             tables, ctx, q_rows = block_tables[:, :width], context_lens, None
         else:
@@ -142,7 +144,7 @@ def plan_cpu_attention(
         # Query i sits at position ctx - q_len + i and sees keys up to it (so none past the context).
         qpos = (ctx.long() - q_len)[:, None] + torch.arange(q_len, device=dev)
         mask = (torch.arange(width * block_size, device=dev)[None, None, :] <= qpos[:, :, None])[:, None]
-        batches.append(_Batch(q_rows, q_len, tables.flatten().long(), mask))
+        batches.append(_Batch(q_rows, q_len, tables.flatten().long(), mask, index))
     return CpuAttentionPlan(batches, len(q_lens))
 
 
@@ -201,11 +203,23 @@ def paged_attention_cpu(
     v_blocks = v_cache.view(-1, block_size, v_cache.shape[1], head_dim)
     if len(plan.batches) == 1 and plan.batches[0].q_rows is None:
         batch = plan.batches[0]
+        if batch.q_len == 1:
+            fast = cpu_ops.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, block_size,
+                                                  scale)
+            if fast is not None:
+                return fast
         return _attend_batch(q.view(plan.num_rows, batch.q_len, num_heads, head_dim), k_blocks, v_blocks,
                              batch, scale)
     out = torch.empty_like(q)
     for batch in plan.batches:
         rows = batch.q_rows
+        if batch.q_len == 1:  # decodes beside chunks: the same C++ kernel as a step of decodes alone
+            seqs = batch.seqs
+            fast = cpu_ops.paged_decode_attention(q[rows], k_cache, v_cache, block_tables[seqs],
+                                                  context_lens[seqs], block_size, scale)
+            if fast is not None:
+                out[rows] = fast
+                continue
         out[rows] = _attend_batch(q[rows].view(-1, batch.q_len, num_heads, head_dim), k_blocks, v_blocks,
                                   batch, scale)
     return out
@@ -495,6 +509,11 @@ def paged_attention(
     """The host-side maxima come from the runner's numpy metadata; without them they are read
     back from the device (a sync). cpu_plan: the step's plan for the path without Triton."""
     if not use_triton(q):
+        if max_query_len == 1 and q.shape[0] == block_tables.shape[0]:  # decodes only
+            out = cpu_ops.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, block_size,
+                                                 scale)
+            if out is not None:
+                return out
         return paged_attention_cpu(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
                                    block_size, scale, plan=cpu_plan)
     if max_query_len is None:

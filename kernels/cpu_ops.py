@@ -89,3 +89,33 @@ def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         positions.data_ptr(), slot_mapping.data_ptr(), cos_sin.data_ptr(), cos_sin.shape[0], k_cache.shape[0],
         tokens, heads, kv_heads, dim, q_s[0], q_s[1], k_s[0], k_s[1], v_s[0], v_s[1], c_s[0], c_s[1])
     return out
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
+                           scale: float) -> torch.Tensor | None:
+    """kernels.paged_attention for a step of decodes only (row b's one query is q[b]) in one call
+    over every row and KV head: [B, H, D]; None: not here. Contexts past the block table and block
+    ids outside the cache raise IndexError before anything is read."""
+    if not available(q, k_cache, v_cache):
+        return None
+    if q.dim() != 3 or k_cache.dim() != 3 or block_tables.dim() != 2 or context_lens.dim() != 1:
+        return None
+    seqs, heads, dim = q.shape
+    if (k_cache.shape != v_cache.shape or k_cache.shape[2] != dim or heads % k_cache.shape[1]
+            or block_tables.shape[0] != seqs or context_lens.shape[0] != seqs):
+        return None
+    if (block_tables.dtype is not torch.int32 or context_lens.dtype is not torch.int32
+            or not block_tables.is_cpu or not context_lens.is_cpu):
+        return None
+    if (q.stride(2) != 1 or k_cache.stride(2) != 1 or k_cache.stride() != v_cache.stride()
+            or block_tables.stride(1) != 1 or not context_lens.is_contiguous()):
+        return None
+    out = torch.empty((seqs, heads, dim), dtype=_F32)
+    q_s, c_s = q.stride(), k_cache.stride()
+    extension().paged_decode_attention(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), block_tables.data_ptr(),
+        context_lens.data_ptr(), seqs, heads, k_cache.shape[1], dim, block_size,
+        k_cache.shape[0] // block_size, block_tables.shape[1], block_tables.stride(0), q_s[0], q_s[1],
+        c_s[0], c_s[1], scale, torch.get_num_threads())
+    return out

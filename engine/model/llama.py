@@ -12,6 +12,7 @@ import kernels
 from engine.model.config import ModelConfig
 from engine.model.lora import LoraSlot
 from engine.model.shard import Shard
+from kernels import cpu_ops
 from kernels.attention import CpuAttentionPlan, packed_causal_attention, plan_cpu_attention
 from kernels.cascade import SharedPrefixes, cascade_decode_attention
 from kernels.dispatch import use_triton
@@ -176,9 +177,12 @@ class LlamaForCausalLM(nn.Module):
         the packed sequences of meta.query_start_loc (training). Returns hidden states [T, hidden]."""
         x, residual = self.embed(input_ids), None
         if not use_triton(x):  # what every layer shares is made once here, not once a layer
+            # A step of decodes alone runs engine._cpu's decode attention, which needs no plan.
+            decodes = meta.max_query_len == 1 and x.shape[0] == meta.block_tables.shape[0]
+            plan = kv_cache is not None and not (decodes and cpu_ops.available(x, kv_cache))
             meta = replace(meta, rope=rotary_rows(meta.positions, self.cos_sin, x.dtype), cpu_plan=None if
-                           kv_cache is None else plan_cpu_attention(meta.block_tables, meta.context_lens,
-                                                                    meta.query_start_loc, meta.block_size))
+                           not plan else plan_cpu_attention(meta.block_tables, meta.context_lens,
+                                                            meta.query_start_loc, meta.block_size))
         for i, layer in enumerate(self.layers):
             caches = (None, None) if kv_cache is None else (kv_cache[0, i], kv_cache[1, i])
             x, residual = layer(x, residual, meta, *caches, self.cos_sin)

@@ -1,0 +1,157 @@
+// Paged decode attention on the CPU (engine._cpu.paged_decode_attention), float32.
+//
+// One query per sequence against its keys in the paged cache, with no padding to the longest
+// context, no copies of KV heads for grouped-query attention and no gather of the blocks: the torch
+// path (kernels/attention.py) does all three, and at batch 1 its dozen ops cost more than the
+// arithmetic. Each (sequence, KV head) is one task: the scores of the KV head's query heads, an
+// exact softmax (max subtracted) and the weighted values. Tasks spread over OpenMP threads.
+//
+// Built with -ffinite-math-only -fno-signed-zeros (this file alone) so that the clamp in exp_neg
+// and the reductions vectorize; inputs are finite (the torch reference gives NaN otherwise too).
+#include "attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace selfeval_cpu {
+namespace {
+
+const float* cf32(uintptr_t p) { return reinterpret_cast<const float*>(p); }
+float* f32(uintptr_t p) { return reinterpret_cast<float*>(p); }
+const int32_t* i32(uintptr_t p) { return reinterpret_cast<const int32_t*>(p); }
+
+// e^x for x <= 0, vectorizable: x = k ln2 + r (Cody-Waite, |r| <= ln2 / 2), e^r by its degree-6
+// Taylor polynomial, times 2^k through the exponent bits; 0 below -87 (under float32's normal
+// range). Within 2e-7 relative of std::exp.
+inline float exp_neg(float x) {
+  x = std::max(x, -87.0f);
+  const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = (x - k * 0.693359375f) + k * 2.12194440e-4f;
+  float p = 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  return p * __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
+}
+
+// q . k over DIM floats in 16 lanes, summed pairwise.
+template <int64_t DIM>
+inline float dot(const float* q, const float* k) {
+  float lane[16] = {};
+  for (int64_t d = 0; d < DIM; d += 16)
+    for (int l = 0; l < 16; ++l) lane[l] += q[d + l] * k[d + l];
+  for (int w = 8; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) lane[l] += lane[l + w];
+  return lane[0];
+}
+
+inline float dot_any(const float* q, const float* k, int64_t dim) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t d = 0; d < dim; ++d) s += q[d] * k[d];
+  return s;
+}
+
+// One task: the `group` query heads at q (q_s1 apart) against the n_ctx keys and values of blocks
+// blk (rows c_s0 apart from kc / vc), into out [group, dim]. scores [group, n_ctx] and acc
+// [group, dim] are scratch. DIM: the head size when it is a multiple of 16 known here, else 0.
+// Cloned per vector ISA (AVX-512, AVX2, baseline) and picked when the module loads.
+template <int64_t DIM>
+__attribute__((target_clones("avx512f", "avx2", "default"))) void attend(
+    const float* q, int64_t q_s1, int64_t group, const float* kc, const float* vc, int64_t c_s0,
+    const int64_t* blk, int64_t n_ctx, int64_t block_size, int64_t dim, float scale, float* scores,
+    float* acc, float* out) {
+  for (int64_t j = 0, n0 = 0; n0 < n_ctx; ++j, n0 += block_size) {
+    const int64_t len = std::min(block_size, n_ctx - n0);
+    const float* kb = kc + blk[j] * block_size * c_s0;
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = q + g * q_s1;
+      float* sg = scores + g * n_ctx + n0;
+      for (int64_t i = 0; i < len; ++i)
+        sg[i] = (DIM ? dot<DIM>(qg, kb + i * c_s0) : dot_any(qg, kb + i * c_s0, dim)) * scale;
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {  // softmax numerators, in place
+    float* sg = scores + g * n_ctx;
+    const float m = *std::max_element(sg, sg + n_ctx);
+#pragma omp simd
+    for (int64_t n = 0; n < n_ctx; ++n) sg[n] = exp_neg(sg[n] - m);
+  }
+  std::fill(acc, acc + group * dim, 0.0f);
+  for (int64_t j = 0, n0 = 0; n0 < n_ctx; ++j, n0 += block_size) {
+    const int64_t len = std::min(block_size, n_ctx - n0);
+    const float* vb = vc + blk[j] * block_size * c_s0;
+    for (int64_t i = 0; i < len; ++i) {
+      const float* vn = vb + i * c_s0;
+      for (int64_t g = 0; g < group; ++g) {
+        const float p = scores[g * n_ctx + n0 + i];
+        float* a = acc + g * dim;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) a[d] += p * vn[d];
+      }
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    const float* sg = scores + g * n_ctx;
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t n = 0; n < n_ctx; ++n) total += sg[n];
+    const float inv = 1.0f / total;
+    for (int64_t d = 0; d < dim; ++d) out[g * dim + d] = acc[g * dim + d] * inv;
+  }
+}
+
+}  // namespace
+
+std::string paged_decode_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out,
+                                   uintptr_t block_tables, uintptr_t context_lens, int64_t seqs, int64_t heads,
+                                   int64_t kv_heads, int64_t dim, int64_t block_size, int64_t num_blocks,
+                                   int64_t table_width, int64_t table_stride, int64_t q_s0, int64_t q_s1,
+                                   int64_t c_s0, int64_t c_s1, double scale, int64_t threads) {
+  // Contexts and block ids are copied, then checked, before anything is read: only the copies are
+  // used, so another thread changing the tensors while the GIL is released cannot slip one in.
+  std::vector<int32_t> ctx(i32(context_lens), i32(context_lens) + seqs);
+  std::vector<int64_t> first(seqs + 1, 0);  // row b's block ids: blocks[first[b] .. first[b + 1])
+  int64_t longest = 0;
+  for (int64_t b = 0; b < seqs; ++b) {
+    const int64_t n = (static_cast<int64_t>(ctx[b]) + block_size - 1) / block_size;
+    if (ctx[b] < 0 || n > table_width)
+      return "paged_decode_attention: context length " + std::to_string(ctx[b]) + " outside the block table";
+    first[b + 1] = first[b] + n;
+    longest = std::max<int64_t>(longest, ctx[b]);
+  }
+  std::vector<int64_t> blocks(first[seqs]);
+  for (int64_t b = 0; b < seqs; ++b) {
+    const int32_t* row = i32(block_tables) + b * table_stride;
+    for (int64_t j = 0; j < first[b + 1] - first[b]; ++j) {
+      if (row[j] < 0 || row[j] >= num_blocks)
+        return "paged_decode_attention: block " + std::to_string(row[j]) + " outside the KV cache";
+      blocks[first[b] + j] = row[j];
+    }
+  }
+  const int64_t group = heads / kv_heads, tasks = seqs * kv_heads;
+  const float fscale = static_cast<float>(scale);
+  auto* run = dim == 64 ? &attend<64> : dim == 128 ? &attend<128> : &attend<0>;
+#pragma omp parallel num_threads(static_cast<int>(std::max<int64_t>(1, threads))) if (threads > 1 && tasks > 1)
+  {
+    std::vector<float> scores(group * std::max<int64_t>(longest, 1)), acc(group * dim);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t b = task / kv_heads, h = task % kv_heads;
+      float* o = f32(out) + (b * heads + h * group) * dim;
+      if (ctx[b] == 0) {
+        std::fill(o, o + group * dim, 0.0f);
+        continue;
+      }
+      run(cf32(q) + b * q_s0 + h * group * q_s1, q_s1, group, cf32(k_cache) + h * c_s1, cf32(v_cache) + h * c_s1,
+          c_s0, blocks.data() + first[b], ctx[b], block_size, dim, fscale, scores.data(), acc.data(), o);
+    }
+  }
+  return {};
+}
+
+}  // namespace selfeval_cpu

@@ -1,0 +1,188 @@
+"""engine._cpu's paged decode attention (kernels.cpu_ops.paged_decode_attention) against the torch
+reference: every row's one query over its own blocks, to float32 rounding; the same bits on one
+thread and on several; indices outside the table or cache raise before anything is read; layouts
+it cannot index safely go to the torch path; and the model runs it on steps of decodes alone."""
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import cpu_ops, paged_attention
+from kernels.attention import paged_attention_ref
+from kernels.dispatch import reference_only
+
+needs_cpu_ext = pytest.mark.skipif(cpu_ops.extension() is None, reason="engine._cpu is not built")
+
+
+def decode_batch(seed, seqs, heads, kv_heads, dim, block_size=16, blocks=64, width=9, max_ctx=None):
+    g = torch.Generator().manual_seed(seed)
+    k_cache = torch.randn(blocks * block_size, kv_heads, dim, generator=g)
+    v_cache = torch.randn(blocks * block_size, kv_heads, dim, generator=g)
+    tables = torch.randint(0, blocks, (seqs, width), generator=g, dtype=torch.int32)
+    ctx = torch.randint(1, (max_ctx or width * block_size) + 1, (seqs,), generator=g, dtype=torch.int32)
+    q = 2 * torch.randn(seqs, heads, dim, generator=g)  # scores of a few units: a peaked softmax
+    return q, k_cache, v_cache, tables, ctx
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 2, 64), (4, 4, 128), (6, 1, 80), (2, 2, 8), (8, 8, 7)])
+@pytest.mark.parametrize("seqs", [1, 3, 33])
+def test_decode_attention_matches_reference(heads, kv_heads, dim, seqs):
+    q, kc, vc, tables, ctx = decode_batch(seqs + dim, seqs, heads, kv_heads, dim)
+    ctx[0] = 1  # one key; the others end inside a block or on its last slot
+    if seqs > 2:
+        ctx[1] = 16 * 3
+    qsl = torch.arange(seqs + 1, dtype=torch.int32)
+    got = cpu_ops.paged_decode_attention(q, kc, vc, tables, ctx, 16, dim**-0.5)
+    ref = paged_attention_ref(q, kc, vc, tables, ctx, qsl, 16, dim**-0.5)
+    assert got is not None and got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=2e-5, atol=2e-6)
+
+
+@needs_cpu_ext
+def test_decode_attention_reads_strided_queries_and_a_layer_of_the_cache():
+    # q as the model hands it (rows of a wider tensor), the cache as a layer of [2, L, slots, Hkv, D]
+    seqs, heads, kv_heads, dim, bs = 5, 8, 2, 64, 8
+    g = torch.Generator().manual_seed(3)
+    cache = torch.randn(2, 3, 40 * bs, kv_heads, dim, generator=g)
+    wide = torch.randn(seqs, heads + 4, dim, generator=g)
+    q = wide[:, 2 : 2 + heads]
+    tables = torch.randperm(40, generator=g)[:30].view(seqs, 6).to(torch.int32)
+    ctx = torch.tensor([1, 8, 9, 47, 48], dtype=torch.int32)
+    qsl = torch.arange(seqs + 1, dtype=torch.int32)
+    got = cpu_ops.paged_decode_attention(q, cache[0, 1], cache[1, 1], tables, ctx, bs, 0.125)
+    ref = paged_attention_ref(q, cache[0, 1], cache[1, 1], tables, ctx, qsl, bs, 0.125)
+    torch.testing.assert_close(got, ref, rtol=2e-5, atol=2e-6)
+
+
+@needs_cpu_ext
+def test_decode_attention_is_the_same_on_any_number_of_threads():
+    q, kc, vc, tables, ctx = decode_batch(11, 40, 8, 2, 64)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(cpu_ops.paged_decode_attention(q, kc, vc, tables, ctx, 16, 0.125))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+@needs_cpu_ext
+def test_decode_attention_is_row_independent():
+    # a row's output does not depend on which other rows share the step (batch invariance)
+    q, kc, vc, tables, ctx = decode_batch(5, 9, 8, 2, 64)
+    whole = cpu_ops.paged_decode_attention(q, kc, vc, tables, ctx, 16, 0.125)
+    for row in (0, 4, 8):
+        alone = cpu_ops.paged_decode_attention(q[row : row + 1], kc, vc, tables[row : row + 1],
+                                               ctx[row : row + 1], 16, 0.125)
+        assert torch.equal(whole[row], alone[0])
+
+
+@needs_cpu_ext
+def test_decode_attention_out_of_range_raises_before_reading():
+    q, kc, vc, tables, ctx = decode_batch(2, 3, 4, 2, 16, blocks=8, width=4)
+    bad_block = tables.clone()
+    bad_block[1, 0] = 8
+    lens = lambda *n: torch.tensor(n, dtype=torch.int32)  # noqa: E731
+    with pytest.raises(IndexError, match="block 8 outside the KV cache"):
+        cpu_ops.paged_decode_attention(q, kc, vc, bad_block, lens(5, 5, 5), 16, 1.0)
+    with pytest.raises(IndexError, match="context length 65 outside the block table"):
+        cpu_ops.paged_decode_attention(q, kc, vc, tables, lens(1, 65, 1), 16, 1.0)
+    with pytest.raises(IndexError, match="context length -1"):
+        cpu_ops.paged_decode_attention(q, kc, vc, tables, lens(1, -1, 1), 16, 1.0)
+    # block ids past a row's context are never read, so they are not checked
+    tail = tables.clone()
+    tail[:, 1:] = -7
+    assert cpu_ops.paged_decode_attention(q, kc, vc, tail, torch.full((3,), 16, dtype=torch.int32), 16, 1.0) \
+        is not None
+
+
+@needs_cpu_ext
+def test_decode_attention_leaves_what_it_cannot_run_to_torch():
+    q, kc, vc, tables, ctx = decode_batch(4, 3, 4, 2, 16, blocks=8, width=4)
+    args = dict(q=q, k_cache=kc, v_cache=vc, block_tables=tables, context_lens=ctx, block_size=16, scale=1.0)
+    bad = {
+        "float64": dict(q=q.double(), k_cache=kc.double(), v_cache=vc.double()),
+        "int64 tables": dict(block_tables=tables.long()),
+        "int64 contexts": dict(context_lens=ctx.long()),
+        "a table per other rows": dict(block_tables=tables[:2]),
+        "heads not a multiple of KV heads": dict(q=torch.randn(3, 3, 16)),
+        "v cache of another shape": dict(v_cache=vc[:, :1]),
+        "strided head dim": dict(q=torch.randn(3, 4, 32)[:, :, ::2]),
+        "transposed table": dict(block_tables=tables.t().contiguous().t()),
+    }
+    for what, change in bad.items():
+        assert cpu_ops.paged_decode_attention(**{**args, **change}) is None, what
+    assert cpu_ops.paged_decode_attention(q.requires_grad_(), kc, vc, tables, ctx, 16, 1.0) is None
+    q = q.detach()
+    with reference_only():
+        assert cpu_ops.paged_decode_attention(q, kc, vc, tables, ctx, 16, 1.0) is None
+    # through kernels.paged_attention: the C++ call for decodes alone, the torch path otherwise
+    qsl = torch.arange(4, dtype=torch.int32)
+    ref = paged_attention_ref(q, kc, vc, tables, ctx, qsl, 16, 1.0)
+    torch.testing.assert_close(paged_attention(q, kc, vc, tables, ctx, qsl, 16, 1.0, 1, int(ctx.max())), ref,
+                               rtol=2e-5, atol=2e-6)
+    longest = int(ctx.max())
+    as_double = paged_attention(q.double(), kc.double(), vc.double(), tables, ctx, qsl, 16, 1.0, 1, longest)
+    torch.testing.assert_close(as_double, ref.double(), rtol=1e-5, atol=1e-6)
+
+
+@needs_cpu_ext
+def test_model_decode_steps_run_the_cpp_attention(monkeypatch):
+    # the engine's decode steps reach the C++ kernel, and greedy tokens match the torch path's
+    from engine import Engine, SamplingParams
+    from engine.testing.make_model import make_model
+
+    calls = []
+    real = cpu_ops.paged_decode_attention
+
+    def counted(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_model(Path(tmp) / "m", "llama", seed=0, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        prompts = [[5, 6, 7, 8, 9], list(range(10, 40))]
+        eng = Engine(str(path), device="cpu", dtype=torch.float32)
+        monkeypatch.setattr(cpu_ops, "paged_decode_attention", counted)
+
+        def tokens():
+            outs = eng.run_until_done([eng.add_request(p, params) for p in prompts])
+            return [o.samples[0].token_ids for o in outs]
+
+        fast = tokens()
+        assert calls and all(calls)
+        monkeypatch.setenv("SELFEVAL_KERNELS", "reference")
+        calls.clear()
+        ref = tokens()
+        assert not any(calls)
+    assert fast == ref
+
+
+@needs_cpu_ext
+def test_decodes_beside_chunks_get_the_bits_of_a_step_of_decodes_alone():
+    # a decode row's output must not depend on whether a prompt chunk shares its step (async
+    # scheduling and batch invariance rely on it): mixed steps run their decodes through the kernel
+    from kernels.attention import paged_attention_cpu
+
+    q, kc, vc, tables, ctx = decode_batch(9, 4, 8, 2, 64)
+    chunk = 5  # row 2 is a chunk of 5 queries, the others decode
+    ctx[2] = max(int(ctx[2]), chunk)
+    q_lens = [1, 1, chunk, 1]
+    qsl = torch.tensor([0, 1, 2, 2 + chunk, 3 + chunk], dtype=torch.int32)
+    g = torch.Generator().manual_seed(1)
+    q_mixed = torch.randn(sum(q_lens), 8, 64, generator=g)
+    decode_rows = [0, 1, 3 + chunk - 1]
+    q_mixed[decode_rows] = q[[0, 1, 3]]
+    mixed = paged_attention_cpu(q_mixed, kc, vc, tables, ctx, qsl, 16, 0.125)
+    alone = cpu_ops.paged_decode_attention(q[[0, 1, 3]], kc, vc, tables[[0, 1, 3]], ctx[[0, 1, 3]], 16, 0.125)
+    assert torch.equal(mixed[decode_rows], alone)
+    ref = paged_attention_ref(q_mixed, kc, vc, tables, ctx, qsl, 16, 0.125)
+    torch.testing.assert_close(mixed, ref, rtol=2e-5, atol=2e-6)
