@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from kernels import autotune
+from kernels import autotune, cpu_ops
 from kernels.dispatch import HAS_TRITON, use_triton
 
 
@@ -46,4 +46,5 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if use_triton(x):
         return silu_and_mul_triton(x)
-    return silu_and_mul_ref(x)
+    fused = cpu_ops.silu_and_mul(x)  # one call instead of three ops (float32)
+    return silu_and_mul_ref(x) if fused is None else fused

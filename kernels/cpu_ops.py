@@ -1,4 +1,5 @@
-"""Python side of engine._cpu: the decode step's small ops on the CPU in one call each (float32).
+"""Python side of engine._cpu: the decode step's small ops on the CPU in one call each (float32):
+RMSNorm, SiLU-and-mul, RoPE + the KV store, and paged decode attention.
 Each falls back to its torch path (returns None) where it does not apply: another dtype or device,
 autograd (training), reference_only() or SELFEVAL_KERNELS=reference, or no engine._cpu. The
 wrappers stay lean: at batch 1 their Python is most of what they cost (bench/host_overhead.py)."""
@@ -48,14 +49,28 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     out = torch.empty((rows, cols), dtype=_F32)
     if r2 is None:
         extension().rms_norm(x2.data_ptr(), 0, weight.data_ptr(), out.data_ptr(), 0, rows, cols,
-                             x2.stride(0), 0, eps, False)
+                             x2.stride(0), 0, eps, False, torch.get_num_threads())
         return (out if x.dim() == 2 else out.view(x.shape)), x
     res_out = torch.empty((rows, cols), dtype=_F32)
     extension().rms_norm(x2.data_ptr(), r2.data_ptr(), weight.data_ptr(), out.data_ptr(), res_out.data_ptr(),
-                         rows, cols, x2.stride(0), r2.stride(0), eps, True)
+                         rows, cols, x2.stride(0), r2.stride(0), eps, True, torch.get_num_threads())
     if x.dim() == 2:
         return out, res_out
     return out.view(x.shape), res_out.view(x.shape)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor | None:
+    """kernels.silu_and_mul for x [..., 2I] with unit column stride: [..., I]; None: not here."""
+    if not available(x) or x.dim() == 0 or x.shape[-1] % 2:
+        return None
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if x2.stride(1) != 1:
+        return None
+    rows, inter = x2.shape[0], x2.shape[1] // 2
+    out = torch.empty((rows, inter), dtype=_F32)
+    extension().silu_and_mul(x2.data_ptr(), out.data_ptr(), rows, inter, x2.stride(0),
+                             torch.get_num_threads())
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], inter)
 
 
 def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,

@@ -38,15 +38,25 @@ inline float exp_neg(float x) {
   return p * __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
 }
 
-// q . k over DIM floats in 16 lanes, summed pairwise.
-template <int64_t DIM>
-inline float dot(const float* q, const float* k) {
-  float lane[16] = {};
-  for (int64_t d = 0; d < DIM; d += 16)
-    for (int l = 0; l < 16; ++l) lane[l] += q[d + l] * k[d + l];
-  for (int w = 8; w >= 1; w /= 2)
-    for (int l = 0; l < w; ++l) lane[l] += lane[l + w];
-  return lane[0];
+// GCC vector types: each clone of attend lowers a v16 to one AVX-512 register, two AVX2 or four
+// SSE ones. Loads and stores go through memcpy (no alignment assumed).
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
+inline v16 load16(const float* p) {
+  v16 v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store16(float* p, v16 v) { __builtin_memcpy(p, &v, sizeof v); }
+
+inline float hsum(v16 a) {
+  const v8 b = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4 c = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
+  return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
 inline float dot_any(const float* q, const float* k, int64_t dim) {
@@ -58,8 +68,10 @@ inline float dot_any(const float* q, const float* k, int64_t dim) {
 
 // One task: the `group` query heads at q (q_s1 apart) against the n_ctx keys and values of blocks
 // blk (rows c_s0 apart from kc / vc), into out [group, dim]. scores [group, n_ctx] and acc
-// [group, dim] are scratch. DIM: the head size when it is a multiple of 16 known here, else 0.
-// Cloned per vector ISA (AVX-512, AVX2, baseline) and picked when the module loads.
+// [group, dim] are scratch. DIM: the head size when it is 64, 128 or 256, else 0 (a plain loop).
+// Per key: its K row is loaded once for all the group's query heads (16-lane products, one
+// horizontal sum each), and its V row once for all their accumulators. Cloned per vector ISA
+// (AVX-512, AVX2, baseline) and picked when the module loads.
 template <int64_t DIM>
 __attribute__((target_clones("avx512f", "avx2", "default"))) void attend(
     const float* q, int64_t q_s1, int64_t group, const float* kc, const float* vc, int64_t c_s0,
@@ -68,11 +80,23 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void attend(
   for (int64_t j = 0, n0 = 0; n0 < n_ctx; ++j, n0 += block_size) {
     const int64_t len = std::min(block_size, n_ctx - n0);
     const float* kb = kc + blk[j] * block_size * c_s0;
-    for (int64_t g = 0; g < group; ++g) {
-      const float* qg = q + g * q_s1;
-      float* sg = scores + g * n_ctx + n0;
-      for (int64_t i = 0; i < len; ++i)
-        sg[i] = (DIM ? dot<DIM>(qg, kb + i * c_s0) : dot_any(qg, kb + i * c_s0, dim)) * scale;
+    if constexpr (DIM > 0) {
+      for (int64_t i = 0; i < len; ++i) {
+        v16 k[DIM / 16];
+        for (int64_t c = 0; c < DIM / 16; ++c) k[c] = load16(kb + i * c_s0 + 16 * c);
+        for (int64_t g = 0; g < group; ++g) {
+          const float* qg = q + g * q_s1;
+          v16 s = load16(qg) * k[0];
+          for (int64_t c = 1; c < DIM / 16; ++c) s += load16(qg + 16 * c) * k[c];
+          scores[g * n_ctx + n0 + i] = hsum(s) * scale;
+        }
+      }
+    } else {
+      for (int64_t g = 0; g < group; ++g) {
+        const float* qg = q + g * q_s1;
+        float* sg = scores + g * n_ctx + n0;
+        for (int64_t i = 0; i < len; ++i) sg[i] = dot_any(qg, kb + i * c_s0, dim) * scale;
+      }
     }
   }
   for (int64_t g = 0; g < group; ++g) {  // softmax numerators, in place
@@ -87,11 +111,21 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void attend(
     const float* vb = vc + blk[j] * block_size * c_s0;
     for (int64_t i = 0; i < len; ++i) {
       const float* vn = vb + i * c_s0;
-      for (int64_t g = 0; g < group; ++g) {
-        const float p = scores[g * n_ctx + n0 + i];
-        float* a = acc + g * dim;
+      if constexpr (DIM > 0) {
+        v16 v[DIM / 16];
+        for (int64_t c = 0; c < DIM / 16; ++c) v[c] = load16(vn + 16 * c);
+        for (int64_t g = 0; g < group; ++g) {
+          const float p = scores[g * n_ctx + n0 + i];
+          float* a = acc + g * DIM;
+          for (int64_t c = 0; c < DIM / 16; ++c) store16(a + 16 * c, load16(a + 16 * c) + p * v[c]);
+        }
+      } else {
+        for (int64_t g = 0; g < group; ++g) {
+          const float p = scores[g * n_ctx + n0 + i];
+          float* a = acc + g * dim;
 #pragma omp simd
-        for (int64_t d = 0; d < dim; ++d) a[d] += p * vn[d];
+          for (int64_t d = 0; d < dim; ++d) a[d] += p * vn[d];
+        }
       }
     }
   }
@@ -104,6 +138,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void attend(
     for (int64_t d = 0; d < dim; ++d) out[g * dim + d] = acc[g * dim + d] * inv;
   }
 }
+
 
 }  // namespace
 
@@ -135,7 +170,7 @@ std::string paged_decode_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_c
   }
   const int64_t group = heads / kv_heads, tasks = seqs * kv_heads;
   const float fscale = static_cast<float>(scale);
-  auto* run = dim == 64 ? &attend<64> : dim == 128 ? &attend<128> : &attend<0>;
+  auto* run = dim == 64 ? &attend<64> : dim == 128 ? &attend<128> : dim == 256 ? &attend<256> : &attend<0>;
 #pragma omp parallel num_threads(static_cast<int>(std::max<int64_t>(1, threads))) if (threads > 1 && tasks > 1)
   {
     std::vector<float> scores(group * std::max<int64_t>(longest, 1)), acc(group * dim);

@@ -143,3 +143,41 @@ def test_cpu_kernels_leave_shapes_they_cannot_index_safely_to_torch():
         assert not kc.any() and not vc.any(), what
     with pytest.raises((IndexError, RuntimeError)):  # the reference's own error
         rotary_store_kv(q, k, v, kc, vc, slots[:2], pos, table)
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("rows", [0, 1, 37, 130])
+@pytest.mark.parametrize("layout", ["rows", "3d", "strided"])
+def test_silu_and_mul_one_cpp_call_matches_reference(rows, layout):
+    from kernels.activation import silu_and_mul, silu_and_mul_ref
+
+    g = torch.Generator().manual_seed(rows)
+    base = 4 * torch.randn(rows, 2, 200, generator=g)
+    layouts = {"rows": base[:, 0, :160].contiguous(), "3d": base[:, :, :160].contiguous(),
+               "strided": base[:, 1, :160]}
+    x = layouts[layout]
+    fused = cpu_ops.silu_and_mul(x)
+    assert fused is not None and fused.shape == x.shape[:-1] + (80,)
+    assert torch.equal(silu_and_mul(x), fused)
+    torch.testing.assert_close(fused, silu_and_mul_ref(x), rtol=1e-6, atol=1e-6)
+    assert cpu_ops.silu_and_mul(x.double()) is None and cpu_ops.silu_and_mul(x[..., :159]) is None
+    assert cpu_ops.silu_and_mul(torch.randn(4, 8)[:, ::2]) is None  # no unit column stride
+
+
+@needs_cpu_ext
+def test_row_parallel_cpu_kernels_give_the_same_bits_on_any_number_of_threads():
+    g = torch.Generator().manual_seed(0)
+    x, res = torch.randn(300, 96, generator=g), torch.randn(300, 96, generator=g)
+    w = torch.randn(96, generator=g)
+    gate_up = torch.randn(300, 160, generator=g)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append((*cpu_ops.rms_norm(x, w, 1e-5, res), cpu_ops.silu_and_mul(gate_up)))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for o in outs[1:] for a, b in zip(outs[0], o))
+    one_row = cpu_ops.rms_norm(x[7:8], w, 1e-5, res[7:8])[0]  # a prompt's row is a decode's row
+    assert torch.equal(one_row[0], outs[0][0][7])

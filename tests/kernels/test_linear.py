@@ -1,15 +1,16 @@
 """The packed CPU linear against F.linear: exact packing round trip, the same products over a
-sweep of rows, widths, parts and biases, and a model that swaps its projections in unchanged."""
+sweep of rows (both paths: the batched matmul, and from VIEWS_MIN_ROWS rows each block into its
+output columns), widths, parts and biases, and a model that swaps its projections in unchanged."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.linear import pack_weight, packed_linear, unpack_weight
+from kernels.linear import VIEWS_MIN_ROWS, pack_weight, packed_linear, unpack_weight
 
 
 @pytest.mark.parametrize("parts", [1, 2, 4])
-@pytest.mark.parametrize("rows", [0, 1, 7, 16, 300])
+@pytest.mark.parametrize("rows", [0, 1, 7, 16, 300, VIEWS_MIN_ROWS, 700])
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_linear_matches_f_linear(parts, rows, bias):
     g = torch.Generator().manual_seed(rows * 10 + parts)
@@ -20,7 +21,9 @@ def test_packed_linear_matches_f_linear(parts, rows, bias):
         packed = pack_weight(w, parts)
         assert packed.shape == (parts, in_features, out_features // parts) and packed.is_contiguous()
         assert torch.equal(unpack_weight(packed), w)
-        torch.testing.assert_close(packed_linear(x, packed, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+        y = packed_linear(x, packed, b)
+        assert y.shape == (rows, out_features) and y.is_contiguous()
+        torch.testing.assert_close(y, F.linear(x, w, b), atol=1e-4, rtol=1e-5)
 
 
 def test_parts_must_divide_the_outputs():
