@@ -1,0 +1,74 @@
+"""LlamaForCausalLM.decode_cpu, the lean loop that runs a CPU step of decodes: the same tokens,
+logprobs and cache bits as the layers' own forward, and the layouts it does not take go there."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from engine import Engine, SamplingParams
+from kernels import cpu_ops
+
+pytestmark = pytest.mark.skipif(cpu_ops.extension() is None, reason="engine._cpu is not built")
+
+
+def _run(eng, prompts):
+    params = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True, seed=3, n=2)]
+    ids = [eng.add_request(p, params[i % 2]) for i, p in enumerate(prompts)]
+    outs = eng.run_until_done(ids)
+    return [(s.token_ids, s.logprobs, s.top_logprobs) for o in outs for s in o.samples]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_decode_loop_gives_the_bits_of_the_layers_forward(model_dirs, arch, monkeypatch):
+    # no prefix caching: the second run must schedule the steps of the first
+    eng = Engine(str(model_dirs[arch]), device="cpu", dtype=torch.float32, enable_prefix_caching=False)
+    model = eng.core.model
+    # qwen3's q/k norms are not in the loop: its decode steps run the layers' forward
+    assert (model.cpu_decode_layers is None) == (arch == "qwen3")
+    used = []
+    real = type(model).decode_cpu
+
+    def counted(self, *args):
+        out = real(self, *args)
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(type(model), "decode_cpu", counted)
+    prompts = [[5, 6, 7, 8, 9], list(range(10, 40)), list(range(40, 57))]
+    fast = _run(eng, prompts)
+    assert used and all(used) if arch != "qwen3" else not used
+    layers, model.cpu_decode_layers, used[:] = model.cpu_decode_layers, None, []
+    slow = _run(eng, prompts)
+    assert not used
+    assert fast == slow  # tokens and logprobs to the bit
+    model.cpu_decode_layers = layers
+
+
+def test_decode_loop_writes_the_cache_of_the_layers_forward(model_dirs):
+    eng = Engine(str(model_dirs["llama"]), device="cpu", dtype=torch.float32)
+    model, runner = eng.core.model, eng.core.runner
+    seen = []
+    real = model.forward
+
+    def capture(ids, meta, kv):
+        seen.append((ids.clone(), meta, kv))
+        return real(ids, meta, kv)
+
+    model.forward = capture
+    eng.run_until_done([eng.add_request(list(range(5, 5 + n)), SamplingParams(temperature=0, max_tokens=6))
+                        for n in (3, 20, 33)])
+    del model.forward
+    ids, meta, _ = next(c for c in seen if c[1].max_query_len == 1 and len(c[0]) == 3)  # decodes only
+    with torch.inference_mode():
+        caches = []
+        for layers in (model.cpu_decode_layers, None):
+            kv = runner.kv_cache.clone()
+            kept, model.cpu_decode_layers = model.cpu_decode_layers, layers
+            caches.append((model(ids, meta, kv), kv))
+            model.cpu_decode_layers = kept
+        assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+        # a layout the loop does not index (int64 block tables) is left to the layers' forward
+        odd = replace(meta, block_tables=meta.block_tables.long())
+        assert model.decode_cpu(model.embed(ids), odd, runner.kv_cache.clone()) is None
