@@ -249,17 +249,21 @@ class EngineCore:
             built = {k: d for k, d in self._built.items() if k in self.requests}
             self._built = {}
             out = []
-            r = marks = None
+            journal, start = [], None
+            delta = self.outputs.delta
             try:
                 for r in live:
-                    marks = self.outputs.marks(r)
-                    d = self.outputs.delta(r)
-                    earlier = built.pop(r.request_id, None)
-                    out.append(d if earlier is None else earlier.merge(d))
-                    marks = None
+                    start = len(journal)
+                    d = delta(r, journal)
+                    if built:
+                        earlier = built.pop(r.request_id, None)
+                        if earlier is not None:
+                            d = earlier.merge(d)
+                    out.append(d)
+                    start = None
             except BaseException:
-                if marks is not None:  # its delta is not kept: what it took is reported again
-                    self.outputs.rewind(r, marks)
+                if start is not None:  # its delta is not kept: what it took is reported again
+                    self.outputs.rewind(journal[start:])
                 self._built = {**built, **{d.request_id: d for d in out}}
                 raise
             self._built = built  # not delivered in this step (a final-only step: not finished yet)

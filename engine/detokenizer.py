@@ -8,12 +8,47 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
+class BytePieces(dict):
+    """token id -> its text when a ByteLevel decoder (GPT-2, Llama 3, Qwen) decodes it after any
+    text that ends on a whole character: the token's own bytes when they are whole UTF-8
+    characters, else None (a part of a character, an added or special token: the stream decodes
+    it). Filled as tokens are first seen. A dict lookup in place of a DecodeStream.step (1.4 us
+    a token: most of the detokenize phase of bench/host_overhead.py)."""
+
+    def __init__(self, backend):
+        super().__init__()
+        self._backend = backend
+        self._added = set(backend.get_added_tokens_decoder())
+        self._vocab = backend.get_vocab_size(with_added_tokens=False)
+
+    @staticmethod
+    def of(tokenizer) -> BytePieces | None:
+        """The table for a tokenizer whose decoder is ByteLevel alone; None for any other."""
+        from tokenizers.decoders import ByteLevel
+
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        return BytePieces(backend) if backend is not None and isinstance(backend.decoder, ByteLevel) else None
+
+    def __missing__(self, token: int) -> str | None:
+        piece = None
+        if 0 <= token < self._vocab and token not in self._added:
+            text = self._backend.decode([token], skip_special_tokens=False)
+            if text and "\ufffd" not in text:  # whole characters (or a real U+FFFD: left to the stream)
+                piece = text
+        self[token] = piece
+        return piece
+
+
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_ids: Sequence[int], stop: Sequence[str] = ()):
+    def __init__(self, tokenizer, prompt_ids: Sequence[int], stop: Sequence[str] = (),
+                 pieces: BytePieces | None = None):
+        """pieces: the tokenizer's BytePieces, if it has one (the stream is skipped for the tokens
+        it knows while the text ends on a whole character)."""
         self.stop = list(stop)
         self._hold = max((len(s) for s in self.stop), default=1) - 1
-        self._text = ""  # decoded so far (past a stop string: cut there)
-        self._emitted = 0  # characters of _text already returned
+        self._text = ""  # decoded so far (past a stop string: cut there), but for _parts
+        self._parts: list[str] = []  # push_token's pieces, joined onto _text when it is read
+        self._emitted = 0  # characters of the text already returned
         self.stopped = False
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._stream = None
@@ -27,10 +62,25 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._ids: list[int] = list(prompt_ids)[-8:]
         self._prefix = len(self._ids)
+        # Whether the stream's text ends on a whole character: then a token in pieces adds its
+        # piece whatever came before (ByteLevel decodes bytes, then UTF-8 over all of them).
+        self._pieces = pieces if self._stream is not None else None
+        # push_token applies: a fast tokenizer and no stop string (so never stopped)
+        self.lean = self._stream is not None and not self.stop
+        self._whole = pieces is not None and not (
+            self._ids and backend.decode(self._ids, skip_special_tokens=True).endswith("\ufffd"))
 
     @property
     def text(self) -> str:
+        if self._parts:
+            self._join()
         return self._text
+
+    def _join(self) -> None:
+        # A join now and then, not a copy of the whole text each token (str += on an attribute
+        # copies: quadratic in the response).
+        self._text += "".join(self._parts)
+        self._parts.clear()
 
     def _window_step(self, token: int, final: bool = False) -> str:
         """Decode a short window and emit what grew past its context (slow tokenizers, and the
@@ -46,23 +96,32 @@ class IncrementalDetokenizer:
         self._prefix = len(self._ids)
         return new
 
+    def push_token(self, token: int) -> str:
+        """push([token]) while generation goes on, where lean: the decode step's case, kept lean
+        (one token, nothing held back, all of it emitted)."""
+        ids = self._ids
+        ids.append(token)
+        piece = self._pieces[token] if self._whole else None
+        if piece is None:
+            piece = self._stream.step(self._backend, token)
+            self._whole = piece is not None and self._pieces is not None
+            if piece is None:  # part of a character: the next token completes it
+                return ""
+        if len(ids) > 32:  # trimmed now and then, not sliced every token
+            del ids[:-8]
+        self._prefix = len(ids)
+        self._parts.append(piece)
+        self._emitted += len(piece)  # no stop string: all of it goes out
+        return piece
+
     def push(self, token_ids: Sequence[int], final: bool = False) -> str:
         """Decode new tokens; returns the text now safe to emit. final: generation ended, flush
         what was held back for a stop string."""
+        if len(token_ids) == 1 and not final and self.lean:
+            return self.push_token(int(token_ids[0]))
+        if self._parts:
+            self._join()
         stream, ids = self._stream, self._ids
-        if len(token_ids) == 1 and stream is not None and not final and not self.stop and not self.stopped:
-            # The decode step's case, kept lean: one token, nothing held back, all of it emitted.
-            token = int(token_ids[0])
-            ids.append(token)
-            piece = stream.step(self._backend, token)
-            if piece is None:  # part of a character: the next token completes it
-                return ""
-            if len(ids) > 32:
-                del ids[:-8]
-            self._prefix = len(ids)
-            self._text += piece
-            self._emitted = len(self._text)
-            return piece
         for token in token_ids:
             if self.stopped:
                 break
@@ -71,7 +130,10 @@ class IncrementalDetokenizer:
                 piece = self._window_step(token)
             else:
                 ids.append(token)
-                piece = stream.step(self._backend, token)
+                piece = self._pieces[token] if self._whole else None
+                if piece is None:
+                    piece = stream.step(self._backend, token)
+                    self._whole = piece is not None and self._pieces is not None
                 if piece is None:  # part of a character: the next token completes it
                     continue
                 if len(ids) > 32:  # trimmed now and then, not sliced every token

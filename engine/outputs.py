@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from engine.detokenizer import IncrementalDetokenizer
+from engine.detokenizer import BytePieces, IncrementalDetokenizer
 from engine.sampling import RequestDelta, RequestOutput, Sample, SampleDelta
 from engine.scheduler import Scheduler
 from engine.sequence import Request
@@ -14,6 +14,7 @@ from engine.sequence import Request
 class OutputProcessor:
     def __init__(self, tokenizer, scheduler: Scheduler):
         self.tokenizer, self.scheduler = tokenizer, scheduler
+        self.pieces = BytePieces.of(tokenizer)
 
     def advance_text(self, request: Request, lazy: bool = False) -> None:
         """Detokenize each sample's new tokens; a stop string ends its generation. lazy: leave a
@@ -25,12 +26,20 @@ class OutputProcessor:
                 continue
             if seq.detokenizer is None:
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_ids,
-                                                         request.params.stop)
+                                                         request.params.stop, self.pieces)
             start = base + seq.detokenized
             generating = seq.finish_reason is None
-            if start == len(seq.token_ids) and (generating or seq.emitted_end):
+            token_ids = seq.token_ids
+            length = len(token_ids)
+            if start + 1 == length and generating and seq.detokenizer.lean:  # a decode step's one token
+                seq.detokenized += 1
+                text = seq.detokenizer.push_token(token_ids[start])
+                if text:
+                    seq.pending_text += text
                 continue
-            new = seq.token_ids[start:]
+            if start == length and (generating or seq.emitted_end):
+                continue
+            new = token_ids[start:]
             seq.detokenized += len(new)
             text = seq.detokenizer.push(new, final=not generating)
             if seq.detokenizer.stopped and seq.finish_reason in (None, "length"):
@@ -40,48 +49,48 @@ class OutputProcessor:
             if text:
                 seq.pending_text += text
 
-    def delta(self, request: Request) -> RequestDelta:
+    def delta(self, request: Request, journal: list | None = None) -> RequestDelta:
         """What changed since the last delta; the last one (request finished) carries the output
-        (the caller then drops the request)."""
-        delta = RequestDelta(request.request_id, [])
+        (the caller then drops the request). journal: each sample's counters are appended to it
+        before they move on, so rewind(journal) can undo a delta that is lost."""
+        samples = []
         base = request.num_prompt
         for seq in request.seqs:  # once per sample per step: kept lean
             if seq.is_root:
                 continue
-            emitted = seq.emitted
+            emitted, n_scores = seq.emitted, len(seq.checkpoint_scores)
+            token_ids = seq.token_ids
             ended = seq.finish_reason is not None and not seq.emitted_end
             score = seq.score if seq.score is not None and not seq.score_emitted else None
-            if (len(seq.token_ids) == base + emitted and not seq.pending_text and not ended
-                    and score is None and len(seq.checkpoint_scores) == seq.emitted_scores):
+            if (len(token_ids) == base + emitted and not seq.pending_text and not ended
+                    and score is None and n_scores == seq.emitted_scores):
                 continue  # nothing new
-            scores, top, logprobs = seq.checkpoint_scores, seq.top_logprobs, seq.logprobs
+            if journal is not None:
+                journal.append((seq, emitted, seq.emitted_scores, seq.pending_text, seq.emitted_end,
+                                seq.score_emitted))
+            top = seq.top_logprobs
             # Every field positional: a dataclass's default factories cost as much as the rest.
-            d = SampleDelta(seq.index, seq.token_ids[base + emitted:], seq.pending_text, logprobs[emitted:],
-                            None, None, scores[seq.emitted_scores:] if scores else [],
+            d = SampleDelta(seq.index, token_ids[base + emitted:], seq.pending_text, seq.logprobs[emitted:],
+                            None, None, seq.checkpoint_scores[seq.emitted_scores:] if n_scores else [],
                             top[emitted:] if top else [])
-            seq.emitted += len(d.token_ids)
-            seq.emitted_scores = len(seq.checkpoint_scores)
+            seq.emitted = len(token_ids) - base
+            seq.emitted_scores = n_scores
             seq.pending_text = ""
             if ended:
                 d.finish_reason = seq.finish_reason
                 seq.emitted_end = True
             if score is not None:
                 d.score, seq.score_emitted = score, True
-            delta.samples.append(d)
+            samples.append(d)
         if request.finished:
-            delta.finished, delta.output = True, self.output(request)
-        return delta
+            return RequestDelta(request.request_id, samples, True, self.output(request))
+        return RequestDelta(request.request_id, samples)
 
     @staticmethod
-    def marks(request: Request) -> list[tuple]:
-        """What delta(request) moves on: restore it with rewind() if that delta is lost."""
-        return [(s.emitted, s.emitted_scores, s.pending_text, s.emitted_end, s.score_emitted)
-                for s in request.seqs]
-
-    @staticmethod
-    def rewind(request: Request, marks: list[tuple]) -> None:
-        for s, m in zip(request.seqs, marks):
-            s.emitted, s.emitted_scores, s.pending_text, s.emitted_end, s.score_emitted = m
+    def rewind(journal: list) -> None:
+        """Put back the counters that delta() recorded in journal, latest last."""
+        for seq, *marks in reversed(journal):
+            seq.emitted, seq.emitted_scores, seq.pending_text, seq.emitted_end, seq.score_emitted = marks
 
     def output(self, request: Request) -> RequestOutput:
         samples = []

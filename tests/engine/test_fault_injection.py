@@ -195,11 +195,11 @@ def test_an_interrupt_while_outputs_are_made_delivers_them_on_the_next_step(llam
     ids = [eng.add_request(p, greedy) for p in prompts]
     delta, fired = eng.core.outputs.delta, []
 
-    def interrupted(request):  # Ctrl-C while the step that finishes them builds its outputs
+    def interrupted(request, journal=None):  # Ctrl-C while the step that finishes them builds its outputs
         if request.finished and not fired:
             fired.append(request.request_id)
             raise KeyboardInterrupt
-        return delta(request)
+        return delta(request, journal)
 
     eng.core.outputs.delta = interrupted
     outs = _drain(eng)
@@ -221,13 +221,13 @@ def test_an_interrupt_while_deltas_are_built_loses_nothing_streamed(llama_dir, c
         ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
         delta, calls = eng.core.outputs.delta, []
 
-        def interrupted(request):
+        def interrupted(request, journal=None):
             calls.append(request.request_id)
             if fault and len(calls) == call:
                 if after:
-                    delta(request)
+                    delta(request, journal)
                 raise KeyboardInterrupt
-            return delta(request)
+            return delta(request, journal)
 
         eng.core.outputs.delta = interrupted
         streamed, final, raised = {}, {}, 0

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine import Engine, SamplingParams
-from engine.detokenizer import IncrementalDetokenizer
+from engine.detokenizer import BytePieces, IncrementalDetokenizer
 from engine.policies import Prune
 
 PIECES = ["a", "é", "日本", "🙂", " ", "Yes", "No", "x", "\n", "1", "ß", "€"]
@@ -55,6 +55,34 @@ def test_random_token_ids_detokenize_exactly(eng):
         d = IncrementalDetokenizer(eng.tokenizer, prompt)  # several tokens a push: the general path
         got = "".join(d.push(ids[i:i + 3]) for i in range(0, len(ids), 3)) + d.push([], final=True)
         assert got == d.text == eng.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_byte_pieces_emit_the_streams_text_token_by_token(eng):
+    # the table stands in for DecodeStream on whole-character tokens: every push returns what the
+    # stream alone returns, prompts that end inside a character, special tokens and splits too
+    tok = eng.tokenizer
+    pieces = BytePieces.of(tok)
+    assert pieces is not None  # the test tokenizer decodes with ByteLevel
+    rng = random.Random(1)
+    specials = [t for t in (tok.bos_token_id, tok.eos_token_id) if t is not None]
+    used = 0
+    for _ in range(200):
+        if rng.random() < 0.5:
+            prompt = tok.encode(rng.choice(PIECES), add_special_tokens=False)
+        else:  # may end inside a character
+            prompt = [rng.randrange(tok.vocab_size) for _ in range(rng.randint(0, 6))]
+        text = "".join(rng.choice(PIECES) for _ in range(rng.randint(1, 12)))
+        ids = tok.encode(text, add_special_tokens=False) if rng.random() < 0.5 else \
+            [rng.randrange(tok.vocab_size) for _ in range(rng.randint(1, 20))]
+        ids = [rng.choice(specials) if specials and rng.random() < 0.05 else t for t in ids]
+        for push in (lambda d, t: d.push([t]), lambda d, t: d.push_token(t) if d.lean else d.push([t])):
+            plain = IncrementalDetokenizer(tok, prompt)
+            fast = IncrementalDetokenizer(tok, prompt, pieces=pieces)
+            assert [push(plain, t) for t in ids] == [push(fast, t) for t in ids]
+            assert plain.push([], final=True) == fast.push([], final=True) and plain.text == fast.text
+        used += sum(pieces.get(t) is not None for t in ids)
+    assert used > 100  # the table answered for most whole-character tokens
+    assert all(v is None for k, v in pieces.items() if k in specials)
 
 
 def test_stop_string_text_is_held_back_and_never_emitted(eng):
