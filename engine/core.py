@@ -30,6 +30,7 @@ from engine.selfeval import SelfEvalSpec, build_spec, score_from_logits
 from engine.sequence import Request, SeqStatus, Sequence, sample_seed
 from engine.step_input import prepare_decode
 from engine.tensor_parallel import TensorParallel, TensorParallelRunner
+from kernels.sampling import GREEDY_BELOW
 
 _no_phase = contextlib.nullcontext
 _RUNNING, _FINISHED = SeqStatus.RUNNING, SeqStatus.FINISHED
@@ -469,7 +470,7 @@ class EngineCore:
                 rows = logits[cols.alternative_rows].float().log_softmax(dim=-1)
                 alt = rows.topk(k, dim=-1)
             tokens, logprobs = kernels.sample(logits, cols.temperature, cols.top_k, cols.top_p, cols.seeds,
-                                              steps)
+                                              steps, cols.greedy)
             return _Drawn(tokens, logprobs, cols, conf, alt)
 
     def _fail(self, request: Request, error: str) -> None:
@@ -515,6 +516,9 @@ class _SampleColumns:
         def column(values, dtype):  # staged and copied without waiting for the device's stream
             return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
         self.temperature = column([s.temperature for s in seqs], torch.float32)
+        # every row greedy, compared in float32 as kernels.sampling compares the column
+        temperatures = np.array([s.temperature for s in seqs], dtype=np.float32)
+        self.greedy = bool(np.all(temperatures < np.float32(GREEDY_BELOW)))
         self.top_k = column([p.top_k for p in params], torch.int64)
         self.top_p = column([p.top_p for p in params], torch.float32)
         self.seeds = column([s.seed for s in seqs], torch.int64)

@@ -256,17 +256,21 @@ _column_keys: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 def sample_cpu(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-    seeds: torch.Tensor, steps: torch.Tensor,
+    seeds: torch.Tensor, steps: torch.Tensor, greedy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """sample_ref's tokens with less work (the path without Triton): greedy rows take the argmax
     and draw no noise, the per-token half of the noise hash is computed once per vocabulary,
-    and the token's logprob is its logit minus the row's log-sum-exp (no [B, V] log_softmax)."""
+    and the token's logprob is its logit minus the row's log-sum-exp (no [B, V] log_softmax).
+    greedy: the caller knows every row is greedy (every temperature under GREEDY_BELOW in
+    float32), so the temperatures are not looked at."""
     logits = logits.float()
     vocab = logits.shape[-1]
     tokens = logits.argmax(dim=-1)
-    temperature = greedy_rows_zeroed(temperature)
-    rows = torch.nonzero(temperature > 0).flatten()
-    if rows.numel():
+    rows = None
+    if not greedy:
+        temperature = greedy_rows_zeroed(temperature)
+        rows = torch.nonzero(temperature > 0).flatten()
+    if rows is not None and rows.numel():
         key = (vocab, logits.device)
         if key not in _column_keys:
             cols = torch.arange(vocab, device=logits.device, dtype=torch.int64)
@@ -288,8 +292,9 @@ def sample_cpu(
 
 def sample(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-    seeds: torch.Tensor, steps: torch.Tensor,
+    seeds: torch.Tensor, steps: torch.Tensor, greedy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """greedy: every row is greedy, known on the host (the CPU path then skips the check)."""
     if use_triton(logits):
         return sample_triton(logits, temperature, top_k, top_p, seeds, steps)
-    return sample_cpu(logits, temperature, top_k, top_p, seeds, steps)
+    return sample_cpu(logits, temperature, top_k, top_p, seeds, steps, greedy)

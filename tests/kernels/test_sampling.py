@@ -47,6 +47,29 @@ def test_cpu_sampler_on_all_greedy_all_sampled_and_empty_batches(temperature):
         ref_tok, ref_lp = sample_ref(*args)
         assert tok.tolist() == ref_tok.tolist() and tok.dtype == ref_tok.dtype
         torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=1e-5)
+        if temperature == 0.0:  # the caller's all-greedy flag gives the same bits
+            tok2, lp2 = sample_cpu(*args, greedy=True)
+            assert torch.equal(tok2, tok) and torch.equal(lp2, lp)
+
+
+def test_engine_all_greedy_flag_agrees_with_the_float32_column():
+    # the host's flag must say greedy exactly where the kernel's float32 check would, even at
+    # the threshold (1e-5 rounds below itself in float32)
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from engine.core import _SampleColumns
+    from kernels.sampling import GREEDY_BELOW, greedy_rows_zeroed
+
+    params = SimpleNamespace(top_k=0, top_p=1.0, logprobs=0)
+    request = SimpleNamespace(params=params, num_prompt=1, track_confidence=False)
+    below = GREEDY_BELOW * (1 - 1e-9)  # under the threshold in float64, on it in float32
+    above = float(np.nextafter(np.float32(GREEDY_BELOW), 1))
+    for temps in ([0.0], [0.0, 1e-6], [GREEDY_BELOW], [below], [above], [0.0, 0.5], [2e-5]):
+        seqs = [SimpleNamespace(temperature=t, seed=0, request=request) for t in temps]
+        cols = _SampleColumns(seqs, torch.device("cpu"))
+        assert cols.greedy == bool((greedy_rows_zeroed(cols.temperature) == 0).all()), temps
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
