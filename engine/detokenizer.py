@@ -51,24 +51,31 @@ class IncrementalDetokenizer:
         self._emitted = 0  # characters of the text already returned
         self.stopped = False
         backend = getattr(tokenizer, "backend_tokenizer", None)
+        decode = (backend or tokenizer).decode
+        # The prompt's last tokens are the context. A prompt that ends inside a character leaves
+        # those bytes out of it: the context must decode to whole characters, or the stream's
+        # first text would be the whole window (the prompt repeated) rather than what follows it.
+        context = list(prompt_ids)[-8:]
+        while context and decode(context, skip_special_tokens=True).endswith("\ufffd"):
+            context.pop()
         self._stream = None
         if backend is not None:
             from tokenizers.decoders import DecodeStream
 
             self._backend = backend
-            self._stream = DecodeStream(ids=list(prompt_ids)[-8:], skip_special_tokens=True)
+            self._stream = DecodeStream(ids=list(context), skip_special_tokens=True)
         # Recent ids: the first _prefix are decoded (context for the window decode of slow
         # tokenizers and of the final flush); the rest are a character still incomplete.
         self._tokenizer = tokenizer
-        self._ids: list[int] = list(prompt_ids)[-8:]
+        self._ids: list[int] = context
         self._prefix = len(self._ids)
-        # Whether the stream's text ends on a whole character: then a token in pieces adds its
-        # piece whatever came before (ByteLevel decodes bytes, then UTF-8 over all of them).
+        # Whether the stream's text ends on a whole character (it does now: the context does):
+        # then a token in pieces adds its piece whatever came before (ByteLevel decodes bytes,
+        # then UTF-8 over all of them).
         self._pieces = pieces if self._stream is not None else None
+        self._whole = self._pieces is not None
         # push_token applies: a fast tokenizer and no stop string (so never stopped)
         self.lean = self._stream is not None and not self.stop
-        self._whole = pieces is not None and not (
-            self._ids and backend.decode(self._ids, skip_special_tokens=True).endswith("\ufffd"))
 
     @property
     def text(self) -> str:

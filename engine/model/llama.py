@@ -217,7 +217,10 @@ class LlamaForCausalLM(nn.Module):
         positions, slots = meta.positions, meta.slot_mapping
         tables, lens = meta.block_tables, meta.context_lens
         cos_sin, block = self.cos_sin, meta.block_size
-        if (kv_cache.dim() != 5 or kv_cache.shape[3:] != (kv_heads, dim) or not kv_cache.is_contiguous()
+        if (not cpu_ops.available(x, kv_cache) or x.dim() != 2 or kv_cache.dim() != 5
+                or kv_cache.shape[3:] != (kv_heads, dim) or not kv_cache.is_contiguous()
+                or not (positions.is_cpu and slots.is_cpu and tables.is_cpu and lens.is_cpu)
+                or tables.dim() != 2 or tables.shape[0] != tokens
                 or positions.dtype is not torch.int64 or slots.dtype is not torch.int64
                 or positions.shape != (tokens,) or slots.shape != (tokens,) or not positions.is_contiguous()
                 or not slots.is_contiguous() or tables.dtype is not torch.int32

@@ -59,14 +59,15 @@ def test_random_token_ids_detokenize_exactly(eng):
 
 def test_byte_pieces_emit_the_streams_text_token_by_token(eng):
     # the table stands in for DecodeStream on whole-character tokens: every push returns what the
-    # stream alone returns, prompts that end inside a character, special tokens and splits too
+    # stream alone returns (one token a push, several, with stop strings), and the text is the
+    # response's own decode, also after a prompt that ends inside a character
     tok = eng.tokenizer
     pieces = BytePieces.of(tok)
     assert pieces is not None  # the test tokenizer decodes with ByteLevel
     rng = random.Random(1)
     specials = [t for t in (tok.bos_token_id, tok.eos_token_id) if t is not None]
     used = 0
-    for _ in range(200):
+    for case in range(300):
         if rng.random() < 0.5:
             prompt = tok.encode(rng.choice(PIECES), add_special_tokens=False)
         else:  # may end inside a character
@@ -75,14 +76,38 @@ def test_byte_pieces_emit_the_streams_text_token_by_token(eng):
         ids = tok.encode(text, add_special_tokens=False) if rng.random() < 0.5 else \
             [rng.randrange(tok.vocab_size) for _ in range(rng.randint(1, 20))]
         ids = [rng.choice(specials) if specials and rng.random() < 0.05 else t for t in ids]
-        for push in (lambda d, t: d.push([t]), lambda d, t: d.push_token(t) if d.lean else d.push([t])):
-            plain = IncrementalDetokenizer(tok, prompt)
-            fast = IncrementalDetokenizer(tok, prompt, pieces=pieces)
-            assert [push(plain, t) for t in ids] == [push(fast, t) for t in ids]
-            assert plain.push([], final=True) == fast.push([], final=True) and plain.text == fast.text
+        stop = [rng.choice(PIECES) + rng.choice(PIECES)] if case % 3 == 0 else []
+        chunks, i = [], 0
+        while i < len(ids):
+            n = rng.choice([1, 1, 2, 3])
+            chunks.append(ids[i:i + n])
+            i += n
+        plain = IncrementalDetokenizer(tok, prompt, stop)
+        fast = IncrementalDetokenizer(tok, prompt, stop, pieces=pieces)
+        assert [plain.push(c) for c in chunks] == [fast.push(c) for c in chunks]
+        assert plain.push([], final=True) == fast.push([], final=True)
+        assert plain.text == fast.text
+        if not stop:
+            assert fast.text == tok.decode(ids, skip_special_tokens=True)
         used += sum(pieces.get(t) is not None for t in ids)
     assert used > 100  # the table answered for most whole-character tokens
     assert all(v is None for k, v in pieces.items() if k in specials)
+
+
+def test_a_prompt_ending_inside_a_character_is_not_repeated(eng):
+    # the stream's context is cut back to whole characters; before, the first text of such a
+    # prompt was the prompt's own text
+    tok = eng.tokenizer
+    prompt = tok.encode("The quick 日", add_special_tokens=False)
+    assert tok.decode(prompt[:-1]).endswith("\ufffd")  # the test needs a split character
+    ids = tok.encode(" Pa bc", add_special_tokens=False)
+    for pieces in (None, BytePieces.of(tok)):
+        d = IncrementalDetokenizer(tok, prompt[:-1], pieces=pieces)
+        got = "".join(d.push([t]) for t in ids) + d.push([], final=True)
+        assert got == d.text == " Pa bc"
+    out = eng.generate([prompt[:-1]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    sample = out.samples[0]
+    assert sample.text == tok.decode(sample.token_ids, skip_special_tokens=True)
 
 
 def test_stop_string_text_is_held_back_and_never_emitted(eng):

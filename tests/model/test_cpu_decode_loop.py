@@ -69,6 +69,12 @@ def test_decode_loop_writes_the_cache_of_the_layers_forward(model_dirs):
             caches.append((model(ids, meta, kv), kv))
             model.cpu_decode_layers = kept
         assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
-        # a layout the loop does not index (int64 block tables) is left to the layers' forward
-        odd = replace(meta, block_tables=meta.block_tables.long())
-        assert model.decode_cpu(model.embed(ids), odd, runner.kv_cache.clone()) is None
+        # layouts the loop does not index are left to the layers' forward, before anything runs
+        x, kv = model.embed(ids), runner.kv_cache.clone()
+        for odd in (replace(meta, block_tables=meta.block_tables.long()),
+                    replace(meta, block_tables=meta.block_tables[:1]),  # fewer rows than tokens
+                    replace(meta, block_tables=meta.block_tables[0]),
+                    replace(meta, context_lens=meta.context_lens[:2]),
+                    replace(meta, positions=meta.positions.int())):
+            assert model.decode_cpu(x, odd, kv) is None
+        assert torch.equal(kv, runner.kv_cache)
