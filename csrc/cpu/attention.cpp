@@ -9,6 +9,7 @@
 // Built with -ffinite-math-only -fno-signed-zeros (this file alone) so that the clamp in exp_neg
 // and the reductions vectorize; inputs are finite (the torch reference gives NaN otherwise too).
 #include "attention.h"
+#include "vec_math.h"
 
 #include <algorithm>
 #include <cmath>
@@ -20,23 +21,6 @@ namespace {
 const float* cf32(uintptr_t p) { return reinterpret_cast<const float*>(p); }
 float* f32(uintptr_t p) { return reinterpret_cast<float*>(p); }
 const int32_t* i32(uintptr_t p) { return reinterpret_cast<const int32_t*>(p); }
-
-// e^x for x <= 0, vectorizable: x = k ln2 + r (Cody-Waite, |r| <= ln2 / 2), e^r by its degree-6
-// Taylor polynomial, times 2^k through the exponent bits; 0 below -87 (under float32's normal
-// range). Within 2e-7 relative of std::exp.
-inline float exp_neg(float x) {
-  x = std::max(x, -87.0f);
-  const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float r = (x - k * 0.693359375f) + k * 2.12194440e-4f;
-  float p = 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  return p * __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
-}
 
 // GCC vector types: each clone of attend lowers a v16 to one AVX-512 register, two AVX2 or four
 // SSE ones. Loads and stores go through memcpy (no alignment assumed).

@@ -9,6 +9,7 @@
 // a*b + c*d rounds each product: RoPE matches the torch reference bit for bit.
 #include <pybind11/pybind11.h>
 
+#include "activation.h"
 #include "attention.h"
 
 #include <cmath>
@@ -50,19 +51,6 @@ void rms_norm(uintptr_t x, uintptr_t res, uintptr_t w, uintptr_t out, uintptr_t 
     const float mean = static_cast<float>(sum / static_cast<double>(cols));
     const float rstd = 1.0f / std::sqrt(mean + static_cast<float>(eps));
     for (int64_t c = 0; c < cols; ++c) o[c] = (h[c] * rstd) * weight[c];
-  }
-}
-
-// out[r] = silu(gate) * up for x[r] = [gate | up] (inter columns each); out [rows, inter]
-// contiguous. silu(g) = g / (1 + e^-g), as torch computes it (torch's vectorized exp may differ
-// from std::exp in the last bit).
-void silu_and_mul(uintptr_t x, uintptr_t out, int64_t rows, int64_t inter, int64_t x_stride, int64_t threads) {
-#pragma omp parallel for num_threads(static_cast<int>(threads)) if (threads > 1 && rows >= kParallelRows)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* gate = f32(x) + r * x_stride;
-    const float* up = gate + inter;
-    float* o = f32(out) + r * inter;
-    for (int64_t c = 0; c < inter; ++c) o[c] = gate[c] / (1.0f + std::exp(-gate[c])) * up[c];
   }
 }
 
@@ -116,7 +104,7 @@ void rotary_store_kv(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t q_out, uin
 PYBIND11_MODULE(_cpu, m) {
   m.doc() = "selfeval-engine CPU kernels for the small ops of a decode step (float32)";
   m.def("rms_norm", &rms_norm, py::call_guard<py::gil_scoped_release>());
-  m.def("silu_and_mul", &silu_and_mul, py::call_guard<py::gil_scoped_release>());
+  m.def("silu_and_mul", &selfeval_cpu::silu_and_mul, py::call_guard<py::gil_scoped_release>());
   m.def("rotary_store_kv", &rotary_store_kv, py::call_guard<py::gil_scoped_release>());
   m.def(
       "paged_decode_attention",

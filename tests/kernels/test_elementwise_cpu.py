@@ -181,3 +181,18 @@ def test_row_parallel_cpu_kernels_give_the_same_bits_on_any_number_of_threads():
     assert all(torch.equal(a, b) for o in outs[1:] for a, b in zip(outs[0], o))
     one_row = cpu_ops.rms_norm(x[7:8], w, 1e-5, res[7:8])[0]  # a prompt's row is a decode's row
     assert torch.equal(one_row[0], outs[0][0][7])
+    assert torch.equal(cpu_ops.silu_and_mul(gate_up[7:8])[0], outs[0][2][7])
+
+
+@needs_cpu_ext
+def test_silu_and_mul_holds_at_large_and_tiny_gates():
+    # the sigmoid comes from e^-|g| (clamped at -87): no overflow for very negative gates, 1 for
+    # very positive ones, and odd widths go through the vector body and the scalar tail alike
+    from kernels.activation import silu_and_mul_ref
+
+    edges = [-1e4, -200.0, -88.0, -87.0, -20.0, -1e-3, -0.0, 0.0, 1e-30, 1e-3, 20.0, 88.0, 1e4]
+    gate = torch.tensor(edges * 3)
+    x = torch.cat([gate, torch.linspace(-3, 3, gate.numel())])[None]
+    fused = cpu_ops.silu_and_mul(x)
+    assert torch.isfinite(fused).all()
+    torch.testing.assert_close(fused, silu_and_mul_ref(x), rtol=1e-6, atol=1e-6)

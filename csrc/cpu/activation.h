@@ -1,0 +1,12 @@
+// SiLU-and-mul on the CPU (float32), see activation.cpp.
+#pragma once
+
+#include <cstdint>
+
+namespace selfeval_cpu {
+
+// out[r] = silu(gate) * up for x[r] = [gate | up] (inter columns each, rows x_stride apart);
+// out [rows, inter] contiguous. Pointers and strides come from kernels/cpu_ops.py.
+void silu_and_mul(uintptr_t x, uintptr_t out, int64_t rows, int64_t inter, int64_t x_stride, int64_t threads);
+
+}  // namespace selfeval_cpu
