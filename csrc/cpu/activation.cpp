@@ -9,7 +9,7 @@
 #include "activation.h"
 #include "vec_math.h"
 
-#include <cmath>
+#include <algorithm>
 
 namespace selfeval_cpu {
 namespace {
@@ -21,11 +21,17 @@ float* f32(uintptr_t p) { return reinterpret_cast<float*>(p); }
 
 __attribute__((target_clones("avx512f", "avx2", "default"))) void silu_row(const float* gate, const float* up,
                                                                            float* out, int64_t n) {
+  // Written so that GCC vectorizes every clone: min(g, -g) for -|g| (fabs left the AVX2 and
+  // baseline loops scalar) and the sign's select through a bit mask (a ?: did the same).
   for (int64_t c = 0; c < n; ++c) {
     const float g = gate[c];
-    const float e = exp_neg(-std::fabs(g));  // e^-|g|
-    const float s = 1.0f / (1.0f + e);       // sigmoid(|g|)
-    out[c] = g * (g >= 0.0f ? s : e * s) * up[c];
+    const float e = exp_neg(std::min(g, -g));  // e^-|g|
+    const float s = 1.0f / (1.0f + e);         // sigmoid(|g|)
+    const float t = e * s;                     // sigmoid(-|g|)
+    const int32_t neg = -static_cast<int32_t>(g < 0.0f);  // all ones where the gate is negative
+    const float sig = __builtin_bit_cast(
+        float, (__builtin_bit_cast(int32_t, s) & ~neg) | (__builtin_bit_cast(int32_t, t) & neg));
+    out[c] = g * sig * up[c];
   }
 }
 
