@@ -51,31 +51,49 @@ class IncrementalDetokenizer:
         self._emitted = 0  # characters of the text already returned
         self.stopped = False
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        decode = (backend or tokenizer).decode
+        self._decode = (backend or tokenizer).decode
         # The prompt's last tokens are the context. A prompt that ends inside a character leaves
         # those bytes out of it: the context must decode to whole characters, or the stream's
         # first text would be the whole window (the prompt repeated) rather than what follows it.
-        context = list(prompt_ids)[-8:]
-        while context and decode(context, skip_special_tokens=True).endswith("\ufffd"):
+        window = list(prompt_ids)[-8:]
+        context = list(window)
+        while context and self._decode(context, skip_special_tokens=True).endswith("\ufffd"):
             context.pop()
+        # Every piece of the window ends in U+FFFD (literal ones, or bytes never completed): the
+        # stream cannot tell which, and no context at all changes how some decoders begin (a
+        # Metaspace's leading space). The window decode then runs until the first text, and the
+        # stream starts after it (_start_stream).
+        self._deferred = backend is not None and bool(window) and not context
+        if self._deferred:
+            context = window
+        self._backend = backend
         self._stream = None
-        if backend is not None:
+        if backend is not None and not self._deferred:
             from tokenizers.decoders import DecodeStream
 
-            self._backend = backend
             self._stream = DecodeStream(ids=list(context), skip_special_tokens=True)
         # Recent ids: the first _prefix are decoded (context for the window decode of slow
         # tokenizers and of the final flush); the rest are a character still incomplete.
-        self._tokenizer = tokenizer
         self._ids: list[int] = context
         self._prefix = len(self._ids)
         # Whether the stream's text ends on a whole character (it does now: the context does):
         # then a token in pieces adds its piece whatever came before (ByteLevel decodes bytes,
         # then UTF-8 over all of them).
+        self._given_pieces = pieces
         self._pieces = pieces if self._stream is not None else None
         self._whole = self._pieces is not None
         # push_token applies: a fast tokenizer and no stop string (so never stopped)
         self.lean = self._stream is not None and not self.stop
+
+    def _start_stream(self) -> None:
+        """A deferred stream starts on the recent ids, whose text now ends on a whole character."""
+        from tokenizers.decoders import DecodeStream
+
+        self._stream = DecodeStream(ids=list(self._ids), skip_special_tokens=True)
+        self._deferred = False
+        self._pieces = self._given_pieces
+        self._whole = self._pieces is not None
+        self.lean = not self.stop
 
     @property
     def text(self) -> str:
@@ -94,8 +112,8 @@ class IncrementalDetokenizer:
         flush of a character never completed)."""
         if token >= 0:
             self._ids.append(token)
-        before = self._tokenizer.decode(self._ids[:self._prefix], skip_special_tokens=True)
-        after = self._tokenizer.decode(self._ids, skip_special_tokens=True)
+        before = self._decode(self._ids[:self._prefix], skip_special_tokens=True)
+        after = self._decode(self._ids, skip_special_tokens=True)
         if not final and (after.endswith("\ufffd") or not after.startswith(before)):
             return ""  # an incomplete character: wait for the next token
         new = after[len(before):] if after.startswith(before) else after
@@ -135,6 +153,9 @@ class IncrementalDetokenizer:
             token = int(token)
             if stream is None:
                 piece = self._window_step(token)
+                if piece and self._deferred:
+                    self._start_stream()
+                    stream = self._stream
             else:
                 ids.append(token)
                 piece = self._pieces[token] if self._whole else None

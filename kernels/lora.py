@@ -36,7 +36,9 @@ def lora_cpu(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
     n = rows.numel()
     if n:
         every = n == x.shape[0]
-        delta = ((x if every else x.index_select(0, rows)) @ lora_a.T) @ lora_b.T
+        # Rows in row-major order either way, as lora_ref's gathered copy: a transposed x gives
+        # the matmul other bits.
+        delta = ((x.contiguous() if every else x.index_select(0, rows)) @ lora_a.T) @ lora_b.T
         delta.mul_(scale)  # rounded before the add, as lora_ref rounds it (add_'s alpha would fuse)
         if every:
             y.add_(delta)
@@ -186,6 +188,6 @@ def lora(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.T
          scale: float, mask: torch.Tensor) -> torch.Tensor:
     if use_triton(x):
         return lora_triton(x, y, lora_a, lora_b, scale, mask)
-    if _cpu_float32(x, y, lora_a, lora_b) and mask.dim() == 1:
+    if _cpu_float32(x, y, lora_a, lora_b) and mask.dim() == 1 and mask.shape[0] == x.shape[0]:
         return lora_cpu(x, y, lora_a, lora_b, scale, mask)
     return lora_ref(x, y, lora_a, lora_b, scale, mask)

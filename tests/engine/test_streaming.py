@@ -110,6 +110,31 @@ def test_a_prompt_ending_inside_a_character_is_not_repeated(eng):
     assert sample.text == tok.decode(sample.token_ids, skip_special_tokens=True)
 
 
+def test_a_prompt_of_replacement_characters_keeps_the_decoders_spacing():
+    # every piece of the prompt's window ends in U+FFFD: the stream cannot start on it, and no
+    # context at all would drop a Metaspace decoder's leading space; the window decode runs until
+    # the first text, then the stream takes over
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "\u2581\ufffd": 1, "\u2581Hello": 2, "\u2581world": 3, "\ufffd": 4}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
+    for prompt in ([1, 1, 1], [4, 4], [2, 1], []):
+        for chunk in (1, 3):
+            gen = [2, 3, 2, 3]
+            d = IncrementalDetokenizer(tok, prompt)
+            got = "".join(d.push(gen[i:i + chunk]) for i in range(0, len(gen), chunk))
+            got += d.push([], final=True)
+            before = backend.decode(prompt) if prompt else ""
+            expected = backend.decode(prompt + gen)[len(before):] if prompt else backend.decode(gen)
+            assert got == d.text == expected, (prompt, chunk)
+        d = IncrementalDetokenizer(tok, prompt)
+        d.push([2])
+        assert d.lean  # the stream runs once the first text is out
+
+
 def test_stop_string_text_is_held_back_and_never_emitted(eng):
     ids = eng.tokenizer.encode("ab日本cd€ef", add_special_tokens=False)
     d = IncrementalDetokenizer(eng.tokenizer, [], stop=["本cd", "zz"])

@@ -196,3 +196,8 @@ def test_silu_and_mul_holds_at_large_and_tiny_gates():
     fused = cpu_ops.silu_and_mul(x)
     assert torch.isfinite(fused).all()
     torch.testing.assert_close(fused, silu_and_mul_ref(x), rtol=1e-6, atol=1e-6)
+    # below -87 the sigmoid is 0 (torch: 0 or a subnormal), whatever the up projection: the gate
+    # never scales a floor value (-3e38 * e^-87 would be -4.9)
+    x = torch.tensor([[-3e38, -1e4, -88.0, -87.5, 1.0, 1e30, 1e30, 1.0]])
+    out = cpu_ops.silu_and_mul(x)[0]
+    assert out.tolist() == [0.0, 0.0, 0.0, 0.0]

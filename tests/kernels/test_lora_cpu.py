@@ -43,6 +43,16 @@ def test_cpu_lora_adds_into_a_column_slice_with_a_uint8_mask():
     assert torch.equal(out, expect)
 
 
+def test_cpu_lora_on_a_transposed_input_gives_the_reference_bits():
+    g = torch.Generator().manual_seed(5)
+    for tokens, in_dim in ((7, 2), (9, 33), (64, 48)):
+        x = torch.randn(in_dim, tokens, generator=g).T  # strides (1, tokens)
+        a, b = torch.randn(3, in_dim, generator=g), torch.randn(5, 3, generator=g)
+        y = torch.randn(tokens, 5, generator=g)
+        for mask in (torch.ones(tokens, dtype=torch.bool), torch.arange(tokens) % 2 == 0):
+            assert torch.equal(lora(x, y.clone(), a, b, 1.3, mask), lora_ref(x, y.clone(), a, b, 1.3, mask))
+
+
 def test_the_reference_runs_where_the_cpu_path_does_not_apply(monkeypatch):
     calls = []
     lora_mod = importlib.import_module("kernels.lora")  # the package exports the function `lora`
@@ -56,4 +66,7 @@ def test_the_reference_runs_where_the_cpu_path_does_not_apply(monkeypatch):
         lora(x, y, a, b, 1.0, mask)
     a_grad = a.clone().requires_grad_()
     lora(x, y.clone(), a_grad, b, 1.0, mask)  # training: autograd through the reference
+    longer = torch.cat([torch.zeros(5, dtype=torch.bool), torch.ones(9, dtype=torch.bool)])
+    with pytest.raises(IndexError):  # a mask longer than the rows: lora_ref's error, nothing added
+        lora(x, y.clone(), a, b, 1.0, longer)
     assert calls == [1]
