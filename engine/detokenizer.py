@@ -46,9 +46,14 @@ class IncrementalDetokenizer:
         it knows while the text ends on a whole character)."""
         self.stop = list(stop)
         self._hold = max((len(s) for s in self.stop), default=1) - 1
-        self._text = ""  # decoded so far (past a stop string: cut there), but for _parts
-        self._parts: list[str] = []  # push_token's pieces, joined onto _text when it is read
+        # The text decoded so far (past a stop string: cut there) is _text + the _parts, joined
+        # when it is read: a join now and then, not a copy of the whole text each token (str +=
+        # on an attribute copies: quadratic in the response).
+        self._text = ""
+        self._parts: list[str] = []
+        self._len = 0  # characters of the text
         self._emitted = 0  # characters of the text already returned
+        self._pending = ""  # the text past _emitted: what a stop string is matched on, and held
         self.stopped = False
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._decode = (backend or tokenizer).decode
@@ -98,14 +103,9 @@ class IncrementalDetokenizer:
     @property
     def text(self) -> str:
         if self._parts:
-            self._join()
+            self._text += "".join(self._parts)
+            self._parts.clear()
         return self._text
-
-    def _join(self) -> None:
-        # A join now and then, not a copy of the whole text each token (str += on an attribute
-        # copies: quadratic in the response).
-        self._text += "".join(self._parts)
-        self._parts.clear()
 
     def _window_step(self, token: int, final: bool = False) -> str:
         """Decode a short window and emit what grew past its context (slow tokenizers, and the
@@ -136,7 +136,8 @@ class IncrementalDetokenizer:
             del ids[:-8]
         self._prefix = len(ids)
         self._parts.append(piece)
-        self._emitted += len(piece)  # no stop string: all of it goes out
+        self._len += len(piece)
+        self._emitted = self._len  # no stop string: all of it goes out
         return piece
 
     def push(self, token_ids: Sequence[int], final: bool = False) -> str:
@@ -144,8 +145,6 @@ class IncrementalDetokenizer:
         what was held back for a stop string."""
         if len(token_ids) == 1 and not final and self.lean:
             return self.push_token(int(token_ids[0]))
-        if self._parts:
-            self._join()
         stream, ids = self._stream, self._ids
         for token in token_ids:
             if self.stopped:
@@ -171,20 +170,29 @@ class IncrementalDetokenizer:
                 self._add(piece)
         if final and not self.stopped and len(self._ids) > self._prefix:
             self._add(self._window_step(-1, final=True))  # a character never completed: U+FFFD
-        end = len(self._text) if (final or self.stopped) else max(len(self._text) - self._hold, self._emitted)
-        new, self._emitted = self._text[self._emitted:end], end
+        end = self._len if (final or self.stopped) else max(self._len - self._hold, self._emitted)
+        k = end - self._emitted
+        new, self._pending, self._emitted = self._pending[:k], self._pending[k:], end
         return new
 
     def _add(self, piece: str) -> None:
         if self.stopped or not piece:
             return
-        if not self.stop:
-            self._text += piece
-            return
-        start = max(len(self._text) - self._hold, 0)
-        self._text += piece
-        window = self._text[start:]
-        hits = [i for i in (window.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            self._text = self._text[:start + min(hits)]
-            self.stopped = True
+        if self.stop:
+            # A stop string may start in the text's last _hold characters, which are never
+            # emitted before the next piece comes: they are the end of _pending.
+            pending = self._pending
+            tail = pending[max(len(pending) - self._hold, 0):]
+            window = tail + piece
+            hits = [i for i in (window.find(s) for s in self.stop) if i >= 0]
+            if hits:
+                keep = window[:min(hits)]
+                text = self.text
+                self._text = text[:len(text) - len(tail)] + keep
+                self._len = len(self._text)
+                self._pending = pending[:len(pending) - len(tail)] + keep
+                self.stopped = True
+                return
+        self._parts.append(piece)
+        self._len += len(piece)
+        self._pending += piece
