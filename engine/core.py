@@ -515,10 +515,10 @@ class _SampleColumns:
 
         def column(values, dtype):  # staged and copied without waiting for the device's stream
             return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
-        self.temperature = column([s.temperature for s in seqs], torch.float32)
+        temperatures = [s.temperature for s in seqs]
+        self.temperature = column(temperatures, torch.float32)
         # every row greedy, compared in float32 as kernels.sampling compares the column
-        temperatures = np.array([s.temperature for s in seqs], dtype=np.float32)
-        self.greedy = bool(np.all(temperatures < np.float32(GREEDY_BELOW)))
+        self.greedy = bool(np.all(np.array(temperatures, dtype=np.float32) < np.float32(GREEDY_BELOW)))
         self.top_k = column([p.top_k for p in params], torch.int64)
         self.top_p = column([p.top_p for p in params], torch.float32)
         self.seeds = column([s.seed for s in seqs], torch.int64)

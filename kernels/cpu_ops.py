@@ -24,14 +24,21 @@ def extension():
         return None
 
 
-def available(*tensors: torch.Tensor) -> bool:
-    if extension() is None or references_forced():
+def float32_inference(*tensors: torch.Tensor) -> bool:
+    """A CPU fast path may take these: float32 CPU tensors, none needing a gradient (training
+    keeps the torch references), and the references not forced."""
+    if references_forced():
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
         if t.dtype is not _F32 or not t.is_cpu or (grad and t.requires_grad):
             return False
     return True
+
+
+def available(*tensors: torch.Tensor) -> bool:
+    """engine._cpu is built and may take these tensors (float32_inference)."""
+    return extension() is not None and float32_inference(*tensors)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
