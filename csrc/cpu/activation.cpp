@@ -14,8 +14,6 @@
 namespace selfeval_cpu {
 namespace {
 
-constexpr int64_t kParallelRows = 64;  // rows spread over threads from here on (ops.cpp's rule)
-
 const float* cf32(uintptr_t p) { return reinterpret_cast<const float*>(p); }
 float* f32(uintptr_t p) { return reinterpret_cast<float*>(p); }
 

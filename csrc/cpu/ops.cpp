@@ -28,9 +28,8 @@ const int64_t* i64(uintptr_t p) { return reinterpret_cast<const int64_t*>(p); }
 // out[r] = (x[r] + res[r]) * rsqrt(mean((x[r] + res[r])^2) + eps) * w; res_out[r] = x[r] + res[r].
 // has_res false: x alone, res_out unused. Sums of squares in double (torch's float32 mean is a
 // pairwise sum: the two agree to float32 rounding).
-// Rows spread over `threads` OpenMP threads from kParallelRows rows on (a prompt's); each row's
-// arithmetic is the same on any thread, so the bits do not depend on the count.
-constexpr int64_t kParallelRows = 64;
+// Rows spread over `threads` OpenMP threads from selfeval_cpu::kParallelRows rows on (activation.h).
+using selfeval_cpu::kParallelRows;
 
 void rms_norm(uintptr_t x, uintptr_t res, uintptr_t w, uintptr_t out, uintptr_t res_out, int64_t rows,
               int64_t cols, int64_t x_stride, int64_t res_stride, double eps, bool has_res, int64_t threads) {
