@@ -129,6 +129,7 @@ class EngineCore:
             else:
                 self.scheduler.add(seq)
             return request
+        request.plain = False
         root = Sequence(self.scheduler.new_seq_id(), request, prompt_ids, -1, seed)
         root.is_root, root.finish_reason = True, "root"
         request.root = root
@@ -232,9 +233,11 @@ class EngineCore:
                 touched[request.request_id] = request
         lazy = not deltas
         self._undelivered = touched
+        outputs = self.outputs
         with phase("detokenize"):
             for request in touched.values():
-                self.outputs.advance_text(request, lazy)
+                if not (deltas and request.plain):  # those: at once with their delta (decode_delta)
+                    outputs.advance_text(request, lazy)
         with phase("policy"):
             for request in touched.values():
                 if request.policy is not None and not request.policy.done:
@@ -251,11 +254,15 @@ class EngineCore:
             self._built = {}
             out = []
             journal, start = [], None
-            delta = self.outputs.delta
+            delta, decode_delta = outputs.delta, outputs.decode_delta
             try:
                 for r in live:
                     start = len(journal)
-                    d = delta(r, journal)
+                    d = decode_delta(r, journal) if r.plain else None
+                    if d is None:
+                        if r.plain:
+                            outputs.advance_text(r)
+                        d = delta(r, journal)
                     if built:
                         earlier = built.pop(r.request_id, None)
                         if earlier is not None:

@@ -109,6 +109,10 @@ class Request:
         self.root: Sequence | None = None  # holds the prompt's cache; samples fork off it
         self.best_index: int | None = None
         self.error: str | None = None  # why the request failed (finish reason "error")
+        # One sample whose streamed deltas carry only tokens, text and logprobs (no stop strings,
+        # top logprobs or scores, no policy): OutputProcessor.decode_delta takes its decode steps.
+        self.plain = (params.n == 1 and not params.stop and not params.logprobs and not params.wants_score
+                      and not params.score_at)
 
     @property
     def finished(self) -> bool:

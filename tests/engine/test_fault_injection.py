@@ -210,8 +210,9 @@ def test_an_interrupt_while_outputs_are_made_delivers_them_on_the_next_step(llam
 @pytest.mark.parametrize("after", [False, True])
 @pytest.mark.parametrize("call", [2, 5, 9, 14])
 def test_an_interrupt_while_deltas_are_built_loses_nothing_streamed(llama_dir, call, after):
-    """Ctrl-C in the output phase, before or after a request's delta was built: the deltas built
-    before it come with the next step's, so the streamed tokens and text add up to the output."""
+    """Ctrl-C in the output phase, before or after a request's delta was built (by delta() or by
+    decode_delta(), the plain requests' decode steps): the deltas built before it come with the
+    next step's, so the streamed tokens and text add up to the output."""
     params = [SamplingParams(temperature=1.0, max_tokens=7, ignore_eos=True, seed=i, n=1 + (i == 1))
               for i in range(3)]
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
@@ -219,17 +220,19 @@ def test_an_interrupt_while_deltas_are_built_loses_nothing_streamed(llama_dir, c
     def run(fault):
         eng = Engine(str(llama_dir))
         ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
-        delta, calls = eng.core.outputs.delta, []
+        outputs, calls = eng.core.outputs, []
 
-        def interrupted(request, journal=None):
-            calls.append(request.request_id)
-            if fault and len(calls) == call:
-                if after:
-                    delta(request, journal)
-                raise KeyboardInterrupt
-            return delta(request, journal)
+        def interrupting(build):
+            def interrupted(request, journal=None):
+                calls.append(request.request_id)
+                if fault and len(calls) == call:
+                    if after:
+                        build(request, journal)
+                    raise KeyboardInterrupt
+                return build(request, journal)
+            return interrupted
 
-        eng.core.outputs.delta = interrupted
+        outputs.delta, outputs.decode_delta = interrupting(outputs.delta), interrupting(outputs.decode_delta)
         streamed, final, raised = {}, {}, 0
         for _ in range(100):
             if not eng.has_unfinished_requests():

@@ -289,3 +289,51 @@ def test_final_only_steps_report_each_request_where_streaming_does(llama_dir):
         return order
 
     assert finished(final_only=True) == finished(final_only=False)
+
+
+def test_plain_requests_stream_the_general_paths_deltas(llama_dir):
+    """decode_delta (a plain request's decode step: advance_text and delta at once) gives every
+    step the deltas the general path gives, field for field, beside requests it does not take
+    (n > 1, stop strings, top logprobs, scores, a policy) and through characters split across
+    tokens, stop tokens, lengths and an abort."""
+    rng = random.Random(5)
+    prompts = [[rng.randrange(5, 250) for _ in range(2 + i % 5)] for i in range(10)]
+    params = [SamplingParams(temperature=1.0, max_tokens=6 + 3 * i, seed=i, ignore_eos=i % 2 == 0,
+                             stop_token_ids=[rng.randrange(5, 250) for _ in range(8)] if i == 4 else None,
+                             n=2 if i == 5 else 1, stop=["e"] if i == 6 else None, logprobs=2 if i == 7 else 0,
+                             score_at=(3,) if i == 8 else ())
+              for i in range(10)]
+
+    def run(fast):
+        eng = Engine(str(llama_dir), block_size=4, num_blocks=512)
+        if not fast:
+            eng.core.outputs.decode_delta = lambda request, journal: None
+        calls = []
+        decode_delta = eng.core.outputs.decode_delta
+
+        def counted(request, journal):
+            d = decode_delta(request, journal)
+            calls.append(d is not None)
+            return d
+
+        eng.core.outputs.decode_delta = counted
+        ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
+        ids.append(eng.add_request(prompts[0], SamplingParams(temperature=1.0, max_tokens=30, seed=9),
+                                   Prune(3, checkpoints=(2,), keep=0.5)))
+        steps = []
+        for step in range(200):
+            if not eng.has_unfinished_requests():
+                break
+            if step == 5:
+                eng.abort(ids[2])
+            steps.append([(d.request_id, d.finished, [(s.index, s.token_ids, s.text, s.logprobs, s.finish_reason,
+                                                        s.score, s.checkpoint_scores, s.top_logprobs)
+                                                       for s in d.samples],
+                           d.output and [(s.token_ids, s.text, s.finish_reason) for s in d.output.samples])
+                          for d in eng.step_deltas()])
+        assert eng.num_free_blocks == 512
+        return steps, calls
+
+    fast, calls = run(True)
+    assert sum(calls) > 40  # the fast path took most plain decode steps
+    assert run(False)[0] == fast
