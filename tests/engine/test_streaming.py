@@ -300,8 +300,8 @@ def test_plain_requests_stream_the_general_paths_deltas(llama_dir):
     prompts = [[rng.randrange(5, 250) for _ in range(2 + i % 5)] for i in range(10)]
     params = [SamplingParams(temperature=1.0, max_tokens=6 + 3 * i, seed=i, ignore_eos=i % 2 == 0,
                              stop_token_ids=[rng.randrange(5, 250) for _ in range(8)] if i == 4 else None,
-                             n=2 if i == 5 else 1, stop=["e"] if i == 6 else None, logprobs=2 if i == 7 else 0,
-                             score_at=(3,) if i == 8 else ())
+                             n=2 if i == 5 else 1, stop=["e"] if i == 6 else None,
+                             logprobs=2 if i == 7 else 0, score_at=(3,) if i == 8 else ())
               for i in range(10)]
 
     def run(fast):
@@ -326,9 +326,9 @@ def test_plain_requests_stream_the_general_paths_deltas(llama_dir):
                 break
             if step == 5:
                 eng.abort(ids[2])
-            steps.append([(d.request_id, d.finished, [(s.index, s.token_ids, s.text, s.logprobs, s.finish_reason,
-                                                        s.score, s.checkpoint_scores, s.top_logprobs)
-                                                       for s in d.samples],
+            steps.append([(d.request_id, d.finished,
+                           [(s.index, s.token_ids, s.text, s.logprobs, s.finish_reason, s.score,
+                             s.checkpoint_scores, s.top_logprobs) for s in d.samples],
                            d.output and [(s.token_ids, s.text, s.finish_reason) for s in d.output.samples])
                           for d in eng.step_deltas()])
         assert eng.num_free_blocks == 512
