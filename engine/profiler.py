@@ -66,15 +66,19 @@ class StepProfiler:
 
     def record(self, out, seconds: float) -> None:
         """One step's token mix (from the scheduler's output) and its forward time."""
-        real = out.num_real
-        suffix = sum(map(len, out.suffixes))
-        decode, context = 0, sum(real)
-        for s, n in zip(out.seqs, real):  # one loop, inline: it runs once per sequence per step
-            computed = s.num_computed
-            context += computed
-            if n == 1 and computed + 1 == len(s.token_ids):  # s.reaches_end(n)
-                decode += 1
-        prefill = sum(real) - decode
+        if out.decodes == len(out.seqs) and out.step is not None:  # a plain decode step: no loop
+            prefill, suffix, decode = 0, 0, len(out.seqs)
+            context = int(out.step.context_lens.sum())  # the cache's lengths, a step ahead too
+        else:
+            real = out.num_real
+            suffix = sum(map(len, out.suffixes))
+            decode, context = 0, sum(real)
+            for s, n in zip(out.seqs, real):  # one loop, inline: it runs once per sequence per step
+                computed = s.num_computed
+                context += computed
+                if n == 1 and computed + 1 == len(s.token_ids):  # s.reaches_end(n)
+                    decode += 1
+            prefill = sum(real) - decode
         kind = "prefill" if prefill else ("score" if suffix else "decode")
         bm = self.block_manager
         used = bm.num_blocks - bm.num_free_blocks if bm is not None else 0

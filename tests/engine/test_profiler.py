@@ -24,6 +24,43 @@ def test_profiler_records_phases_and_token_mix(llama_dir):
     assert {"prefill", "decode", "score"} == set(s["forward_by_kind"])
 
 
+def test_each_step_record_counts_the_steps_tokens_and_the_cache_after_it(llama_dir):
+    """A record's prefill / decode / suffix tokens and context (the cache's length after the
+    step) for every kind of step, plain decode steps (counted without a loop) included: checked
+    against the sequences and the block manager's lengths once the step is applied."""
+    from engine.policies import Prune
+
+    eng = Engine(str(llama_dir), num_blocks=256, block_size=4)
+    eng.profiler = prof = StepProfiler()
+    record, seen = prof.record, []
+
+    def checked(out, seconds):
+        record(out, seconds)
+        seen.append((out, [s.num_computed for s in out.seqs], prof.steps[-1]))
+
+    prof.record = checked
+    eng.add_request([5, 6, 7, 8, 9], SamplingParams(n=3, max_tokens=7, ignore_eos=True, score=True, seed=1))
+    eng.add_request([10, 11], SamplingParams(max_tokens=9, ignore_eos=True, seed=2))
+    eng.add_request([12, 13, 14], SamplingParams(max_tokens=8, ignore_eos=True, seed=3),
+                    Prune(3, checkpoints=(3,), keep=0.5))
+    bm = eng.core.block_manager
+    while eng.has_unfinished_requests():
+        before = len(seen)
+        eng.step_deltas()
+        for out, computed, rec in seen[before:]:
+            real, suffixes = out.num_real, [len(x) for x in out.suffixes]
+            decode = sum(n == 1 and c + 1 == len(s.token_ids) - (s in out.sample_seqs)
+                         for s, n, c in zip(out.seqs, real, computed))
+            assert (rec.prefill_tokens, rec.decode_tokens, rec.suffix_tokens, rec.seqs) == \
+                   (sum(real) - decode, decode, sum(suffixes), len(out.seqs))
+            # after the step: suffixes rolled back, so each sequence's cache holds computed + real
+            assert rec.context_tokens == sum(c + n for c, n in zip(computed, real))
+            assert all(bm.length(s.seq_id) == c + n
+                       for s, c, n in zip(out.seqs, computed, real) if s.seq_id in bm)
+    kinds = [rec.kind for _, _, rec in seen]
+    assert {"prefill", "decode", "score"} <= set(kinds) and kinds.count("decode") >= 3
+
+
 def test_profile_cli_compares_policies_on_the_same_seeds(llama_dir, tmp_path):
     rc = main(["profile", "--policies", "prune,adaptive", "--model", str(llama_dir), "--problems", "3",
                "-n", "4", "--checkpoint", "4", "--keep", "0.5", "--max-tokens", "10", "--out", str(tmp_path)])
