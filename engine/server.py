@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import reprlib
 import time
 import uuid
 from typing import Any
@@ -30,8 +31,29 @@ MAX_BODY_BYTES = 4 << 20
 POLICIES = {"best_of_n": BestOfN, "adaptive": Adaptive, "prune": Prune}
 
 
+def _off(neutral):
+    return lambda v: v is None or v == neutral
+
+
+# OpenAI and vLLM request fields this server does not implement, each with the values that ask for
+# nothing (accepted: clients send defaults); any other value is a 400 naming the field, never
+# silently ignored (a penalty, logit bias or JSON mode dropped would change what comes back).
+# Fields the server does not know at all are ignored, as vLLM ignores them.
+UNSUPPORTED = {
+    "frequency_penalty": _off(0), "presence_penalty": _off(0), "repetition_penalty": _off(1),
+    "length_penalty": _off(1), "logit_bias": _off({}), "echo": _off(False), "suffix": _off(""),
+    "min_tokens": _off(0), "use_beam_search": _off(False), "prompt_logprobs": _off(0),
+    "response_format": lambda v: v is None or v == {"type": "text"},
+    "tools": _off([]), "functions": _off([]), "tool_choice": lambda v: v in (None, "none", "auto"),
+    "function_call": lambda v: v in (None, "none", "auto"),
+    "guided_json": _off(None), "guided_regex": _off(None), "guided_choice": _off(None),
+    "guided_grammar": _off(None), "structured_outputs": _off(None),
+}
+_HINTS = {"best_of": ' (for several samples and one pick, use "policy": {"type": "best_of_n", "n": K})'}
+
+
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # read by unsupported(), then ignored
     model: str
     max_tokens: int | None = None
     temperature: float = 1.0
@@ -137,6 +159,14 @@ def build_app(engine: AsyncEngine, model_name: str, max_waiting: int | None = No
     app.add_middleware(_LimitBody)
 
     def check(req) -> None:
+        for name, value in (getattr(req, "model_extra", None) or {}).items():
+            if name == "best_of":  # OpenAI's best_of = n asks for nothing more
+                asks = value is not None and value != getattr(req, "n", 1)
+            else:
+                asks = name in UNSUPPORTED and not UNSUPPORTED[name](value)
+            if asks:
+                raise ServerError(400, f"{name}={reprlib.repr(value)} is not supported by this server"
+                                       f"{_HINTS.get(name, '')}", param=name)
         if req.model != model_name:
             raise ServerError(404, f"model {req.model!r} is not served here; this server serves "
                                    f"{model_name!r}", "not_found_error", "model")

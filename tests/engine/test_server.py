@@ -226,6 +226,34 @@ def test_bad_requests_get_openai_errors(server, body, status, param):
     assert err["param"] == param and err["message"] and r.headers["x-should-retry"] == "false"
 
 
+@pytest.mark.parametrize("field,value", [
+    ("presence_penalty", 0.5), ("frequency_penalty", -1.0), ("logit_bias", {"5": 100}), ("best_of", 3),
+    ("response_format", {"type": "json_object"}), ("echo", True), ("repetition_penalty", 1.2),
+    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("min_tokens", 4),
+])
+def test_fields_this_server_does_not_implement_are_refused_not_ignored(client, field, value):
+    """A penalty, logit bias, JSON mode or tool dropped silently would change what comes back
+    without a word: a 400 naming the field (through the openai client, chat and completions)."""
+    for create, kw in ((client.completions.create, {"prompt": "abc"}),
+                       (client.chat.completions.create, {"messages": [{"role": "user", "content": "hi"}]})):
+        with pytest.raises(openai.BadRequestError) as e:
+            create(model="m", max_tokens=2, extra_body={field: value}, **kw)
+        assert e.value.body["param"] == field and "not supported" in e.value.body["message"]
+
+
+def test_their_default_values_and_unknown_fields_are_accepted(client):
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "best_of": 2, "echo": False,
+               "response_format": {"type": "text"}, "tool_choice": "none", "tools": [], "min_tokens": 0,
+               "repetition_penalty": 1, "some_client_field": {"x": 1}}
+    out = client.completions.create(model="m", prompt="abc", max_tokens=3, n=2, temperature=0,
+                                    extra_body={**neutral, "ignore_eos": True})
+    assert [c.finish_reason for c in out.choices] == ["length", "length"] and out.usage.completion_tokens == 6
+    chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=2, presence_penalty=0, frequency_penalty=0,
+                                          tool_choice="none")
+    assert chat.choices[0].finish_reason in ("length", "stop")
+
+
 @pytest.mark.parametrize("messages", [[], [{"role": "user", "content": 5}], [{"role": "user"}], "hi"])
 def test_bad_chat_messages_get_400(server, messages):
     body = {"model": "m", "messages": messages, "max_tokens": 2}
