@@ -156,6 +156,13 @@ def test_host_overhead_bench_splits_each_step_by_phase(tmp_path):
     assert rows[("b8+score", "score")]["score"] > 0 and rows[("b8", "decode")]["score"] == 0
 
 
+def test_sampling_cpu_bench_times_the_sampler_with_equal_tokens(tmp_path):
+    metrics = _load("sampling_cpu").main(["--shapes", "8x300,4x2000", "--reps", "1", "--out", str(tmp_path)])
+    assert (tmp_path / "sampling_cpu-cpu.json").exists()
+    assert [r["shape"] for r in metrics["rows"]] == ["8x300", "4x2000", "8x300"]
+    assert all(r["tokens_equal"] and r["cpu_ms"] > 0 and r["torch_hash_ms"] > 0 for r in metrics["rows"])
+
+
 def test_async_scheduling_bench_runs_ahead_with_equal_tokens(tmp_path):
     metrics = _load("async_scheduling").main(["--steps", "6", "--batches", "1,8", "--out", str(tmp_path)])
     assert (tmp_path / "async_scheduling-cpu.json").exists()

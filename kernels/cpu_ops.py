@@ -1,5 +1,5 @@
 """Python side of engine._cpu: the decode step's small ops on the CPU in one call each (float32):
-RMSNorm, SiLU-and-mul, RoPE + the KV store, and paged decode attention.
+RMSNorm, SiLU-and-mul, RoPE + the KV store, paged decode attention, and the sampler's uniforms.
 Each falls back to its torch path (returns None) where it does not apply: another dtype or device,
 autograd (training), reference_only() or SELFEVAL_KERNELS=reference, or no engine._cpu. The
 wrappers stay lean: at batch 1 their Python is most of what they cost (bench/host_overhead.py)."""
@@ -64,6 +64,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     if x.dim() == 2:
         return out, res_out
     return out.view(x.shape), res_out.view(x.shape)
+
+
+def sampling_uniforms(row_keys: torch.Tensor, col_keys: torch.Tensor) -> torch.Tensor | None:
+    """kernels.sampling's uniforms [R, V] float32 for int64 row keys [R] and column keys [V]
+    (32-bit values), bit for bit; None: not here (no engine._cpu, references forced, or not
+    contiguous int64 CPU tensors)."""
+    ext = extension()
+    if ext is None or references_forced():
+        return None
+    for t in (row_keys, col_keys):
+        if t.dtype is not torch.int64 or not t.is_cpu or t.dim() != 1 or not t.is_contiguous():
+            return None
+    out = torch.empty((row_keys.shape[0], col_keys.shape[0]), dtype=_F32)
+    ext.sampling_uniforms(row_keys.data_ptr(), col_keys.data_ptr(), out.data_ptr(), out.shape[0],
+                          out.shape[1], torch.get_num_threads())
+    return out
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor | None:

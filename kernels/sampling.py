@@ -4,6 +4,7 @@ tempered logits, with top-k / top-p applied as a per-row cutoff on the tempered 
 
 import torch
 
+from kernels import cpu_ops
 from kernels.dispatch import HAS_TRITON, use_triton
 
 _MASK32 = 0xFFFFFFFF
@@ -265,23 +266,29 @@ def sample_cpu(
     float32), so the temperatures are not looked at."""
     logits = logits.float()
     vocab = logits.shape[-1]
-    tokens = logits.argmax(dim=-1)
     rows = None
     if not greedy:
         temperature = greedy_rows_zeroed(temperature)
         rows = torch.nonzero(temperature > 0).flatten()
+    every = rows is not None and rows.numel() == logits.shape[0] > 0
+    tokens = None if every else logits.argmax(dim=-1)  # the greedy rows' (none: not computed)
     if rows is not None and rows.numel():
         key = (vocab, logits.device)
         if key not in _column_keys:
             cols = torch.arange(vocab, device=logits.device, dtype=torch.int64)
             _column_keys[key] = _hash32(cols * 0x2545F491 + 0x1B873593)
-        every = rows.numel() == len(tokens)
         sub = logits if every else logits[rows]
         scaled = sub / temperature[rows][:, None]
         cutoff = logit_cutoff(scaled, top_k[rows], top_p[rows])
-        bits = _hash32(row_keys(seeds[rows], steps[rows])[:, None] ^ _column_keys[key][None, :])
-        gumbel = -torch.log(-torch.log(uniform_from_bits(bits)))
-        drawn = torch.where(scaled >= cutoff[:, None], scaled + gumbel, float("-inf")).argmax(dim=-1)
+        keys = row_keys(seeds[rows], steps[rows])
+        noise = cpu_ops.sampling_uniforms(keys, _column_keys[key])  # one pass, the same bits
+        if noise is None:
+            noise = uniform_from_bits(_hash32(keys[:, None] ^ _column_keys[key][None, :]))
+        noise.log_().neg_().log_().neg_()  # -log(-log(u)): the Gumbel noise, in place
+        noise += scaled
+        # sample_ref's where(scaled >= cutoff, ...): a NaN logit is dropped too, as there
+        noise.masked_fill_((scaled >= cutoff[:, None]).logical_not_(), float("-inf"))
+        drawn = noise.argmax(dim=-1)
         if every:
             tokens = drawn
         else:

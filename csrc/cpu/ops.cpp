@@ -11,6 +11,7 @@
 
 #include "activation.h"
 #include "attention.h"
+#include "sampling.h"
 
 #include <cmath>
 #include <cstdint>
@@ -104,6 +105,7 @@ PYBIND11_MODULE(_cpu, m) {
   m.doc() = "selfeval-engine CPU kernels for the small ops of a decode step (float32)";
   m.def("rms_norm", &rms_norm, py::call_guard<py::gil_scoped_release>());
   m.def("silu_and_mul", &selfeval_cpu::silu_and_mul, py::call_guard<py::gil_scoped_release>());
+  m.def("sampling_uniforms", &selfeval_cpu::sampling_uniforms, py::call_guard<py::gil_scoped_release>());
   m.def("rotary_store_kv", &rotary_store_kv, py::call_guard<py::gil_scoped_release>());
   m.def(
       "paged_decode_attention",

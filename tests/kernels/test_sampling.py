@@ -5,6 +5,7 @@ rows beside it."""
 import pytest
 import torch
 
+from kernels import cpu_ops
 from kernels.dispatch import HAS_TRITON
 from kernels.sampling import logit_cutoff, sample_cpu, sample_ref, sample_triton
 
@@ -172,3 +173,43 @@ def test_temperatures_near_zero_sample_greedily(sampler):
     args = [logits, temps, off, torch.ones(4), torch.arange(4), off]
     tok, _ = sampler(*[t.to(DEVICE) for t in args])
     assert tok.tolist() == [13, 13, 13, 13]
+
+
+@pytest.mark.skipif(cpu_ops.extension() is None, reason="engine._cpu is not built")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_uniforms_are_the_references_bit_for_bit(threads):
+    """engine._cpu's one-pass hash gives every uniform of the int64 reference, extremes included:
+    the top 24-bit value (clamped below 1), the lowest, any seed and step, tails of any width."""
+    from kernels.sampling import _hash32, row_keys, uniform_from_bits
+
+    g = torch.Generator().manual_seed(4)
+    seeds = torch.cat([torch.tensor([291, 0, 2**63 - 1, -(2**63)]),
+                       torch.randint(-(2**62), 2**62, (60,), generator=g)])
+    steps = torch.cat([torch.tensor([0, 0, 10**9, 7]), torch.randint(0, 10**6, (60,), generator=g)])
+    keys = row_keys(seeds, steps)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for vocab in (1, 15, 4096, 5003):
+            cols = _hash32(torch.arange(vocab, dtype=torch.int64) * 0x2545F491 + 0x1B873593)
+            got = cpu_ops.sampling_uniforms(keys, cols)
+            want = uniform_from_bits(_hash32(keys[:, None] ^ cols[None, :]))
+            assert got.dtype == want.dtype and torch.equal(got, want), vocab
+            if vocab == 4096:  # seed 291, step 0, token 2927: the top value, clamped
+                assert got[0, 2927] == want[0, 2927] == 1.0 - 2.0**-24
+    finally:
+        torch.set_num_threads(before)
+    assert cpu_ops.sampling_uniforms(keys.int(), cols) is None  # not int64: the torch path
+
+
+def test_cpu_sampler_without_the_extension_and_with_nan_logits(monkeypatch):
+    """The torch fallback gives the kernel's tokens; a NaN logit is never drawn (as in sample_ref)."""
+    args = _rows(8, 1000, seed=21)
+    args[0][2, 17] = float("nan")
+    args[0][3, :] = float("nan")  # a row of NaN: the reference's argmax over -inf (token 0)
+    fast = sample_cpu(*args)
+    monkeypatch.setattr(cpu_ops, "sampling_uniforms", lambda *a: None)
+    slow = sample_cpu(*args)
+    ref = sample_ref(*args)
+    assert fast[0].tolist() == slow[0].tolist() == ref[0].tolist()
+    assert fast[0][2] != 17
