@@ -159,7 +159,7 @@ def test_host_overhead_bench_splits_each_step_by_phase(tmp_path):
 def test_sampling_cpu_bench_times_the_sampler_with_equal_tokens(tmp_path):
     metrics = _load("sampling_cpu").main(["--shapes", "8x300,4x2000", "--reps", "1", "--out", str(tmp_path)])
     assert (tmp_path / "sampling_cpu-cpu.json").exists()
-    assert [r["shape"] for r in metrics["rows"]] == ["8x300", "4x2000", "8x300"]
+    assert [r["shape"] for r in metrics["rows"]] == ["8x300", "4x2000", "8x300", "4x2000"]
     assert all(r["tokens_equal"] and r["cpu_ms"] > 0 and r["torch_hash_ms"] > 0 for r in metrics["rows"])
 
 
