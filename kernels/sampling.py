@@ -311,7 +311,9 @@ def sample_cpu(
         temperature = greedy_rows_zeroed(temperature)
         rows = torch.nonzero(temperature > 0).flatten()
     every = rows is not None and rows.numel() == logits.shape[0] > 0
-    tokens = None if every else logits.argmax(dim=-1)  # the greedy rows' (none: not computed)
+    # max(dim).indices is argmax (the first of equal maxima; a NaN wins, as in argmax), ~2x faster
+    # on the CPU (torch 2.13: 10 vs 21 ms over 64 x 128,256)
+    tokens = None if every else logits.max(dim=-1).indices  # the greedy rows' (none: not computed)
     if rows is not None and rows.numel():
         key = (vocab, logits.device)
         if key not in _column_keys:
@@ -328,7 +330,7 @@ def sample_cpu(
         noise += scaled
         # sample_ref's where(scaled >= cutoff, ...): a NaN logit is dropped too, as there
         noise.masked_fill_((scaled >= cutoff[:, None]).logical_not_(), float("-inf"))
-        drawn = noise.argmax(dim=-1)
+        drawn = noise.max(dim=-1).indices
         if every:
             tokens = drawn
         else:
