@@ -337,3 +337,27 @@ def test_plain_requests_stream_the_general_paths_deltas(llama_dir):
     fast, calls = run(True)
     assert sum(calls) > 40  # the fast path took most plain decode steps
     assert run(False)[0] == fast
+
+
+def test_a_plain_request_scored_in_flight_streams_its_score_in_that_step(llama_dir):
+    """Engine.score_in_flight gives a plain request a checkpoint score: the step that lands it
+    streams it (decode_delta leaves that step to the general path), sync and async alike."""
+    def run(fast, async_scheduling):
+        eng = Engine(str(llama_dir), block_size=4, num_blocks=128, async_scheduling=async_scheduling)
+        if not fast:
+            eng.core.outputs.decode_delta = lambda request, journal: None
+        rid = eng.add_request([5, 6, 7], SamplingParams(max_tokens=8, ignore_eos=True, seed=3))
+        log = []
+        for step in range(50):
+            if not eng.has_unfinished_requests():
+                break
+            if step == 3:
+                assert eng.score_in_flight(rid) == 1
+            log += [(step, s.token_ids, s.checkpoint_scores) for d in eng.step_deltas() for s in d.samples]
+        return log
+
+    for async_scheduling in (False, True):
+        fast = run(True, async_scheduling)
+        assert fast == run(False, async_scheduling)
+        scored = [(step, scores) for step, _, scores in fast if scores]
+        assert len(scored) == 1 and scored[0][0] <= 4  # in the step that scored it, not at the end
