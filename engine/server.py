@@ -4,8 +4,9 @@ it with uvicorn.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, POST /v1/score (extension), GET
 /v1/models, GET /health, GET /metrics (Prometheus). Extensions beside the OpenAI fields: vLLM's
-`ignore_eos` and `top_k`; `policy` ({"type": "best_of_n" | "adaptive" | "prune", ...} with the
-Python API's parameter names); per choice `selfeval` ({score, p_yes, p_no, checkpoint_scores})."""
+`ignore_eos`, `top_k` and `stop_token_ids`; `score_at` (generated lengths at which to score each
+sample in place); `policy` ({"type": "best_of_n" | "adaptive" | "prune", ...} with the Python
+API's parameter names); per choice `selfeval` ({score, p_yes, p_no, checkpoint_scores})."""
 
 from __future__ import annotations
 
@@ -41,13 +42,19 @@ def _off(neutral):
 # Fields the server does not know at all are ignored, as vLLM ignores them.
 UNSUPPORTED = {
     "frequency_penalty": _off(0), "presence_penalty": _off(0), "repetition_penalty": _off(1),
-    "length_penalty": _off(1), "logit_bias": _off({}), "echo": _off(False), "suffix": _off(""),
-    "min_tokens": _off(0), "use_beam_search": _off(False), "prompt_logprobs": _off(0),
+    "length_penalty": _off(1), "echo": _off(False), "suffix": _off(""),
+    "logit_bias": lambda v: v is None or (isinstance(v, dict) and all(b == 0 for b in v.values())),
+    "min_tokens": _off(0), "min_p": _off(0), "use_beam_search": _off(False), "prompt_logprobs": _off(None),
     "response_format": lambda v: v is None or v == {"type": "text"},
     "tools": _off([]), "functions": _off([]), "tool_choice": lambda v: v in (None, "none", "auto"),
     "function_call": lambda v: v in (None, "none", "auto"),
     "guided_json": _off(None), "guided_regex": _off(None), "guided_choice": _off(None),
     "guided_grammar": _off(None), "structured_outputs": _off(None),
+    "include_stop_str_in_output": _off(False), "skip_special_tokens": _off(True),
+    "spaces_between_special_tokens": _off(True), "allowed_token_ids": _off(None), "bad_words": _off([]),
+    "truncate_prompt_tokens": _off(None), "return_tokens_as_token_ids": _off(False),
+    "add_generation_prompt": _off(True), "continue_final_message": _off(False), "chat_template": _off(None),
+    "chat_template_kwargs": _off({}),
 }
 _HINTS = {"best_of": ' (for several samples and one pick, use "policy": {"type": "best_of_n", "n": K})'}
 
@@ -66,6 +73,8 @@ class _Common(BaseModel):
     user: str | None = None
     ignore_eos: bool = False
     top_k: int = 0
+    stop_token_ids: list[int] | None = None
+    score_at: list[int] | None = None
     policy: dict[str, Any] | None = None
 
 
@@ -185,7 +194,8 @@ def build_app(engine: AsyncEngine, model_name: str, max_waiting: int | None = No
             alternatives = req.logprobs or 0
         return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
                               max_tokens=max_tokens, n=req.n, seed=req.seed, stop=req.stop,
-                              ignore_eos=req.ignore_eos, logprobs=alternatives)
+                              ignore_eos=req.ignore_eos, logprobs=alternatives,
+                              stop_token_ids=req.stop_token_ids, score_at=tuple(req.score_at or ()))
 
     def policy_of(req) -> Policy | None:
         if req.policy is None:

@@ -229,7 +229,9 @@ def test_bad_requests_get_openai_errors(server, body, status, param):
 @pytest.mark.parametrize("field,value", [
     ("presence_penalty", 0.5), ("frequency_penalty", -1.0), ("logit_bias", {"5": 100}), ("best_of", 3),
     ("response_format", {"type": "json_object"}), ("echo", True), ("repetition_penalty", 1.2),
-    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("min_tokens", 4),
+    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("min_tokens", 4), ("min_p", 0.1),
+    ("skip_special_tokens", False), ("prompt_logprobs", 0), ("add_generation_prompt", False),
+    ("chat_template", "{{ messages }}"), ("logit_bias", {"5": 0, "6": -100}),
 ])
 def test_fields_this_server_does_not_implement_are_refused_not_ignored(client, field, value):
     """A penalty, logit bias, JSON mode or tool dropped silently would change what comes back
@@ -242,9 +244,10 @@ def test_fields_this_server_does_not_implement_are_refused_not_ignored(client, f
 
 
 def test_their_default_values_and_unknown_fields_are_accepted(client):
-    neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "best_of": 2, "echo": False,
-               "response_format": {"type": "text"}, "tool_choice": "none", "tools": [], "min_tokens": 0,
-               "repetition_penalty": 1, "some_client_field": {"x": 1}}
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {"5": 0}, "best_of": 2,
+               "echo": False, "response_format": {"type": "text"}, "tool_choice": "none", "tools": [],
+               "min_tokens": 0, "repetition_penalty": 1, "min_p": 0, "skip_special_tokens": True,
+               "add_generation_prompt": True, "prompt_logprobs": None, "some_client_field": {"x": 1}}
     out = client.completions.create(model="m", prompt="abc", max_tokens=3, n=2, temperature=0,
                                     extra_body={**neutral, "ignore_eos": True})
     assert [c.finish_reason for c in out.choices] == ["length", "length"] and out.usage.completion_tokens == 6
@@ -252,6 +255,24 @@ def test_their_default_values_and_unknown_fields_are_accepted(client):
                                           max_tokens=2, presence_penalty=0, frequency_penalty=0,
                                           tool_choice="none")
     assert chat.choices[0].finish_reason in ("length", "stop")
+
+
+def test_stop_token_ids_and_score_at_reach_the_engine(client, llama_dir):
+    """vLLM's stop_token_ids and our score_at are request fields, not silently dropped ones."""
+    eng = Engine(str(llama_dir), block_size=4)
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    stop_id = eng.generate(["Hello there"], greedy)[0].samples[0].token_ids[3]
+    ref = eng.generate(["Hello there"], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                                       stop_token_ids=[stop_id]))[0].samples[0]
+    assert ref.finish_reason == "stop" and len(ref.token_ids) <= 4
+    out = client.completions.create(model="m", prompt="Hello there", max_tokens=12, temperature=0,
+                                    extra_body={"ignore_eos": True, "stop_token_ids": [stop_id]})
+    assert (out.choices[0].text, out.choices[0].finish_reason) == (ref.text, "stop")
+    assert out.usage.completion_tokens == len(ref.token_ids)
+    scored = client.completions.create(model="m", prompt="Hello there", max_tokens=4, temperature=0,
+                                       extra_body={"ignore_eos": True, "score_at": [2]})
+    [[at, score]] = scored.choices[0].model_extra["selfeval"]["checkpoint_scores"]
+    assert at == 2 and 0 <= score <= 1
 
 
 @pytest.mark.parametrize("messages", [[], [{"role": "user", "content": 5}], [{"role": "user"}], "hi"])
