@@ -185,7 +185,8 @@ def build_app(engine: AsyncEngine, model_name: str, max_waiting: int | None = No
 
     def params_of(req, ids: list[int], max_tokens: int | None) -> SamplingParams:
         if max_tokens is None:  # as vLLM: what the context leaves (and the score's suffix, if scored)
-            max_tokens = engine.inputs.default_max_tokens(ids, scored=req.n > 1 or req.policy is not None)
+            scored = req.n > 1 or req.policy is not None or bool(req.score_at)
+            max_tokens = engine.inputs.default_max_tokens(ids, scored=scored)
         if isinstance(req, ChatRequest):
             if req.top_logprobs is not None and not req.logprobs:
                 raise ServerError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
