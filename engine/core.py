@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import random
+import signal
+import threading
 import time
 import weakref
 
@@ -231,8 +233,18 @@ class EngineCore:
         for request in self.requests.values():
             if request.policy is not None and not request.policy.done:
                 touched[request.request_id] = request
-        lazy = not deltas
         self._undelivered = touched
+        held = _HeldInterrupt()
+        try:
+            return self._deliver(touched, deltas, phase, held)
+        finally:
+            held.restore()
+
+    def _deliver(self, touched: dict[int, Request], deltas: bool, phase, held: _HeldInterrupt,
+                 ) -> list[RequestDelta]:
+        """A step's text, policies and deltas (step's second half). A Ctrl-C that held back comes
+        at the end, once every delta is built: they go out with the next step's."""
+        lazy = not deltas
         outputs = self.outputs
         with phase("detokenize"):
             for request in touched.values():
@@ -269,6 +281,7 @@ class EngineCore:
                             d = earlier.merge(d)
                     out.append(d)
                     start = None
+                held.release()  # a Ctrl-C during the text, policies or deltas: raised here
             except BaseException:
                 if start is not None:  # its delta is not kept: what it took is reported again
                     self.outputs.rewind(journal[start:])
@@ -593,6 +606,40 @@ class _Flight:
     def __init__(self, out: SchedulerOutput, drawn: _Drawn | None, scores: list):
         self.out, self.drawn, self.scores = out, drawn, scores
         self.expect: list[int] | None = None
+
+
+class _HeldInterrupt:
+    """Holds back Ctrl-C while a step makes its text, runs its policies and builds its deltas:
+    bookkeeping of about a millisecond, where a KeyboardInterrupt landing between two statements
+    could leave half a token's text recorded. release() raises it at the end of the output phase,
+    whose handler keeps every delta built for the next step: nothing streamed is lost. Only in
+    the main thread (signals reach no other) and over Python's own SIGINT handler (one a caller
+    installed stays in place)."""
+
+    __slots__ = ("previous", "received")
+
+    def __init__(self):
+        self.previous, self.received = None, False
+        if threading.current_thread() is threading.main_thread():
+            handler = signal.getsignal(signal.SIGINT)
+            if handler is signal.default_int_handler:
+                signal.signal(signal.SIGINT, self._hold)
+                self.previous = handler
+
+    def _hold(self, signum, frame) -> None:
+        self.received = True
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+    def release(self) -> None:
+        """Put the handler back and raise the Ctrl-C that came meanwhile, if one did."""
+        self.restore()
+        if self.received:
+            self.received = False
+            raise KeyboardInterrupt
 
 
 class _AheadFailed(Exception):

@@ -253,3 +253,54 @@ def test_an_interrupt_while_deltas_are_built_loses_nothing_streamed(llama_dir, c
         return [[(s.token_ids, s.text) for s in final[i].samples] for i in ids]
 
     assert run(True) == run(False)
+
+
+@pytest.mark.parametrize("where", ["push_token", "push", "advance_text", "delta", "decode_delta"])
+def test_a_real_ctrl_c_in_the_text_and_output_phases_loses_nothing(llama_dir, monkeypatch, where):
+    """SIGINT itself (signal.raise_signal), at calls inside the text and delta code, where Python's
+    handler would raise between two statements: held back to the end of the output phase, then
+    raised. The streamed deltas add up to each output, and the outputs are an uninterrupted run's."""
+    import signal
+
+    from engine.detokenizer import IncrementalDetokenizer
+    from engine.outputs import OutputProcessor
+
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14, 15]]
+    params = [SamplingParams(temperature=1.0, max_tokens=9, ignore_eos=True, seed=i, n=1 + (i == 1),
+                             stop=["\x00"] if i == 2 else None) for i in range(4)]
+
+    def run():
+        eng = Engine(str(llama_dir))
+        ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
+        streamed, final, raised = {}, {}, 0
+        for _ in range(200):
+            if not eng.has_unfinished_requests():
+                break
+            try:
+                for d in eng.step_deltas():
+                    for s in d.samples:
+                        tokens, text = streamed.get((d.request_id, s.index), ([], ""))
+                        streamed[d.request_id, s.index] = (tokens + s.token_ids, text + s.text)
+                    if d.finished:
+                        final[d.request_id] = d.output
+            except KeyboardInterrupt:
+                raised += 1
+        assert set(final) == set(ids)
+        for i in ids:
+            for s in final[i].samples:
+                assert streamed[i, s.index] == (s.token_ids, s.text)
+        return [[(s.token_ids, s.text) for s in final[i].samples] for i in ids], raised
+
+    clean, _ = run()
+    owner = IncrementalDetokenizer if where in ("push_token", "push") else OutputProcessor
+    real, calls = getattr(owner, where), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) % 7 == 3:
+            signal.raise_signal(signal.SIGINT)  # Python's handler would raise right here
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, where, interrupted)
+    got, raised = run()
+    assert raised > 0 and got == clean
