@@ -281,16 +281,19 @@ class EngineCore:
                             d = earlier.merge(d)
                     out.append(d)
                     start = None
+                self._built = built  # not delivered in this step (a final-only step: not finished yet)
+                for d in out:  # delivered: finished requests leave
+                    if d.finished:
+                        del self.requests[d.request_id]
                 held.release()  # a Ctrl-C during the text, policies or deltas: raised here
             except BaseException:
                 if start is not None:  # its delta is not kept: what it took is reported again
                     self.outputs.rewind(journal[start:])
+                for r in live:  # finished ones that left come back: their deltas go out next step
+                    if r.request_id not in self.requests and r.finished:
+                        self.requests[r.request_id] = r
                 self._built = {**built, **{d.request_id: d for d in out}}
                 raise
-            self._built = built  # not delivered in this step (a final-only step: not finished yet)
-            for d in out:  # delivered: finished requests leave
-                if d.finished:
-                    del self.requests[d.request_id]
             self._undelivered = {}
             return out
 
