@@ -77,46 +77,6 @@ def logit_cutoff(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     return torch.where(k_on | p_on, kth, cutoff)
 
 
-# logit_cutoff_topk's first try for a top-p row without top-k: the nucleus among this many tokens
-# (a trained model's usually is); a longer one takes the sort.
-TOP_P_FIRST = 256
-
-
-def logit_cutoff_topk(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """logit_cutoff without sorting the vocabulary where it can: the k largest (torch.topk) give a
-    top-k row's cutoff exactly, and a top-p row's when its nucleus ends among them (k = its top_k,
-    else TOP_P_FIRST); the softmax's sum is taken over the row unsorted, the one difference from
-    the sort (a top_p within float32 rounding of a prefix's mass may end it a token apart, as the
-    Triton sampler's may). Rows with a NaN, or a nucleus past the k largest, take logit_cutoff."""
-    rows, vocab = scaled.shape
-    k_on = (top_k > 0) & (top_k < vocab)
-    p_on = top_p < 1.0
-    cutoff = torch.full((rows,), float("-inf"), device=scaled.device)
-    on = k_on | p_on
-    if not bool(on.any()):
-        return cutoff
-    idx = torch.nonzero(on).flatten()
-    sub, k_sub, kon, pon = scaled[idx], top_k[idx], k_on[idx], p_on[idx]
-    width = min(vocab, max(int(k_sub[kon].max()) if bool(kon.any()) else 0,
-                           TOP_P_FIRST if bool((pon & ~kon).any()) else 0))
-    top = sub.topk(width, dim=-1).values  # sorted, descending: logit_cutoff's sorted row, cut at width
-    ranks = torch.arange(width, device=scaled.device)[None, :]
-    keep = ~(kon[:, None] & (ranks >= k_sub[:, None]))
-    m = top[:, :1]  # the row's max
-    probs = (top - m).exp() / (sub - m).exp().sum(dim=-1, keepdim=True)
-    keep &= ~(pon[:, None] & ((probs.cumsum(dim=-1) - probs) >= top_p[idx][:, None]))
-    keep[:, 0] = True
-    last_kept = keep.sum(dim=-1) - 1
-    # Decided: the kept prefix ends inside the k largest (a top-k row always does: width >= its k).
-    decided = (kon & (k_sub <= width)) | ~keep[:, -1] | (width == vocab)
-    decided &= ~torch.isnan(m[:, 0])
-    cutoff[idx] = top.gather(1, last_kept[:, None]).squeeze(1)
-    if not bool(decided.all()):
-        rest = idx[~decided]
-        cutoff[rest] = logit_cutoff(scaled[rest], top_k[rest], top_p[rest])
-    return cutoff
-
-
 def sample_ref(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
     seeds: torch.Tensor, steps: torch.Tensor,
@@ -321,7 +281,7 @@ def sample_cpu(
             _column_keys[key] = _hash32(cols * 0x2545F491 + 0x1B873593)
         sub = logits if every else logits[rows]
         scaled = sub / temperature[rows][:, None]
-        cutoff = logit_cutoff_topk(scaled, top_k[rows], top_p[rows])
+        cutoff = logit_cutoff(scaled, top_k[rows], top_p[rows])
         keys = row_keys(seeds[rows], steps[rows])
         noise = cpu_ops.sampling_uniforms(keys, _column_keys[key])  # one pass, the same bits
         if noise is None:
