@@ -102,6 +102,8 @@ class EngineCore:
         self.ahead_steps = 0  # steps launched ahead (tests, benchmarks)
         self.ahead_rows_discarded = 0  # their rows of samples that had ended by then
         self._ahead_pause = 0  # steps left to run synchronously after a step was undone
+        self._held: _HeldInterrupt | None = None  # Ctrl-C handling during a step (see the class)
+        self._interrupt_pending = False  # a Ctrl-C that came after a step's deltas were out
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, request_id: int, prompt_ids: list[int], params: SamplingParams,
@@ -207,6 +209,18 @@ class EngineCore:
         when a sample ends unless stop strings need it as it grows; a later deltas=True step
         carries what was skipped. With async scheduling each call applies one step and may leave
         the next decode step running on the device (see _step_transaction)."""
+        if self._interrupt_pending:  # a Ctrl-C that came after the last step's deltas were out
+            self._interrupt_pending = False
+            raise KeyboardInterrupt
+        held = self._held = _HeldInterrupt()
+        try:
+            return self._step(deltas, held)
+        finally:
+            self._held = None
+            if held.restore():
+                self._interrupt_pending = True
+
+    def _step(self, deltas: bool, held: _HeldInterrupt) -> list[RequestDelta]:
         prof = self.profiler
         phase = prof.phase if prof is not None else _no_phase
         ready, self._ready = self._ready, []
@@ -234,11 +248,7 @@ class EngineCore:
             if request.policy is not None and not request.policy.done:
                 touched[request.request_id] = request
         self._undelivered = touched
-        held = _HeldInterrupt()
-        try:
-            return self._deliver(touched, deltas, phase, held)
-        finally:
-            held.restore()
+        return self._deliver(touched, deltas, phase, held)
 
     def _deliver(self, touched: dict[int, Request], deltas: bool, phase, held: _HeldInterrupt,
                  ) -> list[RequestDelta]:
@@ -285,7 +295,8 @@ class EngineCore:
                 for d in out:  # delivered: finished requests leave
                     if d.finished:
                         del self.requests[d.request_id]
-                held.release()  # a Ctrl-C during the text, policies or deltas: raised here
+                self._undelivered = {}
+                held.release()  # a Ctrl-C held back during the step: raised here
             except BaseException:
                 if start is not None:  # its delta is not kept: what it took is reported again
                     self.outputs.rewind(journal[start:])
@@ -293,8 +304,8 @@ class EngineCore:
                     if r.request_id not in self.requests and r.finished:
                         self.requests[r.request_id] = r
                 self._built = {**built, **{d.request_id: d for d in out}}
+                self._undelivered = touched
                 raise
-            self._undelivered = {}
             return out
 
     def _transaction(self, body, phase=_no_phase) -> BaseException | None:
@@ -302,9 +313,16 @@ class EngineCore:
         with phase("snapshot"):
             snapshot = self.scheduler.snapshot()
             self.block_manager.begin()
+        held = self._held
         try:
+            if held is not None:
+                held.live = True  # a Ctrl-C in the body raises at once: the step is undone
             body()
+            if held is not None:
+                held.live = False  # from here on it waits for the step's deltas
         except BaseException as e:
+            if held is not None:
+                held.live = False
             self.scheduler.restore(snapshot, self.block_manager.rollback())
             return e
         with phase("snapshot"):
@@ -612,17 +630,21 @@ class _Flight:
 
 
 class _HeldInterrupt:
-    """Holds back Ctrl-C while a step makes its text, runs its policies and builds its deltas:
-    bookkeeping of about a millisecond, where a KeyboardInterrupt landing between two statements
-    could leave half a token's text recorded. release() raises it at the end of the output phase,
-    whose handler keeps every delta built for the next step: nothing streamed is lost. Only in
-    the main thread (signals reach no other) and over Python's own SIGINT handler (one a caller
-    installed stays in place)."""
+    """Ctrl-C during a step. Inside the transaction's body it raises at once (the step is undone,
+    as by any exception there); anywhere else in the step (committing, the policies' and text
+    bookkeeping, building the deltas) a KeyboardInterrupt landing between two statements could
+    leave half a token's text, a request that never ends or a leaked block, so it is held back and
+    raised by release() at the end of the output phase, whose handler keeps every delta built for
+    the next step. One that comes after release() is raised by the next step() before it does
+    anything. What is left: once step() has put Python's handler back (its last statements), a
+    Ctrl-C raises there and the step's deltas never reach the caller. Only in the main thread
+    (signals reach no other) and over Python's own SIGINT handler (one a caller installed stays
+    in place)."""
 
-    __slots__ = ("previous", "received")
+    __slots__ = ("previous", "received", "live")
 
     def __init__(self):
-        self.previous, self.received = None, False
+        self.previous, self.received, self.live = None, False, False
         if threading.current_thread() is threading.main_thread():
             handler = signal.getsignal(signal.SIGINT)
             if handler is signal.default_int_handler:
@@ -630,19 +652,23 @@ class _HeldInterrupt:
                 self.previous = handler
 
     def _hold(self, signum, frame) -> None:
+        if self.live:
+            raise KeyboardInterrupt
         self.received = True
 
-    def restore(self) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-            self.previous = None
-
     def release(self) -> None:
-        """Put the handler back and raise the Ctrl-C that came meanwhile, if one did."""
-        self.restore()
+        """Raise the Ctrl-C held back so far, if one came."""
         if self.received:
             self.received = False
             raise KeyboardInterrupt
+
+    def restore(self) -> bool:
+        """Put Python's handler back; whether a Ctrl-C came that was not raised."""
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+        received, self.received = self.received, False
+        return received
 
 
 class _AheadFailed(Exception):

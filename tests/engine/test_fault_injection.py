@@ -304,3 +304,76 @@ def test_a_real_ctrl_c_in_the_text_and_output_phases_loses_nothing(llama_dir, mo
     monkeypatch.setattr(owner, where, interrupted)
     got, raised = run()
     assert raised > 0 and got == clean
+
+
+@pytest.mark.parametrize("final_only", [False, True])
+def test_a_real_ctrl_c_at_any_line_of_a_step_loses_nothing_and_wedges_nothing(llama_dir, final_only):
+    """SIGINT at line events of engine/core.py spread over a run (after the commit, in the policy
+    loop, around the hold, in the output phase's tail...), with an Adaptive, a Prune, an n=2 and a
+    stop-string request: every request ends with the uninterrupted run's output, the streamed
+    deltas add up to it, and every KV block comes back. Inside the transaction the step is undone;
+    anywhere else the Ctrl-C is held to the end of the step (or raised by the next one). Not
+    fired: once step() has put Python's handler back (its last lines), where a Ctrl-C still
+    raises before the step's deltas reach the caller (the window _HeldInterrupt documents)."""
+    import signal
+    import sys
+
+    import engine.core as core_mod
+    from engine.policies import Adaptive, Prune
+
+    def run(fire_at=None):
+        eng = Engine(str(llama_dir), block_size=4, num_blocks=256)
+        base = eng.num_free_blocks
+        ids = [eng.add_request([18, 19], SamplingParams(max_tokens=6, seed=6, ignore_eos=True),
+                               Adaptive(threshold=2.0, max_samples=4, rounds=(1, 1, 2))),
+               eng.add_request([20, 21, 22], SamplingParams(max_tokens=8, seed=7, ignore_eos=True),
+                               Prune(3, checkpoints=(3,), keep=0.5)),
+               eng.add_request([23], SamplingParams(max_tokens=7, seed=8, ignore_eos=True, n=2)),
+               eng.add_request([24, 25], SamplingParams(max_tokens=7, seed=9, ignore_eos=True,
+                                                        stop=["\x00"]))]
+        lines, streamed, final, raised = [0], {}, {}, 0
+
+        source = open(core_mod.__file__).read().splitlines()
+        tail = ("held.restore()", "self._held = None", "self._interrupt_pending = True")
+
+        def tracer(frame, event, arg):
+            if frame.f_code.co_filename != core_mod.__file__ or frame.f_code.co_name == "restore":
+                return None
+            if event == "line" and not (frame.f_code.co_name == "step"
+                                         and source[frame.f_lineno - 1].strip().startswith(tail)):
+                lines[0] += 1
+                if lines[0] == fire_at:
+                    signal.raise_signal(signal.SIGINT)
+            return tracer
+
+        for _ in range(300):
+            if not eng.has_unfinished_requests():
+                break
+            sys.settrace(tracer if fire_at else None)
+            try:
+                got = eng.step() if final_only else eng.step_deltas()
+            except KeyboardInterrupt:
+                got, raised = [], raised + 1
+            finally:
+                sys.settrace(None)
+            for d in got:
+                if final_only:  # step(): the finished requests' outputs
+                    final[d.request_id] = d
+                    continue
+                for s in d.samples:
+                    tokens, text = streamed.get((d.request_id, s.index), ([], ""))
+                    streamed[d.request_id, s.index] = (tokens + s.token_ids, text + s.text)
+                if d.finished:
+                    final[d.request_id] = d.output
+        assert set(final) == set(ids) and eng.num_free_blocks == base
+        outs = [[(s.token_ids, s.text, s.finish_reason) for s in final[i].samples] for i in ids]
+        if not final_only:
+            for i in ids[2:]:  # the requests without a policy stream every sample
+                for s in final[i].samples:
+                    assert streamed[i, s.index] == (s.token_ids, s.text)
+        return outs, raised, lines[0]
+
+    clean, _, total = run(fire_at=-1)  # counts the line events, fires none
+    for fire_at in range(1, total, max(1, total // 40)):
+        outs, raised, _ = run(fire_at)
+        assert raised <= 1 and outs == clean, fire_at
