@@ -72,7 +72,7 @@ class _Common(BaseModel):
     stream_options: dict[str, Any] | None = None
     user: str | None = None
     ignore_eos: bool = False
-    top_k: int = 0
+    top_k: int | None = 0  # None as 0 (off)
     stop_token_ids: list[int] | None = None
     score_at: list[int] | None = None
     policy: dict[str, Any] | None = None
@@ -193,7 +193,7 @@ def build_app(engine: AsyncEngine, model_name: str, max_waiting: int | None = No
             alternatives = req.top_logprobs or 0
         else:
             alternatives = req.logprobs or 0
-        return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
+        return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k or 0, 0),
                               max_tokens=max_tokens, n=req.n, seed=req.seed, stop=req.stop,
                               ignore_eos=req.ignore_eos, logprobs=alternatives,
                               stop_token_ids=req.stop_token_ids, score_at=tuple(req.score_at or ()))
@@ -259,7 +259,8 @@ def build_app(engine: AsyncEngine, model_name: str, max_waiting: int | None = No
     async def chat_completions(req: ChatRequest):
         check(req)
         ids = engine.inputs.render_chat(req.messages)
-        params = params_of(req, ids, req.max_completion_tokens or req.max_tokens)
+        limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        params = params_of(req, ids, limit)
         return await run(req, [(ids, params, policy_of(req))], True, req.logprobs)
 
     @app.post("/v1/score")

@@ -257,6 +257,12 @@ def test_their_default_values_and_unknown_fields_are_accepted(client):
     assert chat.choices[0].finish_reason in ("length", "stop")
 
 
+def test_chat_max_completion_tokens_zero_and_a_null_top_k(client):
+    chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                          max_completion_tokens=0, extra_body={"top_k": None})
+    assert chat.usage.completion_tokens == 0 and chat.choices[0].finish_reason == "length"
+
+
 def test_stop_token_ids_and_score_at_reach_the_engine(client, llama_dir):
     """vLLM's stop_token_ids and our score_at are request fields, not silently dropped ones."""
     eng = Engine(str(llama_dir), block_size=4)
