@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from engine import Engine, SamplingParams
 from engine.policies import Prune
+from engine.sampling import RequestOutput
 
 PHASES = ["schedule", "forward", "sample", "update"]
 
@@ -168,6 +169,38 @@ def _drain(eng, max_steps=200):
     raise AssertionError(f"still unfinished after {max_steps} steps: delivered {sorted(outs)}")
 
 
+def _stream_to_the_end(eng, ids, step, streamed_ids=None, max_steps=300):
+    """Call step() until nothing is unfinished, counting the KeyboardInterrupts raised out of it
+    (the caller's loop goes on, as a server's would). step() gives deltas (step_deltas) or the
+    finished requests' outputs (step); the deltas streamed for streamed_ids (default: every
+    request) must add up to each sample's output. Returns (outputs by request id, interrupts)."""
+    streamed, final, raised, deltas = {}, {}, 0, False
+    for _ in range(max_steps):
+        if not eng.has_unfinished_requests():
+            break
+        try:
+            got = step()
+        except KeyboardInterrupt:
+            raised += 1
+            continue
+        for d in got:
+            if isinstance(d, RequestOutput):
+                final[d.request_id] = d
+                continue
+            deltas = True
+            for s in d.samples:
+                tokens, text = streamed.get((d.request_id, s.index), ([], ""))
+                streamed[d.request_id, s.index] = (tokens + s.token_ids, text + s.text)
+            if d.finished:
+                final[d.request_id] = d.output
+    assert set(final) == set(ids)
+    if deltas:
+        for i in ids if streamed_ids is None else streamed_ids:
+            for s in final[i].samples:
+                assert streamed[i, s.index] == (s.token_ids, s.text)
+    return final, raised
+
+
 def test_a_failing_scorer_fails_its_request_and_every_other_is_delivered(llama_dir):
     from engine.policies import BestOfN, Scorer
 
@@ -233,23 +266,8 @@ def test_an_interrupt_while_deltas_are_built_loses_nothing_streamed(llama_dir, c
             return interrupted
 
         outputs.delta, outputs.decode_delta = interrupting(outputs.delta), interrupting(outputs.decode_delta)
-        streamed, final, raised = {}, {}, 0
-        for _ in range(100):
-            if not eng.has_unfinished_requests():
-                break
-            try:
-                for d in eng.step_deltas():
-                    for s in d.samples:
-                        tokens, text = streamed.get((d.request_id, s.index), ([], ""))
-                        streamed[d.request_id, s.index] = (tokens + s.token_ids, text + s.text)
-                    if d.finished:
-                        final[d.request_id] = d.output
-            except KeyboardInterrupt:
-                raised += 1
-        assert raised == fault and set(final) == set(ids)
-        for i in ids:
-            for s in final[i].samples:
-                assert streamed[i, s.index] == (s.token_ids, s.text)
+        final, raised = _stream_to_the_end(eng, ids, eng.step_deltas)
+        assert raised == fault
         return [[(s.token_ids, s.text) for s in final[i].samples] for i in ids]
 
     assert run(True) == run(False)
@@ -272,23 +290,7 @@ def test_a_real_ctrl_c_in_the_text_and_output_phases_loses_nothing(llama_dir, mo
     def run():
         eng = Engine(str(llama_dir))
         ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
-        streamed, final, raised = {}, {}, 0
-        for _ in range(200):
-            if not eng.has_unfinished_requests():
-                break
-            try:
-                for d in eng.step_deltas():
-                    for s in d.samples:
-                        tokens, text = streamed.get((d.request_id, s.index), ([], ""))
-                        streamed[d.request_id, s.index] = (tokens + s.token_ids, text + s.text)
-                    if d.finished:
-                        final[d.request_id] = d.output
-            except KeyboardInterrupt:
-                raised += 1
-        assert set(final) == set(ids)
-        for i in ids:
-            for s in final[i].samples:
-                assert streamed[i, s.index] == (s.token_ids, s.text)
+        final, raised = _stream_to_the_end(eng, ids, eng.step_deltas)
         return [[(s.token_ids, s.text) for s in final[i].samples] for i in ids], raised
 
     clean, _ = run()
@@ -331,7 +333,7 @@ def test_a_real_ctrl_c_at_any_line_of_a_step_loses_nothing_and_wedges_nothing(ll
                eng.add_request([23], SamplingParams(max_tokens=7, seed=8, ignore_eos=True, n=2)),
                eng.add_request([24, 25], SamplingParams(max_tokens=7, seed=9, ignore_eos=True,
                                                         stop=["\x00"]))]
-        lines, streamed, final, raised = [0], {}, {}, 0
+        lines = [0]
 
         source = open(core_mod.__file__).read().splitlines()
         tail = ("held.restore()", "self._held = None", "self._interrupt_pending = True")
@@ -346,31 +348,17 @@ def test_a_real_ctrl_c_at_any_line_of_a_step_loses_nothing_and_wedges_nothing(ll
                     signal.raise_signal(signal.SIGINT)
             return tracer
 
-        for _ in range(300):
-            if not eng.has_unfinished_requests():
-                break
+        def traced():
             sys.settrace(tracer if fire_at else None)
             try:
-                got = eng.step() if final_only else eng.step_deltas()
-            except KeyboardInterrupt:
-                got, raised = [], raised + 1
+                return eng.step() if final_only else eng.step_deltas()
             finally:
                 sys.settrace(None)
-            for d in got:
-                if final_only:  # step(): the finished requests' outputs
-                    final[d.request_id] = d
-                    continue
-                for s in d.samples:
-                    tokens, text = streamed.get((d.request_id, s.index), ([], ""))
-                    streamed[d.request_id, s.index] = (tokens + s.token_ids, text + s.text)
-                if d.finished:
-                    final[d.request_id] = d.output
-        assert set(final) == set(ids) and eng.num_free_blocks == base
+
+        # the requests without a policy stream every sample
+        final, raised = _stream_to_the_end(eng, ids, traced, streamed_ids=ids[2:])
+        assert eng.num_free_blocks == base
         outs = [[(s.token_ids, s.text, s.finish_reason) for s in final[i].samples] for i in ids]
-        if not final_only:
-            for i in ids[2:]:  # the requests without a policy stream every sample
-                for s in final[i].samples:
-                    assert streamed[i, s.index] == (s.token_ids, s.text)
         return outs, raised, lines[0]
 
     clean, _, total = run(fire_at=-1)  # counts the line events, fires none
