@@ -1,8 +1,10 @@
 """What the host costs per decode step: everything but the model forward and the sampling math,
 split by phase (engine.profiler), at batch 1, 64 and 256, and at 256 with every sample scored in
 place at one checkpoint (the step that carries the suffixes, and the decode steps around it). Every
-case steps with step_deltas() (streaming: text and a delta per request each step) but the last,
-b256+final-only, which steps with step() (only finished requests; text decoded when a sample ends).
+case steps with step_deltas() (streaming: text and a delta per request each step) but
+b256+final-only, which steps with step() (only finished requests; text decoded when a sample ends),
+and b256+general-text, which streams with OutputProcessor.decode_delta off (every request's text and
+delta by the general path: what the fast path saves).
 
 On the CPU a tiny model (2 layers, hidden 32) makes the forward nearly free, so the host's share
 shows plainly; on a GPU the Llama-3.1-8B shape (random bf16 weights) gives host time as a share
@@ -58,7 +60,7 @@ def host_bench_model(model: str | None, device: str, tmp: Path) -> tuple[str, st
 
 
 def run_case(path: str, device: str, batch: int, steps: int, prompt_len: int, score: bool,
-             load_format: str, final_only: bool = False) -> dict:
+             load_format: str, final_only: bool = False, general_text: bool = False) -> dict:
     eng = Engine(path, device=device, block_size=16, max_num_seqs=max(batch, 1),
                  max_batch_tokens=max(2048, batch * prompt_len), load_format=load_format,
                  num_blocks=batch * -(-(prompt_len + steps + 40) // 16) + 64)
@@ -75,6 +77,8 @@ def run_case(path: str, device: str, batch: int, steps: int, prompt_len: int, sc
     prof = StepProfiler(device)
     eng.profiler = prof
     per_step = []
+    if general_text:  # every request's text and delta by the general path (no decode_delta)
+        eng.core.outputs.decode_delta = lambda request, journal: None
     step = eng.step if final_only else eng.step_deltas  # step(): finished requests only, text at the end
     for _ in range(steps):
         before = dict(prof.phase_seconds)
@@ -95,7 +99,8 @@ def run_case(path: str, device: str, batch: int, steps: int, prompt_len: int, sc
         mine = [(w, p) for k, w, p in per_step if k == kind]
         if not mine:
             continue
-        row = {"case": f"b{batch}" + ("+score" if score else "") + ("+final-only" if final_only else ""),
+        row = {"case": f"b{batch}" + ("+score" if score else "") + ("+final-only" if final_only else "")
+               + ("+general-text" if general_text else ""),
                "step": kind, "steps": len(mine)}
         row["step_ms"] = statistics.median(w for w, _ in mine) * 1e3
         hosts = [w - sum(p.get(x, 0.0) for x in DEVICE_PHASES) for w, p in mine]
@@ -130,6 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
                          args.prompt_len, True, load_format)
         rows += run_case(path, args.device, max(batches), args.steps, args.prompt_len, False, load_format,
                          final_only=True)
+        rows += run_case(path, args.device, max(batches), args.steps, args.prompt_len, False, load_format,
+                         general_text=True)
     print_table(rows, ["case", "step", "steps", "step_ms", "host_ms", "host_share", "forward", "sample",
                        "snapshot", "schedule", "prepare", "to_device", "sample_prep", "update", "detokenize",
                        "policy", "output", "untimed"])

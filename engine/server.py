@@ -60,7 +60,7 @@ _HINTS = {"best_of": ' (for several samples and one pick, use "policy": {"type":
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")  # read by unsupported(), then ignored
+    model_config = ConfigDict(extra="allow")  # extras: checked against UNSUPPORTED, then ignored
     model: str
     max_tokens: int | None = None
     temperature: float = 1.0
