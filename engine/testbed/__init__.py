@@ -1,10 +1,11 @@
 """The testbed: a verifiable task, a tiny Llama-architecture model trained on it by our own code,
 and its self-evaluation adapter, bundled as the default model of `selfeval demo`.
 
-Two tasks, each a module with the same names (NAME, LEVELS, DEMO_LEVELS, DATA_LEVELS, CHECKPOINTS,
+Three tasks, each a module with the same names (NAME, LEVELS, DEMO_LEVELS, DATA_LEVELS, CHECKPOINTS,
 DATA_CHECKPOINTS, MAX_TOKENS, SPLIT_LETTERS, Problem, make_problem, problems, verify, corrupt):
-`arith` (engine.testbed.task, chained addition with written steps) and `paths` (engine.testbed.paths,
-a path in a small graph). A built model names its task in RECIPE.json."""
+`arith` (engine.testbed.task, chained addition with written steps), `paths` (engine.testbed.paths,
+a path in a small graph) and `edges` (engine.testbed.edges, the same with one token per edge,
+EDGE_TOKENS). A built model names its task in RECIPE.json."""
 
 import importlib
 import json
@@ -12,7 +13,7 @@ from pathlib import Path
 from types import ModuleType
 
 BUNDLED = Path(__file__).resolve().parent / "model"  # base checkpoint; adapter in BUNDLED/adapter
-TASKS = {"arith": "engine.testbed.task", "paths": "engine.testbed.paths"}
+TASKS = {"arith": "engine.testbed.task", "paths": "engine.testbed.paths", "edges": "engine.testbed.edges"}
 
 
 def load_task(name: str) -> ModuleType:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from engine.api import Engine
 from engine.sampling import SamplingParams, seeds_per_prompt
-from engine.testbed import load_task
+from engine.testbed import TASKS, load_task
 from engine.testbed.demo import HELD_OUT_SEED
 from engine.testbed.pretrain import PretrainConfig, pretrain
 from engine.train.data import TARGETS, build_examples, write_jsonl
@@ -56,13 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--work", default=None, help="scratch directory for the data (default OUT/../build)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--task", choices=["arith", "paths"], default="arith")
+    ap.add_argument("--task", choices=sorted(TASKS), default="arith")
     ap.add_argument("--steps", type=int, default=1600)
     ap.add_argument("--batch-size", type=int, default=64, help="pretraining batch")
     ap.add_argument("--layers", type=int, default=4, help="base model depth (hidden 192, 6 heads)")
     ap.add_argument("--pretrain-lr", type=float, default=2e-3)
     ap.add_argument("--direct-frac", type=float, default=None,
                     help="arith: share of pretraining solutions that answer with no working (default 0.35)")
+    ap.add_argument("--check-frac", type=float, default=0.0,
+                    help="share of the pretraining batch that is the answer-checking task from the start")
     ap.add_argument("--check-steps", type=int, default=0)
     ap.add_argument("--data-prompts", type=int, default=384)
     ap.add_argument("-n", type=int, default=8)
@@ -100,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.redo or not (out / "model.safetensors").exists():
         cfg = PretrainConfig(steps=args.steps, batch_size=args.batch_size, num_layers=args.layers,
-                             lr=args.pretrain_lr, threads=0, direct_frac=args.direct_frac, task=args.task)
+                             lr=args.pretrain_lr, threads=0, direct_frac=args.direct_frac, task=args.task,
+                             check_frac=args.check_frac)
         recipe["pretrain"] = pretrain(out, cfg, args.device)
         recipe.pop("pretrain_check", None)
         save()

@@ -59,9 +59,9 @@ class Problem:
         return {"prompt": self.question, "answer": self.answer, "level": self.level}
 
 
-def make_problem(rng: random.Random, level: int) -> Problem:
+def make_problem(rng: random.Random, level: int, alphabet: str = NODES) -> Problem:
     arms, length = LEVELS[level]
-    nodes = rng.sample(NODES, 1 + arms * length)
+    nodes = rng.sample(alphabet, 1 + arms * length)
     source, chains = nodes[0], [nodes[1 + i * length: 1 + (i + 1) * length] for i in range(arms)]
     edges = [f"{source}{c[0]}" for c in chains]
     edges += [f"{a}{b}" for c in chains for a, b in zip(c, c[1:])]

@@ -127,6 +127,27 @@ def _forward(model, ids):
     return model.compute_logits(hidden).view(size, width, -1)
 
 
+@torch.no_grad()
+def init_edge_embeddings(model, tokenizer, task, gen: torch.Generator) -> None:
+    """A task with one token per edge (EDGE_TOKENS, "KQ") starts each edge's embedding as the sum of
+    a vector for its first node and one for its second, as a model that knows the letters of its
+    tokens would have them (a node's own token, " E" in "from E to B", gets both). With random
+    embeddings the loss of a 4-layer model stayed at 1.9 for 2,000 steps; with these, 1.7."""
+    edges = getattr(task, "EDGE_TOKENS", None)
+    if not edges:
+        return
+    weight = model.embed_tokens.weight
+    std = float(weight.std())
+    first = torch.randn(128, weight.shape[1], generator=gen) * std / math.sqrt(2)
+    second = torch.randn(128, weight.shape[1], generator=gen) * std / math.sqrt(2)
+    for edge in edges:
+        weight[tokenizer.convert_tokens_to_ids(edge)] = first[ord(edge[0])] + second[ord(edge[1])]
+    for node in task.NODES:  # the source and target in the question ("from E to B") share both
+        token = tokenizer.convert_tokens_to_ids("\u0120" + node)
+        if token is not None and token != tokenizer.unk_token_id:
+            weight[token] = first[ord(node)] + second[ord(node)]
+
+
 def pretrain(out_dir: str | Path, cfg: PretrainConfig | None = None, device: str = "cpu",
              log=print, init_from: str | Path | None = None) -> dict:
     """Train from scratch, or go on from the checkpoint in init_from (its shape wins over cfg's)."""
@@ -150,6 +171,7 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig | None = None, device: str
                 torch.nn.init.normal_(p, std=0.02 / (math.sqrt(2 * cfg.num_layers) if name.endswith(
                     ("o_proj.weight", "down_proj.weight")) else 1.0))
         model.init_rotary()
+        init_edge_embeddings(model, tokenizer, load_task(cfg.task), torch.Generator().manual_seed(cfg.seed))
     decay = [p for p in model.parameters() if p.dim() == 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},

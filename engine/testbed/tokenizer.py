@@ -1,6 +1,6 @@
 """The testbed's tokenizer (tokenizers library): byte-level BPE that never merges digits (and, for
-a task that asks, capital letters), ChatML special tokens and chat template, and whole-word Yes / No
-for the self-evaluation answer."""
+a task that asks, capital letters; the edges task adds one token per edge), ChatML special tokens
+and chat template, and whole-word Yes / No for the self-evaluation answer."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def make_tokenizer(vocab_size: int = 320, task: str = "arith"):
     corpus = [p.question + "\n" + p.solution for p in spec.problems(2000, seed=12345)]
     corpus += [QUESTION, "Yes. No.", "user assistant"] * 50
     tok.train_from_iterator(corpus, trainer=trainer)
+    tok.add_tokens(list(getattr(spec, "EDGE_TOKENS", ())))  # a task that wants one token per edge
     tok.add_tokens(["Yes", "No"])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|im_end|>",
                                    pad_token="<|pad|>", chat_template=CHAT_TEMPLATE)

@@ -1,0 +1,62 @@
+"""The path task with one token per edge (`--task edges`): the same graphs and questions as
+engine.testbed.paths, over the nodes A-P, but the tokenizer gives every edge "KQ" a token of its own
+(EDGE_TOKENS), so an answer line is one token and a newline.
+
+Why a third task: on `paths` an edge is two letter tokens, and whether a line is an edge of the
+question is a lookup of a pair; in every format tried (bench/results/testbed-paths-cpu.json) the
+model never learned it, so its checks saw only where a path ends. Here that lookup is one token
+matching one token of the question, the kind of attention a small model learns first, while
+solving still needs lookahead (which arm reaches the target). A sampled path goes wrong at its
+first edge (a wrong arm, chosen as confidently as the right one) and shows it later: an edge the
+question does not have, an edge that does not start where the last ended, or an end that is not the
+target."""
+
+from __future__ import annotations
+
+import random
+
+from engine.testbed import paths
+from engine.testbed.paths import LEVELS, Problem, check, verify  # noqa: F401  (the task's names)
+
+NAME = "edges"
+NODES = "ABCDEFGHIJKLMNOP"  # 16 nodes (the largest level needs 13), 240 edge tokens; not Q, as in "Q:"
+EDGE_TOKENS = [a + b for a in NODES for b in NODES if a != b]
+DEMO_LEVELS = paths.DEMO_LEVELS
+DATA_LEVELS = paths.DATA_LEVELS
+# A line is 2 tokens (the edge and a newline): checkpoints right after the 1st, 2nd and 3rd edge.
+CHECKPOINTS = (1, 3, 5)
+DATA_CHECKPOINTS = (1, 3, 5)
+MAX_TOKENS = 16
+SPLIT_LETTERS = False
+
+
+def make_problem(rng: random.Random, level: int) -> Problem:
+    return paths.make_problem(rng, level, NODES)
+
+
+def problems(n: int, seed: int, levels: list[int] | None = None) -> list[Problem]:
+    """n problems, levels cycled evenly (all levels by default)."""
+    rng = random.Random(seed)
+    levels = levels if levels is not None else list(range(len(LEVELS)))
+    return [make_problem(rng, levels[i % len(levels)]) for i in range(n)]
+
+
+def corrupt(rng: random.Random, problem: Problem) -> str:
+    """A wrong path shaped like the ones a sampling model writes (it picks an arm at random and,
+    on a wrong one, makes its way to the target at the right length): a quarter of the time
+    another arm followed to its end; otherwise another arm for k edges, then one bad edge onto the
+    target's arm where the right path would be after k + 1 edges, and the right path's real edges
+    from there. The bad edge is one the question does not have (two thirds), or the question's
+    real edge into that node, which does not start where the path is."""
+    good = problem.path  # source, then the target's arm
+    arms = [e for e in problem.edges if e[0] == problem.source and e[1] != good[1]]
+    lines = [rng.choice(arms)]
+    while nxt := [e for e in problem.edges if e[0] == lines[-1][1]]:
+        lines.append(nxt[0])
+    if rng.random() < 0.25:
+        return "\n".join(lines)
+    k = rng.randrange(1, len(lines))  # edges kept on the wrong arm; the path stays the right length
+    onto = good[k + 1]
+    bad = lines[k - 1][1] + onto if rng.random() < 2 / 3 else good[k] + onto
+    lines = lines[:k] + [bad] + [a + b for a, b in zip(good[k + 1:], good[k + 2:])]
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""The edges task (engine/testbed/edges.py): the path task with one token per edge, so whether a
+line is an edge of the question is one token matching one token."""
+
+import random
+
+from engine.testbed import edges, load_task
+from engine.testbed.tokenizer import make_tokenizer
+
+
+def test_problems_use_the_task_nodes_and_have_one_right_path():
+    rng = random.Random(0)
+    for level in range(len(edges.LEVELS)):
+        for _ in range(20):
+            p = edges.make_problem(rng, level)
+            assert set("".join(p.edges)) <= set(edges.NODES)
+            assert edges.verify(p.record(), p.solution) == 1.0
+    assert edges.problems(30, 4) == edges.problems(30, 4) != edges.problems(30, 5)
+    assert load_task("edges") is edges
+
+
+def test_every_edge_is_one_token_the_same_in_question_and_answer():
+    tok = make_tokenizer(task="edges")
+    p = edges.make_problem(random.Random(3), 5)
+    q = tok.convert_ids_to_tokens(tok.encode(p.question))
+    assert all(e in q for e in p.edges)
+    a = tok.encode(p.solution)
+    assert tok.convert_ids_to_tokens(a) == [t for e in p.solution.split("\n") for t in (e, "Ċ")][:-1]
+    assert tok.decode(a) == p.solution
+    assert len({tok.convert_tokens_to_ids(e) for e in edges.EDGE_TOKENS}) == 240
+
+
+def test_corrupted_paths_are_wrong_have_the_right_length_and_each_kind_of_slip():
+    """A wrong arm to its end, or a wrong arm left by an edge the question lacks or by a real edge
+    that does not start where the path is, then the right path's real edges: always the right
+    path's length, so the length gives nothing away."""
+    rng = random.Random(1)
+    kinds = set()
+    for level in range(len(edges.LEVELS)):
+        for _ in range(60):
+            p = edges.make_problem(rng, level)
+            bad = edges.corrupt(rng, p)
+            lines = bad.split("\n")
+            assert edges.verify(p.record(), bad) == 0.0
+            assert len(lines) == len(p.path) - 1 and lines[0][0] == p.source
+            assert lines[0] != p.solution.split("\n")[0]
+            slip = next((i for i, (a, b) in enumerate(zip(lines, lines[1:]))
+                         if a[1] != b[0] or b not in p.edges), None)
+            kinds.add("arm to its end" if slip is None else
+                      "made up" if lines[slip + 1] not in p.edges else "not continuing")
+    assert kinds == {"arm to its end", "made up", "not continuing"}
+
+
+def test_edge_embeddings_start_as_a_first_node_plus_a_second_node_vector():
+    """init_edge_embeddings: every edge's row is first[a] + second[b], so AB - AC == DB - DC, and a
+    node's own token (" B") shares the second-node vector of the edges into it."""
+    import torch
+
+    from engine.model.config import ModelConfig
+    from engine.model.llama import LlamaForCausalLM
+    from engine.testbed.pretrain import PretrainConfig, hf_config, init_edge_embeddings
+
+    tok = make_tokenizer(task="edges")
+    model = LlamaForCausalLM(ModelConfig.from_hf(hf_config(PretrainConfig(num_layers=1, task="edges"), tok)))
+    torch.nn.init.normal_(model.embed_tokens.weight, std=0.02)
+    before = model.embed_tokens.weight.clone()
+    init_edge_embeddings(model, tok, edges, torch.Generator().manual_seed(0))
+    w = model.embed_tokens.weight
+
+    def row(t):
+        return w[tok.convert_tokens_to_ids(t)]
+
+    torch.testing.assert_close(row("AB") - row("AC"), row("DB") - row("DC"))
+    torch.testing.assert_close(row("AB") - row("DB"), row("AP") - row("DP"))
+    assert not torch.allclose(row("AB"), row("BA"))
+    torch.testing.assert_close(row("\u0120B") - row("\u0120C"), row("AB") - row("AC") + row("BD") - row("CD"))
+    others = [i for i in range(len(tok)) if tok.convert_ids_to_tokens(i) not in set(edges.EDGE_TOKENS)
+              and tok.convert_ids_to_tokens(i) not in {"\u0120" + n for n in edges.NODES}]
+    assert torch.equal(w[others], before[others])  # every other token keeps its random row
+    assert 0.01 < float(w.std()) < 0.04
