@@ -5,11 +5,11 @@ engine.testbed.paths, over the nodes A-P, but the tokenizer gives every edge "KQ
 Why a third task: on `paths` an edge is two letter tokens, and whether a line is an edge of the
 question is a lookup of a pair; in every format tried (bench/results/testbed-paths-cpu.json) the
 model never learned it, so its checks saw only where a path ends. Here that lookup is one token
-matching one token of the question, the kind of attention a small model learns first, while
-solving still needs lookahead (which arm reaches the target). A sampled path goes wrong at its
-first edge (a wrong arm, chosen as confidently as the right one) and shows it later: an edge the
-question does not have, an edge that does not start where the last ended, or an end that is not the
-target."""
+matching one token of the question (4 layers still learned it slowly, 6 did: results in
+bench/results/testbed-edges-cpu.json), while solving still needs lookahead (which arm reaches the
+target). A sampled path goes wrong at its first edge (a wrong arm, chosen as confidently as the
+right one) and shows it later: an edge the question does not have, an edge that does not start
+where the last ended, or an end that is not the target."""
 
 from __future__ import annotations
 
@@ -36,9 +36,7 @@ def make_problem(rng: random.Random, level: int) -> Problem:
 
 def problems(n: int, seed: int, levels: list[int] | None = None) -> list[Problem]:
     """n problems, levels cycled evenly (all levels by default)."""
-    rng = random.Random(seed)
-    levels = levels if levels is not None else list(range(len(LEVELS)))
-    return [make_problem(rng, levels[i % len(levels)]) for i in range(n)]
+    return paths.problems(n, seed, levels, NODES)
 
 
 def corrupt(rng: random.Random, problem: Problem) -> str:

@@ -70,11 +70,11 @@ def make_problem(rng: random.Random, level: int, alphabet: str = NODES) -> Probl
     return Problem(source, good[-1], tuple(edges), (source, *good), level)
 
 
-def problems(n: int, seed: int, levels: list[int] | None = None) -> list[Problem]:
+def problems(n: int, seed: int, levels: list[int] | None = None, alphabet: str = NODES) -> list[Problem]:
     """n problems, levels cycled evenly (all levels by default)."""
     rng = random.Random(seed)
     levels = levels if levels is not None else list(range(len(LEVELS)))
-    return [make_problem(rng, levels[i % len(levels)]) for i in range(n)]
+    return [make_problem(rng, levels[i % len(levels)], alphabet) for i in range(n)]
 
 
 def check(prompt: str, text: str) -> tuple[bool, int]:

@@ -77,3 +77,21 @@ def test_edge_embeddings_start_as_a_first_node_plus_a_second_node_vector():
               and tok.convert_ids_to_tokens(i) not in {"\u0120" + n for n in edges.NODES}]
     assert torch.equal(w[others], before[others])  # every other token keeps its random row
     assert 0.01 < float(w.std()) < 0.04
+
+
+def test_edges_task_builds_at_toy_size_with_the_checking_task_from_the_start(tmp_path):
+    """build --task edges --check-frac: the saved tokenizer keeps one token per edge, the recipe
+    records the share, and the built model generates and is verified on the task's problems."""
+    import json
+
+    from engine.model.loader import load_tokenizer
+    from engine.testbed.build import main as build
+
+    out = tmp_path / "model"
+    assert build(["--out", str(out), "--task", "edges", "--steps", "2", "--batch-size", "4", "--layers", "1",
+                  "--check-frac", "0.5", "--eval-problems", "6", "--until", "pretrain"]) == 0
+    recipe = json.loads((out / "RECIPE.json").read_text())
+    assert recipe["task"] == "edges" and recipe["pretrain"]["config"]["check_frac"] == 0.5
+    assert set(recipe["base_metrics"]["greedy_by_level"]) == {str(lv) for lv in range(6)}
+    tok = load_tokenizer(str(out))
+    assert tok.convert_ids_to_tokens(tok.encode("AB\nBC")) == ["AB", "Ċ", "BC"]
