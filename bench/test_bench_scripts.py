@@ -163,6 +163,18 @@ def test_sampling_cpu_bench_times_the_sampler_with_equal_tokens(tmp_path):
     assert all(r["tokens_equal"] and r["cpu_ms"] > 0 and r["torch_hash_ms"] > 0 for r in metrics["rows"])
 
 
+def test_cpu_attention_bench_times_both_paths_on_mixed_steps(tmp_path):
+    from kernels import cpu_ops
+
+    if cpu_ops.extension() is None:
+        pytest.skip("engine._cpu is not built")
+    metrics = _load("cpu_attention").main(["--cases", "3", "--reps", "1", "--out", str(tmp_path)])
+    assert (tmp_path / "cpu_attention-cpu.json").exists()
+    assert [r["chunks"] for r in metrics["rows"]] == ["0 x 1", "4 x 8", "4 x 32"]
+    assert all(r["cpp_ms"] > 0 and r["torch_with_plan_ms"] > 0 and r["max_error"] < 1e-4
+               for r in metrics["rows"])
+
+
 def test_async_scheduling_bench_runs_ahead_with_equal_tokens(tmp_path):
     metrics = _load("async_scheduling").main(["--steps", "6", "--batches", "1,8", "--out", str(tmp_path)])
     assert (tmp_path / "async_scheduling-cpu.json").exists()

@@ -199,6 +199,12 @@ class SampleDelta:
         self.finish_reason = later.finish_reason or self.finish_reason
         self.score = later.score or self.score
 
+    def __reduce__(self):
+        # The engine process pickles every step's deltas to the server's: as a constructor call
+        # this takes 2.5x less time to dump and 2x less to load than a slots dataclass's state.
+        return SampleDelta, (self.index, self.token_ids, self.text, self.logprobs, self.finish_reason,
+                             self.score, self.checkpoint_scores, self.top_logprobs)
+
 
 @dataclass(slots=True)
 class RequestDelta:
@@ -221,3 +227,6 @@ class RequestDelta:
                 mine[d.index] = d
         self.finished, self.output = later.finished, later.output
         return self
+
+    def __reduce__(self):  # as SampleDelta's
+        return RequestDelta, (self.request_id, self.samples, self.finished, self.output)

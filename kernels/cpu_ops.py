@@ -1,5 +1,5 @@
 """Python side of engine._cpu: the decode step's small ops on the CPU in one call each (float32):
-RMSNorm, SiLU-and-mul, RoPE + the KV store, paged decode attention, and the sampler's uniforms.
+RMSNorm, SiLU-and-mul, RoPE + the KV store, paged attention, and the sampler's uniforms.
 Each falls back to its torch path (returns None) where it does not apply: another dtype or device,
 autograd (training), reference_only() or SELFEVAL_KERNELS=reference, or no engine._cpu. The
 wrappers stay lean: at batch 1 their Python is most of what they cost (bench/host_overhead.py)."""
@@ -129,19 +129,23 @@ def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     return out
 
 
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
-                           scale: float) -> torch.Tensor | None:
-    """kernels.paged_attention for a step of decodes only (row b's one query is q[b]) in one call
-    over every row and KV head: [B, H, D]; None: not here. Contexts past the block table and block
-    ids outside the cache raise IndexError before anything is read."""
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, context_lens: torch.Tensor,
+                    query_start_loc: torch.Tensor | None, block_size: int, scale: float,
+                    ) -> torch.Tensor | None:
+    """kernels.paged_attention in one call over every query row and KV head: [T, H, D]; None: not
+    here. query_start_loc None: one query per sequence (a step of decodes, row b's query is q[b]).
+    Contexts past the block table, block ids outside the cache and query offsets that do not fit
+    their contexts raise IndexError before anything is read. Each of a chunk's rows reads its keys
+    anew: for long chunks the torch path (paged_attention_cpu) is faster."""
     if not available(q, k_cache, v_cache):
         return None
     if q.dim() != 3 or k_cache.dim() != 3 or block_tables.dim() != 2 or context_lens.dim() != 1:
         return None
-    seqs, heads, dim = q.shape
+    tokens, heads, dim = q.shape
+    seqs = block_tables.shape[0]
     if (k_cache.shape != v_cache.shape or k_cache.shape[2] != dim or heads % k_cache.shape[1]
-            or block_tables.shape[0] != seqs or context_lens.shape[0] != seqs):
+            or context_lens.shape[0] != seqs):
         return None
     if (block_tables.dtype is not torch.int32 or context_lens.dtype is not torch.int32
             or not block_tables.is_cpu or not context_lens.is_cpu):
@@ -149,11 +153,28 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if (q.stride(2) != 1 or k_cache.stride(2) != 1 or k_cache.stride() != v_cache.stride()
             or block_tables.stride(1) != 1 or not context_lens.is_contiguous()):
         return None
-    out = torch.empty((seqs, heads, dim), dtype=_F32)
+    if query_start_loc is None:
+        if tokens != seqs:
+            return None
+        qsl = 0
+    else:
+        if (query_start_loc.dtype is not torch.int32 or not query_start_loc.is_cpu
+                or query_start_loc.shape != (seqs + 1,) or not query_start_loc.is_contiguous()):
+            return None
+        qsl = query_start_loc.data_ptr()
+    out = torch.empty((tokens, heads, dim), dtype=_F32)
     q_s, c_s = q.stride(), k_cache.stride()
-    extension().paged_decode_attention(
+    extension().paged_attention(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), block_tables.data_ptr(),
-        context_lens.data_ptr(), seqs, heads, k_cache.shape[1], dim, block_size,
+        context_lens.data_ptr(), qsl, seqs, tokens, heads, k_cache.shape[1], dim, block_size,
         k_cache.shape[0] // block_size, block_tables.shape[1], block_tables.stride(0), q_s[0], q_s[1],
         c_s[0], c_s[1], scale, torch.get_num_threads())
     return out
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
+                           scale: float) -> torch.Tensor | None:
+    """paged_attention for a step of decodes only (row b's one query is q[b]): [B, H, D]; None:
+    not here."""
+    return paged_attention(q, k_cache, v_cache, block_tables, context_lens, None, block_size, scale)

@@ -1,10 +1,12 @@
-// Paged decode attention on the CPU (engine._cpu.paged_decode_attention), float32.
+// Paged attention on the CPU (engine._cpu.paged_attention), float32.
 //
-// One query per sequence against its keys in the paged cache, with no padding to the longest
-// context, no copies of KV heads for grouped-query attention and no gather of the blocks: the torch
-// path (kernels/attention.py) does all three, and at batch 1 its dozen ops cost more than the
-// arithmetic. Each (sequence, KV head) is one task: the scores of the KV head's query heads, an
-// exact softmax (max subtracted) and the weighted values. Tasks spread over OpenMP threads.
+// Each query row against its keys in the paged cache (a decode's row: the whole context; a chunk's
+// row i: the context up to its position), with no padding to the longest context, no copies of KV
+// heads for grouped-query attention and no gather of the blocks: the torch path
+// (kernels/attention.py) does all three, and at batch 1 its dozen ops cost more than the
+// arithmetic. Each (query row, KV head) is one task: the scores of the KV head's query heads, an
+// exact softmax (max subtracted) and the weighted values. Tasks spread over OpenMP threads. A chunk's
+// rows each read their keys again (no tiling), so long chunks belong to the torch path's matmuls.
 //
 // Built with -ffinite-math-only -fno-signed-zeros (this file alone) so that the clamp in exp_neg
 // and the reductions vectorize; inputs are finite (the torch reference gives NaN otherwise too).
@@ -126,33 +128,51 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void attend(
 
 }  // namespace
 
-std::string paged_decode_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out,
-                                   uintptr_t block_tables, uintptr_t context_lens, int64_t seqs, int64_t heads,
-                                   int64_t kv_heads, int64_t dim, int64_t block_size, int64_t num_blocks,
-                                   int64_t table_width, int64_t table_stride, int64_t q_s0, int64_t q_s1,
-                                   int64_t c_s0, int64_t c_s1, double scale, int64_t threads) {
-  // Contexts and block ids are copied, then checked, before anything is read: only the copies are
-  // used, so another thread changing the tensors while the GIL is released cannot slip one in.
+std::string paged_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out,
+                            uintptr_t block_tables, uintptr_t context_lens, uintptr_t query_start_loc,
+                            int64_t seqs, int64_t tokens, int64_t heads, int64_t kv_heads, int64_t dim,
+                            int64_t block_size, int64_t num_blocks, int64_t table_width, int64_t table_stride,
+                            int64_t q_s0, int64_t q_s1, int64_t c_s0, int64_t c_s1, double scale, int64_t threads) {
+  // Contexts, query offsets and block ids are copied, then checked, before anything is read: only
+  // the copies are used, so another thread changing the tensors while the GIL is released cannot
+  // slip one in.
   std::vector<int32_t> ctx(i32(context_lens), i32(context_lens) + seqs);
   std::vector<int64_t> first(seqs + 1, 0);  // row b's block ids: blocks[first[b] .. first[b + 1])
-  int64_t longest = 0;
   for (int64_t b = 0; b < seqs; ++b) {
     const int64_t n = (static_cast<int64_t>(ctx[b]) + block_size - 1) / block_size;
     if (ctx[b] < 0 || n > table_width)
-      return "paged_decode_attention: context length " + std::to_string(ctx[b]) + " outside the block table";
+      return "paged_attention: context length " + std::to_string(ctx[b]) + " outside the block table";
     first[b + 1] = first[b] + n;
-    longest = std::max<int64_t>(longest, ctx[b]);
   }
+  // Each query row's sequence and the keys it sees: a chunk's row i of q_len sits at position
+  // ctx - q_len + i and sees the keys up to it; a decode's one row sees the whole context.
+  std::vector<int64_t> row_seq(tokens), row_keys(tokens);
+  int64_t longest = 0;
+  if (query_start_loc == 0) {
+    if (tokens != seqs) return "paged_attention: one query per sequence needs as many rows as sequences";
+    for (int64_t b = 0; b < seqs; ++b) row_seq[b] = b, row_keys[b] = ctx[b];
+  } else {
+    std::vector<int32_t> qsl(i32(query_start_loc), i32(query_start_loc) + seqs + 1);
+    if (qsl[0] != 0 || qsl[seqs] != tokens) return "paged_attention: query offsets do not cover the rows";
+    for (int64_t b = 0; b < seqs; ++b) {
+      const int64_t q_len = static_cast<int64_t>(qsl[b + 1]) - qsl[b];
+      if (q_len < 0 || q_len > ctx[b])
+        return "paged_attention: sequence " + std::to_string(b) + " has " + std::to_string(q_len) +
+               " queries for a context of " + std::to_string(ctx[b]);
+      for (int64_t i = 0; i < q_len; ++i) row_seq[qsl[b] + i] = b, row_keys[qsl[b] + i] = ctx[b] - q_len + i + 1;
+    }
+  }
+  for (int64_t t = 0; t < tokens; ++t) longest = std::max(longest, row_keys[t]);
   std::vector<int64_t> blocks(first[seqs]);
   for (int64_t b = 0; b < seqs; ++b) {
     const int32_t* row = i32(block_tables) + b * table_stride;
     for (int64_t j = 0; j < first[b + 1] - first[b]; ++j) {
       if (row[j] < 0 || row[j] >= num_blocks)
-        return "paged_decode_attention: block " + std::to_string(row[j]) + " outside the KV cache";
+        return "paged_attention: block " + std::to_string(row[j]) + " outside the KV cache";
       blocks[first[b] + j] = row[j];
     }
   }
-  const int64_t group = heads / kv_heads, tasks = seqs * kv_heads;
+  const int64_t group = heads / kv_heads, tasks = tokens * kv_heads;
   const float fscale = static_cast<float>(scale);
   auto* run = dim == 64 ? &attend<64> : dim == 128 ? &attend<128> : dim == 256 ? &attend<256> : &attend<0>;
 #pragma omp parallel num_threads(static_cast<int>(std::max<int64_t>(1, threads))) if (threads > 1 && tasks > 1)
@@ -160,14 +180,14 @@ std::string paged_decode_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_c
     std::vector<float> scores(group * std::max<int64_t>(longest, 1)), acc(group * dim);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t b = task / kv_heads, h = task % kv_heads;
-      float* o = f32(out) + (b * heads + h * group) * dim;
-      if (ctx[b] == 0) {
+      const int64_t t = task / kv_heads, h = task % kv_heads, b = row_seq[t];
+      float* o = f32(out) + (t * heads + h * group) * dim;
+      if (row_keys[t] == 0) {
         std::fill(o, o + group * dim, 0.0f);
         continue;
       }
-      run(cf32(q) + b * q_s0 + h * group * q_s1, q_s1, group, cf32(k_cache) + h * c_s1, cf32(v_cache) + h * c_s1,
-          c_s0, blocks.data() + first[b], ctx[b], block_size, dim, fscale, scores.data(), acc.data(), o);
+      run(cf32(q) + t * q_s0 + h * group * q_s1, q_s1, group, cf32(k_cache) + h * c_s1, cf32(v_cache) + h * c_s1,
+          c_s0, blocks.data() + first[b], row_keys[t], block_size, dim, fscale, scores.data(), acc.data(), o);
     }
   }
   return {};

@@ -1,4 +1,4 @@
-// Paged decode attention on the CPU (float32), see attention.cpp.
+// Paged attention on the CPU (float32), see attention.cpp.
 #pragma once
 
 #include <cstdint>
@@ -8,10 +8,12 @@ namespace selfeval_cpu {
 
 // Returns an empty string, or the error (an index outside the table or cache) found before any
 // read; pointers and strides come from kernels/cpu_ops.py, which checks dtypes and layouts.
-std::string paged_decode_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out,
-                                   uintptr_t block_tables, uintptr_t context_lens, int64_t seqs, int64_t heads,
-                                   int64_t kv_heads, int64_t dim, int64_t block_size, int64_t num_blocks,
-                                   int64_t table_width, int64_t table_stride, int64_t q_s0, int64_t q_s1,
-                                   int64_t c_s0, int64_t c_s1, double scale, int64_t threads);
+// query_start_loc: int32 [seqs + 1] offsets of each sequence's query rows, or 0 for one query per
+// sequence (a step of decodes: tokens == seqs).
+std::string paged_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out,
+                            uintptr_t block_tables, uintptr_t context_lens, uintptr_t query_start_loc,
+                            int64_t seqs, int64_t tokens, int64_t heads, int64_t kv_heads, int64_t dim,
+                            int64_t block_size, int64_t num_blocks, int64_t table_width, int64_t table_stride,
+                            int64_t q_s0, int64_t q_s1, int64_t c_s0, int64_t c_s1, double scale, int64_t threads);
 
 }  // namespace selfeval_cpu

@@ -108,14 +108,15 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("sampling_uniforms", &selfeval_cpu::sampling_uniforms, py::call_guard<py::gil_scoped_release>());
   m.def("rotary_store_kv", &rotary_store_kv, py::call_guard<py::gil_scoped_release>());
   m.def(
-      "paged_decode_attention",
+      "paged_attention",
       [](uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out, uintptr_t block_tables,
-         uintptr_t context_lens, int64_t seqs, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size,
-         int64_t num_blocks, int64_t table_width, int64_t table_stride, int64_t q_s0, int64_t q_s1, int64_t c_s0,
-         int64_t c_s1, double scale, int64_t threads) {
-        const std::string error = selfeval_cpu::paged_decode_attention(
-            q, k_cache, v_cache, out, block_tables, context_lens, seqs, heads, kv_heads, dim, block_size,
-            num_blocks, table_width, table_stride, q_s0, q_s1, c_s0, c_s1, scale, threads);
+         uintptr_t context_lens, uintptr_t query_start_loc, int64_t seqs, int64_t tokens, int64_t heads,
+         int64_t kv_heads, int64_t dim, int64_t block_size, int64_t num_blocks, int64_t table_width,
+         int64_t table_stride, int64_t q_s0, int64_t q_s1, int64_t c_s0, int64_t c_s1, double scale,
+         int64_t threads) {
+        const std::string error = selfeval_cpu::paged_attention(
+            q, k_cache, v_cache, out, block_tables, context_lens, query_start_loc, seqs, tokens, heads, kv_heads,
+            dim, block_size, num_blocks, table_width, table_stride, q_s0, q_s1, c_s0, c_s1, scale, threads);
         if (!error.empty()) throw py::index_error(error);
       },
       py::call_guard<py::gil_scoped_release>());

@@ -13,7 +13,12 @@ from engine.model.config import ModelConfig
 from engine.model.lora import LoraSlot
 from engine.model.shard import Shard
 from kernels import cpu_ops
-from kernels.attention import CpuAttentionPlan, packed_causal_attention, plan_cpu_attention
+from kernels.attention import (
+    CpuAttentionPlan,
+    cpu_rows_attention,
+    packed_causal_attention,
+    plan_cpu_attention,
+)
 from kernels.cascade import SharedPrefixes, cascade_decode_attention
 from kernels.dispatch import use_triton
 from kernels.linear import pack_weight, packed_linear, unpack_weight
@@ -150,7 +155,7 @@ def pack_linears(model: LlamaForCausalLM, parts: int) -> None:
                layer.post_attention_layernorm, layer.mlp.gate_up_proj, layer.mlp.down_proj)
               for layer in model.layers]
     plain = all(isinstance(m, PackedLinear) for mods in layers for m in mods[1:3] + mods[4:])
-    model.cpu_decode_layers = layers if plain and not model.config.qk_norm and model.shard.size == 1 else None
+    model.cpu_layers = layers if plain and not model.config.qk_norm and model.shard.size == 1 else None
 
 
 class LlamaForCausalLM(nn.Module):
@@ -169,9 +174,9 @@ class LlamaForCausalLM(nn.Module):
         tied = cfg.tie_word_embeddings
         self.lm_head = None if tied else nn.Linear(cfg.hidden_size, vocab_rows, bias=False)
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)  # see init_rotary
-        # Each layer's modules for decode_cpu, once pack_linears made the model's CPU inference
+        # Each layer's modules for forward_cpu, once pack_linears made the model's CPU inference
         # form (None: the layers' own forward for every step).
-        self.cpu_decode_layers: list[tuple] | None = None
+        self.cpu_layers: list[tuple] | None = None
 
     def init_rotary(self) -> None:
         """Build the float32 cos/sin table on the model's device (after weights are placed)."""
@@ -185,51 +190,55 @@ class LlamaForCausalLM(nn.Module):
         the packed sequences of meta.query_start_loc (training). Returns hidden states [T, hidden]."""
         x, residual = self.embed(input_ids), None
         if not use_triton(x):  # what every layer shares is made once here, not once a layer
-            # A step of decodes alone runs engine._cpu's decode attention, which needs no plan.
-            decodes = meta.max_query_len == 1 and x.shape[0] == meta.block_tables.shape[0]
-            fast = kv_cache is not None and decodes and cpu_ops.available(x, kv_cache)
-            if fast and self.cpu_decode_layers is not None and meta.adapter_mask is None:
-                out = self.decode_cpu(x, meta, kv_cache)
+            # engine._cpu's RoPE + KV store needs no rotary rows; its attention takes every row of a
+            # step whose chunks are short, with no plan (kernels.attention.CPU_ROWS_MAX_WORK).
+            ext = kv_cache is not None and cpu_ops.available(x, kv_cache)
+            rows = ext and cpu_rows_attention(meta.max_query_len, meta.max_context_len)
+            if rows and self.cpu_layers is not None and meta.adapter_mask is None:
+                out = self.forward_cpu(x, meta, kv_cache)
                 if out is not None:
                     return out
-            plan = kv_cache is not None and not fast
-            meta = replace(meta, rope=rotary_rows(meta.positions, self.cos_sin, x.dtype), cpu_plan=None if
-                           not plan else plan_cpu_attention(meta.block_tables, meta.context_lens,
-                                                            meta.query_start_loc, meta.block_size))
+            meta = replace(meta, rope=None if ext else rotary_rows(meta.positions, self.cos_sin, x.dtype),
+                           cpu_plan=None if kv_cache is None or rows else plan_cpu_attention(
+                               meta.block_tables, meta.context_lens, meta.query_start_loc, meta.block_size))
         for i, layer in enumerate(self.layers):
             caches = (None, None) if kv_cache is None else (kv_cache[0, i], kv_cache[1, i])
             x, residual = layer(x, residual, meta, *caches, self.cos_sin)
         return self.norm(x, residual)[0]
 
-    def decode_cpu(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor,
-                   ) -> torch.Tensor | None:
-        """The layers of a step of decodes on the CPU (float32, no adapter rows) as one lean loop
-        straight into engine._cpu: the layers' forward makes the same calls in the same order (so
-        the same bits: tested), but its modules and per-call checks cost time: the batch-1
-        forward of the 8-layer 512-wide model took 4.5 ms through them and 3.0 ms here (timed
-        alone, same run); bench/throughput.py --device cpu's batch-1 decode step went from 4.96
-        to 3.46 ms with it. What every layer shares is checked once here; None: a layout this
-        loop does not take (the layers' forward runs instead)."""
+    def forward_cpu(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor,
+                    ) -> torch.Tensor | None:
+        """The layers of a CPU step (float32, no adapter rows, chunks short enough for
+        engine._cpu's attention: kernels.attention.cpu_rows_attention) as one lean loop into it:
+        the layers' forward makes the same calls in the same order (so the same bits: tested), but
+        its modules and per-call checks cost time: the batch-1 forward of the 8-layer 512-wide
+        model took 4.5 ms through them and 3.0 ms here (timed alone, same run);
+        bench/throughput.py --device cpu's batch-1 decode step went from 4.96 to 3.46 ms with it.
+        What every layer shares is checked once here; None: a layout this loop does not take (the
+        layers' forward runs instead)."""
         ext, cfg = cpu_ops.extension(), self.config
         tokens, hidden = x.shape
         attn0 = self.layers[0].self_attn
         heads, kv_heads, dim, scale = attn0.num_heads, self.num_kv_heads_local, cfg.head_dim, attn0.scale
         q_size, kv_size = heads * dim, kv_heads * dim
         positions, slots = meta.positions, meta.slot_mapping
-        tables, lens = meta.block_tables, meta.context_lens
+        tables, lens, starts = meta.block_tables, meta.context_lens, meta.query_start_loc
         cos_sin, block = self.cos_sin, meta.block_size
+        seqs = tables.shape[0] if tables.dim() == 2 else -1
         if (not cpu_ops.available(x, kv_cache) or x.dim() != 2 or kv_cache.dim() != 5
                 or kv_cache.shape[3:] != (kv_heads, dim) or not kv_cache.is_contiguous()
-                or not (positions.is_cpu and slots.is_cpu and tables.is_cpu and lens.is_cpu)
-                or tables.dim() != 2 or tables.shape[0] != tokens
-                or positions.dtype is not torch.int64 or slots.dtype is not torch.int64
+                or not (positions.is_cpu and slots.is_cpu and tables.is_cpu and lens.is_cpu and starts.is_cpu)
+                or seqs < 0 or positions.dtype is not torch.int64 or slots.dtype is not torch.int64
                 or positions.shape != (tokens,) or slots.shape != (tokens,) or not positions.is_contiguous()
                 or not slots.is_contiguous() or tables.dtype is not torch.int32
-                or lens.dtype is not torch.int32 or tables.stride(1) != 1 or lens.shape != (tokens,)
-                or not lens.is_contiguous() or cos_sin.dtype is not torch.float32
+                or lens.dtype is not torch.int32 or tables.stride(1) != 1 or lens.shape != (seqs,)
+                or not lens.is_contiguous() or starts.dtype is not torch.int32 or starts.shape != (seqs + 1,)
+                or not starts.is_contiguous() or cos_sin.dtype is not torch.float32
                 or not cos_sin.is_contiguous() or cos_sin.shape[1] != dim
                 or not x.is_contiguous() or dim % 2):
             return None
+        # a step of decodes alone: row b is sequence b's one query (no offsets to read)
+        offsets = 0 if meta.max_query_len == 1 and tokens == seqs else starts.data_ptr()
         threads = torch.get_num_threads()
         f32 = torch.float32
         slots_total = kv_cache.shape[2]
@@ -240,7 +249,7 @@ class LlamaForCausalLM(nn.Module):
         attn = torch.empty((tokens, q_size), dtype=f32)
         act = None
         residual, flip = x, 0
-        for i, (norm1, qkv_proj, o_proj, norm2, gate_up_proj, down_proj) in enumerate(self.cpu_decode_layers):
+        for i, (norm1, qkv_proj, o_proj, norm2, gate_up_proj, down_proj) in enumerate(self.cpu_layers):
             k_cache, v_cache = kv_cache[0, i], kv_cache[1, i]
             if i == 0:  # the first norm has no residual to add
                 ext.rms_norm(x.data_ptr(), 0, norm1.weight.data_ptr(), normed.data_ptr(), 0, tokens, hidden,
@@ -257,10 +266,10 @@ class LlamaForCausalLM(nn.Module):
                 k_cache.data_ptr(), v_cache.data_ptr(), positions.data_ptr(), slots.data_ptr(),
                 cos_sin.data_ptr(), cos_sin.shape[0], slots_total, tokens, heads, kv_heads, dim,
                 row, dim, row, dim, row, dim, c_s0, c_s1)
-            ext.paged_decode_attention(
+            ext.paged_attention(
                 q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), attn.data_ptr(), tables.data_ptr(),
-                lens.data_ptr(), tokens, heads, kv_heads, dim, block, slots_total // block, tables.shape[1],
-                tables.stride(0), q_size, dim, c_s0, c_s1, scale, threads)
+                lens.data_ptr(), offsets, seqs, tokens, heads, kv_heads, dim, block, slots_total // block,
+                tables.shape[1], tables.stride(0), q_size, dim, c_s0, c_s1, scale, threads)
             h = packed_linear(attn, o_proj.packed, o_proj.bias)
             res_out, flip = residuals[flip], 1 - flip
             ext.rms_norm(h.data_ptr(), residual.data_ptr(), norm2.weight.data_ptr(), normed.data_ptr(),

@@ -361,3 +361,20 @@ def test_a_plain_request_scored_in_flight_streams_its_score_in_that_step(llama_d
         assert fast == run(False, async_scheduling)
         scored = [(step, scores) for step, _, scores in fast if scores]
         assert len(scored) == 1 and scored[0][0] <= 4  # in the step that scored it, not at the end
+
+
+def test_deltas_cross_a_pickle_whole(eng):
+    # the engine process pickles every step's deltas to the server's (engine.async_engine): each
+    # field comes back, the last delta's full output too
+    import pickle
+
+    params = SamplingParams(temperature=1.0, max_tokens=6, seed=4, n=2, logprobs=2, score_at=(2,),
+                            ignore_eos=True)
+    eng.add_request([5, 6, 7], params)
+    sent = []
+    while eng.has_unfinished_requests():
+        sent += eng.step_deltas()
+    back = pickle.loads(pickle.dumps(sent))
+    assert back == sent and back[-1].finished and back[-1].output is not None
+    assert any(d.checkpoint_scores for delta in back for d in delta.samples)
+    assert any(d.top_logprobs and d.finish_reason for delta in back for d in delta.samples)

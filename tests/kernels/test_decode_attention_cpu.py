@@ -1,7 +1,9 @@
-"""engine._cpu's paged decode attention (kernels.cpu_ops.paged_decode_attention) against the torch
-reference: every row's one query over its own blocks, to float32 rounding; the same bits on one
-thread and on several; indices outside the table or cache raise before anything is read; layouts
-it cannot index safely go to the torch path; and the model runs it on steps of decodes alone."""
+"""engine._cpu's paged attention (kernels.cpu_ops.paged_attention, paged_decode_attention for a
+step of decodes) against the torch reference: every row's one query over its own blocks, and a
+chunk's rows over the keys up to each, to float32 rounding; the same bits on one thread and on
+several, and for a row whatever shares its step; indices outside the table or cache and offsets
+that do not fit their contexts raise before anything is read; layouts it cannot index safely go
+to the torch path; and the model runs it on its steps."""
 
 import tempfile
 from pathlib import Path
@@ -138,7 +140,7 @@ def test_model_decode_steps_run_the_cpp_attention(monkeypatch):
     from engine.testing.make_model import make_model
 
     calls = []
-    real = cpu_ops.paged_decode_attention
+    real = cpu_ops.paged_attention
 
     def counted(*args, **kwargs):
         out = real(*args, **kwargs)
@@ -151,8 +153,8 @@ def test_model_decode_steps_run_the_cpp_attention(monkeypatch):
         params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
         prompts = [[5, 6, 7, 8, 9], list(range(10, 40))]
         eng = Engine(str(path), device="cpu", dtype=torch.float32)
-        eng.core.model.cpu_decode_layers = None  # the layers' forward (decode_cpu: test_cpu_decode_loop)
-        monkeypatch.setattr(cpu_ops, "paged_decode_attention", counted)
+        eng.core.model.cpu_layers = None  # the layers' forward (forward_cpu: test_cpu_decode_loop)
+        monkeypatch.setattr(cpu_ops, "paged_attention", counted)
 
         def tokens():
             outs = eng.run_until_done([eng.add_request(p, params) for p in prompts])
@@ -187,3 +189,66 @@ def test_decodes_beside_chunks_get_the_bits_of_a_step_of_decodes_alone():
     assert torch.equal(mixed[decode_rows], alone)
     ref = paged_attention_ref(q_mixed, kc, vc, tables, ctx, qsl, 16, 0.125)
     torch.testing.assert_close(mixed, ref, rtol=2e-5, atol=2e-6)
+
+
+def chunk_batch(seed, q_lens, prior, heads=8, kv_heads=2, dim=64, block_size=16, blocks=80, width=9):
+    """Sequences with q_lens[b] new queries after prior[b] cached tokens, over random blocks."""
+    g = torch.Generator().manual_seed(seed)
+    k_cache = torch.randn(blocks * block_size, kv_heads, dim, generator=g)
+    v_cache = torch.randn(blocks * block_size, kv_heads, dim, generator=g)
+    tables = torch.randperm(blocks, generator=g)[: len(q_lens) * width].view(len(q_lens), width).int()
+    ctx = torch.tensor([n + p for n, p in zip(q_lens, prior)], dtype=torch.int32)
+    qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    q = 2 * torch.randn(sum(q_lens), heads, dim, generator=g)
+    return q, k_cache, v_cache, tables, ctx, qsl
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 2, 64), (6, 1, 80), (4, 4, 128)])
+@pytest.mark.parametrize("q_lens,prior", [
+    ([1, 7, 1, 16], [40, 0, 3, 17]),  # decodes beside a prompt and a chunk after cached tokens
+    ([33], [0]),  # a prompt alone, over blocks it fills
+    ([1, 1], [0, 99]),  # decodes with offsets: the first one's only key is its own
+    ([5, 0, 2], [10, 20, 0]),  # a sequence with no queries this step
+])
+def test_chunk_rows_match_the_reference(heads, kv_heads, dim, q_lens, prior):
+    q, kc, vc, tables, ctx, qsl = chunk_batch(len(q_lens) + dim, q_lens, prior, heads, kv_heads, dim)
+    got = cpu_ops.paged_attention(q, kc, vc, tables, ctx, qsl, 16, dim**-0.5)
+    ref = paged_attention_ref(q, kc, vc, tables, ctx, qsl, 16, dim**-0.5)
+    assert got is not None and got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=2e-5, atol=2e-6)
+    # through kernels.paged_attention (short chunks: this kernel) and the torch path for long ones
+    via = paged_attention(q, kc, vc, tables, ctx, qsl, 16, dim**-0.5, max(q_lens), int(ctx.max()))
+    assert torch.equal(via, got)
+
+
+@needs_cpu_ext
+def test_a_row_gets_the_same_bits_whatever_shares_its_step():
+    # a chunk's row i equals a decode at that position, and a decode row equals itself alone
+    q, kc, vc, tables, ctx, qsl = chunk_batch(3, [1, 6, 1], [30, 12, 5])
+    whole = cpu_ops.paged_attention(q, kc, vc, tables, ctx, qsl, 16, 0.125)
+    for i in range(6):  # chunk row i sits at position 12 + i: a decode there sees 13 + i keys
+        alone = cpu_ops.paged_decode_attention(q[1 + i : 2 + i], kc, vc, tables[1:2],
+                                               torch.tensor([13 + i], dtype=torch.int32), 16, 0.125)
+        assert torch.equal(whole[1 + i], alone[0])
+    decodes = cpu_ops.paged_decode_attention(q[[0, 7]], kc, vc, tables[[0, 2]], ctx[[0, 2]], 16, 0.125)
+    assert torch.equal(whole[[0, 7]], decodes)
+
+
+@needs_cpu_ext
+def test_chunk_offsets_that_do_not_fit_raise_before_reading():
+    q, kc, vc, tables, ctx, qsl = chunk_batch(4, [1, 4], [3, 0])
+    i32 = lambda *n: torch.tensor(n, dtype=torch.int32)  # noqa: E731
+    with pytest.raises(IndexError, match="sequence 1 has 4 queries for a context of 3"):
+        cpu_ops.paged_attention(q, kc, vc, tables, i32(4, 3), qsl, 16, 1.0)
+    with pytest.raises(IndexError, match="sequence 0 has -1 queries"):
+        cpu_ops.paged_attention(q, kc, vc, tables, ctx, i32(0, -1, 5), 16, 1.0)
+    with pytest.raises(IndexError, match="query offsets do not cover the rows"):
+        cpu_ops.paged_attention(q, kc, vc, tables, ctx, i32(0, 1, 4), 16, 1.0)
+    with pytest.raises(IndexError, match="query offsets do not cover the rows"):
+        cpu_ops.paged_attention(q, kc, vc, tables, ctx, i32(1, 1, 5), 16, 1.0)
+    # offsets of another dtype or length are left to the torch path
+    assert cpu_ops.paged_attention(q, kc, vc, tables, ctx, qsl.long(), 16, 1.0) is None
+    assert cpu_ops.paged_attention(q, kc, vc, tables, ctx, qsl[:2], 16, 1.0) is None
+    # one query per sequence, but not as many rows as sequences
+    assert cpu_ops.paged_attention(q, kc, vc, tables, ctx, None, 16, 1.0) is None
