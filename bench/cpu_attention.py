@@ -2,7 +2,7 @@
 (kernels.cpu_ops.paged_attention: every query row in one call) against the torch path
 (kernels.attention.paged_attention_cpu: rows grouped by query length, blocks gathered, matmuls
 under a causal mask), with and without its per-step plan made beforehand, outputs checked against
-the reference (paged_attention_ref). The crossover sets kernels.attention.CPU_ROWS_MAX_WORK: a
+the reference (paged_attention_ref). The crossover sets kernels.attention.CPU_ROWS_MAX_CHUNK_KEYS: a
 chunk's rows each read their keys again in the C++ call, while the torch path's matmuls reuse them.
 The torch path's plan is made once a step for every layer: per layer, compare with torch_planned_ms.
 
@@ -26,7 +26,8 @@ from benchlib import print_table, time_ms, write_results  # noqa: E402
 
 from kernels import cpu_ops  # noqa: E402
 from kernels.attention import (  # noqa: E402
-    CPU_ROWS_MAX_WORK,
+    CPU_ROWS_MAX_CHUNK_KEYS,
+    chunk_keys,
     cpu_rows_attention,
     paged_attention_cpu,
     paged_attention_ref,
@@ -61,8 +62,9 @@ def case(decodes: int, chunks: int, chunk: int, prior: int, reps: int) -> dict:
     out = cpu_ops.paged_attention(q, kc, vc, tables, ctx, offsets, BLOCK, scale)
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-6)
     plan = plan_cpu_attention(tables, ctx, qsl, BLOCK)
+    keys = chunk_keys(qsl[1:] - qsl[:-1], ctx)
     row = {"decodes": decodes, "chunks": f"{chunks} x {chunk}", "cached_before_chunk": prior,
-           "max_error": (out - ref).abs().max().item()}
+           "chunk_keys": keys, "max_error": (out - ref).abs().max().item()}
     row["cpp_ms"] = time_ms(lambda: cpu_ops.paged_attention(q, kc, vc, tables, ctx, offsets, BLOCK, scale),
                             cpu, reps=reps)
     row["torch_planned_ms"] = time_ms(
@@ -70,7 +72,7 @@ def case(decodes: int, chunks: int, chunk: int, prior: int, reps: int) -> dict:
     row["torch_with_plan_ms"] = time_ms(
         lambda: paged_attention_cpu(q, kc, vc, tables, ctx, qsl, BLOCK, scale), cpu, reps=reps)
     row["torch_with_plan_over_cpp"] = row["torch_with_plan_ms"] / row["cpp_ms"]
-    row["dispatch"] = "cpp" if cpu_rows_attention(chunk, int(ctx.max())) else "torch"
+    row["dispatch"] = "cpp" if cpu_rows_attention(chunk, keys) else "torch"
     return row
 
 
@@ -85,10 +87,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("engine._cpu is not built")
     torch.set_num_threads(args.threads)
     rows = [case(*c, reps=args.reps) for c in CASES[: args.cases]]
-    print_table(rows, ["decodes", "chunks", "cached_before_chunk", "cpp_ms", "torch_planned_ms",
+    print_table(rows, ["decodes", "chunks", "cached_before_chunk", "chunk_keys", "cpp_ms", "torch_planned_ms",
                        "torch_with_plan_ms", "torch_with_plan_over_cpp", "dispatch"])
     metrics = {"rows": rows, "threads": args.threads, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": DIM,
-               "block_size": BLOCK, "decode_context": 160, "cpu_rows_max_work": CPU_ROWS_MAX_WORK}
+               "block_size": BLOCK, "decode_context": 160, "cpu_rows_max_chunk_keys": CPU_ROWS_MAX_CHUNK_KEYS}
     write_results("cpu_attention", torch.device("cpu"), metrics, args.out)
     return metrics
 

@@ -501,21 +501,27 @@ def paged_extend_attention_triton(
 
 
 # A CPU step runs engine._cpu's attention on every row in one call (decodes and chunks alike: no
-# plan, block gathers or masks) unless a chunk may be long against a long context: each of a
-# chunk's rows reads its keys again there, where paged_attention_cpu's matmuls reuse them.
-# bench/cpu_attention.py (2-core Xeon, 8 query over 2 KV heads of 64, 2 threads, the committed
-# run; torch with its plan made beforehand, as a step shares it over its layers): beside 60
-# decodes, chunks of 4 x 32 tokens took 0.77 ms here against 0.97, 4 x 64 0.85 against 1.08; one
-# prompt of 128 0.27 against 0.27. Past the bound: one prompt of 256 0.88 against 0.80, a 64-token
-# chunk after 1,000 cached tokens 2.35 against 1.76. The bound is on max_query_len x
-# max_context_len, the step's host-side maxima, so a decode's long context counts too
-# (conservative), and 16 prompts of 128 fall inside it at 4.10 ms against 3.66.
-CPU_ROWS_MAX_WORK = 128 * 128
+# plan, block gathers or masks) unless its chunks read many keys in all: each of a chunk's rows
+# reads its keys again there, where paged_attention_cpu's matmuls reuse them. bench/cpu_attention.py
+# (2-core Xeon, 8 query over 2 KV heads of 64, 2 threads, the committed run; torch with its plan made
+# beforehand, as a step shares it over its layers): beside 60 decodes, chunks of 4 x 32 tokens
+# (2,112 chunk keys) took 0.71 ms here against 0.92, 4 x 64 (8,320) 0.89 against 1.13, 4 x 128
+# (33,024) 1.58 against 1.83; one prompt of 128 (8,256) 0.25 against 0.26 and of 256 (32,896) 0.86
+# against 0.79. Past the bound: 16 prompts of 128 (132,096) 3.91 against 3.60, a 64-token chunk
+# after 1,000 cached tokens (66,080) 2.24 against 1.68.
+CPU_ROWS_MAX_CHUNK_KEYS = 40_000
 
 
-def cpu_rows_attention(max_query_len: int, max_context_len: int) -> bool:
-    """Whether a CPU step's attention goes to engine._cpu for every row (see CPU_ROWS_MAX_WORK)."""
-    return max_query_len <= 1 or max_query_len * max_context_len <= CPU_ROWS_MAX_WORK
+def chunk_keys(q_lens, context_lens) -> int:
+    """Keys that a step's chunk rows (sequences with more than one query) read in all: row i of a
+    chunk of q over a context of c sees c - q + i + 1. Numpy arrays or tensors, one entry a sequence."""
+    q, c = (torch.as_tensor(x).long() for x in (q_lens, context_lens))
+    return int((q * c - q * (q - 1) // 2)[q > 1].sum())
+
+
+def cpu_rows_attention(max_query_len: int, keys: int) -> bool:
+    """Whether a CPU step's attention goes to engine._cpu for every row, given its chunk_keys."""
+    return max_query_len <= 1 or keys <= CPU_ROWS_MAX_CHUNK_KEYS
 
 
 def paged_attention(
@@ -529,14 +535,17 @@ def paged_attention(
     if not use_triton(q):
         if max_query_len is None:
             max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max()) if q.shape[0] else 0
-        if max_context_len is None:
-            max_context_len = int(context_lens.max()) if len(context_lens) else 0
-        if cpu_rows_attention(max_query_len, max_context_len):  # every row in engine._cpu's one call
-            decodes = max_query_len == 1 and q.shape[0] == block_tables.shape[0]
-            out = cpu_ops.paged_attention(q, k_cache, v_cache, block_tables, context_lens,
-                                          None if decodes else query_start_loc, block_size, scale)
-            if out is not None:
-                return out
+        # No plan: the step's rows may go to engine._cpu's one call, by the rule
+        # LlamaForCausalLM.forward applies (a plan: the caller chose the torch path for the step)
+        if cpu_plan is None:
+            keys = 0 if max_query_len <= 1 else chunk_keys(query_start_loc[1:] - query_start_loc[:-1],
+                                                           context_lens)
+            if cpu_rows_attention(max_query_len, keys):
+                decodes = max_query_len == 1 and q.shape[0] == block_tables.shape[0]
+                out = cpu_ops.paged_attention(q, k_cache, v_cache, block_tables, context_lens,
+                                              None if decodes else query_start_loc, block_size, scale)
+                if out is not None:
+                    return out
         return paged_attention_cpu(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
                                    block_size, scale, plan=cpu_plan)
     if max_query_len is None:

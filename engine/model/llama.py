@@ -15,6 +15,7 @@ from engine.model.shard import Shard
 from kernels import cpu_ops
 from kernels.attention import (
     CpuAttentionPlan,
+    chunk_keys,
     cpu_rows_attention,
     packed_causal_attention,
     plan_cpu_attention,
@@ -43,6 +44,8 @@ class AttentionMetadata:
     cpu_plan: CpuAttentionPlan | None = None
     # A decode step whose rows share prompt blocks (kernels.cascade), on the Triton path.
     shared_prefixes: SharedPrefixes | None = None
+    # Keys the step's chunk rows read (kernels.attention.chunk_keys), host-side on CPU steps.
+    chunk_keys: int | None = None
 
 
 class RMSNorm(nn.Module):
@@ -191,9 +194,12 @@ class LlamaForCausalLM(nn.Module):
         x, residual = self.embed(input_ids), None
         if not use_triton(x):  # what every layer shares is made once here, not once a layer
             # engine._cpu's RoPE + KV store needs no rotary rows; its attention takes every row of a
-            # step whose chunks are short, with no plan (kernels.attention.CPU_ROWS_MAX_WORK).
+            # step whose chunks read few keys, with no plan (kernels.attention.CPU_ROWS_MAX_CHUNK_KEYS).
             ext = kv_cache is not None and cpu_ops.available(x, kv_cache)
-            rows = ext and cpu_rows_attention(meta.max_query_len, meta.max_context_len)
+            keys = meta.chunk_keys
+            if ext and keys is None and meta.max_query_len > 1:
+                keys = chunk_keys(meta.query_start_loc[1:] - meta.query_start_loc[:-1], meta.context_lens)
+            rows = ext and cpu_rows_attention(meta.max_query_len, keys or 0)
             if rows and self.cpu_layers is not None and meta.adapter_mask is None:
                 out = self.forward_cpu(x, meta, kv_cache)
                 if out is not None:

@@ -252,3 +252,15 @@ def test_chunk_offsets_that_do_not_fit_raise_before_reading():
     assert cpu_ops.paged_attention(q, kc, vc, tables, ctx, qsl[:2], 16, 1.0) is None
     # one query per sequence, but not as many rows as sequences
     assert cpu_ops.paged_attention(q, kc, vc, tables, ctx, None, 16, 1.0) is None
+
+
+def test_chunk_keys_counts_the_keys_of_chunk_rows_only():
+    import numpy as np
+
+    from kernels.attention import chunk_keys
+
+    q_lens, ctx = [1, 5, 3, 0, 2], [40, 5, 10, 7, 300]
+    brute = sum(c - q + i + 1 for q, c in zip(q_lens, ctx) if q > 1 for i in range(q))
+    assert brute == 15 + 27 + 599
+    assert chunk_keys(np.array(q_lens, dtype=np.int32), np.array(ctx, dtype=np.int32)) == brute
+    assert chunk_keys(torch.tensor(q_lens, dtype=torch.int32), torch.tensor(ctx, dtype=torch.int32)) == brute

@@ -84,3 +84,32 @@ def test_cpu_loop_writes_the_cache_of_the_layers_forward(model_dirs):
                     replace(meta, query_start_loc=meta.query_start_loc.long())):
             assert model.forward_cpu(x, odd, kv) is None
         assert torch.equal(kv, runner.kv_cache)
+
+
+def test_steps_whose_chunks_read_many_keys_run_the_torch_path(model_dirs, monkeypatch):
+    # past kernels.attention.CPU_ROWS_MAX_CHUNK_KEYS a step's chunks go to paged_attention_cpu's
+    # matmuls under the layers' forward; its tokens stay those of the other path (greedy, to rounding)
+    from kernels import attention
+
+    eng = Engine(str(model_dirs["llama"]), device="cpu", dtype=torch.float32, enable_prefix_caching=False)
+    model = eng.core.model
+    seen, real = [], type(model).forward_cpu
+
+    def counted(self, x, meta, kv):
+        seen.append(meta.max_query_len)
+        return real(self, x, meta, kv)
+
+    monkeypatch.setattr(type(model), "forward_cpu", counted)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = [list(range(5, 45)), list(range(50, 70))]
+
+    def tokens():
+        outs = eng.run_until_done([eng.add_request(p, params) for p in prompts])
+        return [o.samples[0].token_ids for o in outs]
+
+    rows = tokens()
+    assert max(seen) > 1  # the prompts' step ran in the lean loop, chunks and all
+    seen.clear()
+    monkeypatch.setattr(attention, "CPU_ROWS_MAX_CHUNK_KEYS", 0)
+    assert tokens() == rows
+    assert seen and max(seen) == 1  # only decode steps took the loop
