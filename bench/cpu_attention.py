@@ -27,7 +27,7 @@ from benchlib import print_table, time_ms, write_results  # noqa: E402
 from kernels import cpu_ops  # noqa: E402
 from kernels.attention import (  # noqa: E402
     CPU_ROWS_MAX_CHUNK_KEYS,
-    chunk_keys,
+    count_chunk_keys,
     cpu_rows_attention,
     paged_attention_cpu,
     paged_attention_ref,
@@ -62,7 +62,7 @@ def case(decodes: int, chunks: int, chunk: int, prior: int, reps: int) -> dict:
     out = cpu_ops.paged_attention(q, kc, vc, tables, ctx, offsets, BLOCK, scale)
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-6)
     plan = plan_cpu_attention(tables, ctx, qsl, BLOCK)
-    keys = chunk_keys(qsl[1:] - qsl[:-1], ctx)
+    keys = count_chunk_keys(qsl[1:] - qsl[:-1], ctx)
     row = {"decodes": decodes, "chunks": f"{chunks} x {chunk}", "cached_before_chunk": prior,
            "chunk_keys": keys, "max_error": (out - ref).abs().max().item()}
     row["cpp_ms"] = time_ms(lambda: cpu_ops.paged_attention(q, kc, vc, tables, ctx, offsets, BLOCK, scale),

@@ -13,7 +13,7 @@ import torch
 import kernels
 from engine.model.llama import AttentionMetadata, LlamaForCausalLM, pack_linears
 from engine.step_input import StepInput
-from kernels.attention import chunk_keys
+from kernels.attention import count_chunk_keys
 from kernels.cascade import SharedPrefixes, find_shared_prefixes
 from kernels.dispatch import use_triton
 
@@ -113,7 +113,7 @@ class ModelRunner:
                 block_size=self.block_size,
                 max_query_len=int(counts.max()),
                 max_context_len=int(step.context_lens.max()),
-                chunk_keys=chunk_keys(counts, step.context_lens) if self.device.type == "cpu" else None,
+                chunk_keys=count_chunk_keys(counts, step.context_lens) if self.device.type == "cpu" else None,
                 adapter_mask=to(step.adapter_mask, torch.bool) if adapter else None,
                 shared_prefixes=None if shared is None else shared.to(self.device),
             )

@@ -512,7 +512,7 @@ def paged_extend_attention_triton(
 CPU_ROWS_MAX_CHUNK_KEYS = 40_000
 
 
-def chunk_keys(q_lens, context_lens) -> int:
+def count_chunk_keys(q_lens, context_lens) -> int:
     """Keys that a step's chunk rows (sequences with more than one query) read in all: row i of a
     chunk of q over a context of c sees c - q + i + 1. Numpy arrays or tensors, one entry a sequence."""
     q, c = (torch.as_tensor(x).long() for x in (q_lens, context_lens))
@@ -528,18 +528,20 @@ def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, query_start_loc: torch.Tensor, block_size: int, scale: float,
     max_query_len: int | None = None, max_context_len: int | None = None,
-    cpu_plan: CpuAttentionPlan | None = None,
+    cpu_plan: CpuAttentionPlan | None = None, chunk_keys: int | None = None,
 ) -> torch.Tensor:
     """The host-side maxima come from the runner's numpy metadata; without them they are read
-    back from the device (a sync). cpu_plan: the step's plan for the path without Triton."""
+    back from the device (a sync). cpu_plan: the step's plan for the path without Triton (None:
+    engine._cpu's attention where cpu_rows_attention takes the step, given its count_chunk_keys
+    as chunk_keys or counting them here)."""
     if not use_triton(q):
         if max_query_len is None:
             max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max()) if q.shape[0] else 0
         # No plan: the step's rows may go to engine._cpu's one call, by the rule
         # LlamaForCausalLM.forward applies (a plan: the caller chose the torch path for the step)
         if cpu_plan is None:
-            keys = 0 if max_query_len <= 1 else chunk_keys(query_start_loc[1:] - query_start_loc[:-1],
-                                                           context_lens)
+            keys = chunk_keys if chunk_keys is not None or max_query_len <= 1 else count_chunk_keys(
+                query_start_loc[1:] - query_start_loc[:-1], context_lens)
             if cpu_rows_attention(max_query_len, keys):
                 decodes = max_query_len == 1 and q.shape[0] == block_tables.shape[0]
                 out = cpu_ops.paged_attention(q, k_cache, v_cache, block_tables, context_lens,

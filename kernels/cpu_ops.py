@@ -144,8 +144,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return None
     tokens, heads, dim = q.shape
     seqs = block_tables.shape[0]
-    if (k_cache.shape != v_cache.shape or k_cache.shape[2] != dim or heads % k_cache.shape[1]
-            or context_lens.shape[0] != seqs):
+    if (k_cache.shape != v_cache.shape or k_cache.shape[2] != dim or not k_cache.shape[1]
+            or heads % k_cache.shape[1] or context_lens.shape[0] != seqs or block_size < 1):
         return None
     if (block_tables.dtype is not torch.int32 or context_lens.dtype is not torch.int32
             or not block_tables.is_cpu or not context_lens.is_cpu):

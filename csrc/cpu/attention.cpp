@@ -16,6 +16,9 @@
 #include <algorithm>
 #include <cmath>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace selfeval_cpu {
 namespace {
@@ -54,7 +57,7 @@ inline float dot_any(const float* q, const float* k, int64_t dim) {
 
 // One task: the `group` query heads at q (q_s1 apart) against the n_ctx keys and values of blocks
 // blk (rows c_s0 apart from kc / vc), into out [group, dim]. scores [group, n_ctx] and acc
-// [group, dim] are scratch. DIM: the head size when it is 64, 128 or 256, else 0 (a plain loop).
+// [group, dim] are scratch. DIM: the head size when it is 16, 32, 64, 128 or 256, else 0 (a plain loop).
 // Per key: its K row is loaded once for all the group's query heads (16-lane products, one
 // horizontal sum each), and its V row once for all their accumulators. Cloned per vector ISA
 // (AVX-512, AVX2, baseline) and picked when the module loads.
@@ -136,6 +139,9 @@ std::string paged_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, u
   // Contexts, query offsets and block ids are copied, then checked, before anything is read: only
   // the copies are used, so another thread changing the tensors while the GIL is released cannot
   // slip one in.
+  if (block_size <= 0 || kv_heads <= 0 || heads % kv_heads)
+    return "paged_attention: block size " + std::to_string(block_size) + ", " + std::to_string(heads) +
+           " heads over " + std::to_string(kv_heads) + " KV heads";
   std::vector<int32_t> ctx(i32(context_lens), i32(context_lens) + seqs);
   std::vector<int64_t> first(seqs + 1, 0);  // row b's block ids: blocks[first[b] .. first[b + 1])
   for (int64_t b = 0; b < seqs; ++b) {
@@ -145,7 +151,8 @@ std::string paged_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, u
     first[b + 1] = first[b] + n;
   }
   // Each query row's sequence and the keys it sees: a chunk's row i of q_len sits at position
-  // ctx - q_len + i and sees the keys up to it; a decode's one row sees the whole context.
+  // ctx - q_len + i and sees the keys up to it; a decode's one row sees the whole context. Every
+  // offset is checked before any row is written.
   std::vector<int64_t> row_seq(tokens), row_keys(tokens);
   int64_t longest = 0;
   if (query_start_loc == 0) {
@@ -154,11 +161,14 @@ std::string paged_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, u
   } else {
     std::vector<int32_t> qsl(i32(query_start_loc), i32(query_start_loc) + seqs + 1);
     if (qsl[0] != 0 || qsl[seqs] != tokens) return "paged_attention: query offsets do not cover the rows";
-    for (int64_t b = 0; b < seqs; ++b) {
+    for (int64_t b = 0; b < seqs; ++b) {  // non-decreasing from 0 to tokens: every row in range
       const int64_t q_len = static_cast<int64_t>(qsl[b + 1]) - qsl[b];
       if (q_len < 0 || q_len > ctx[b])
         return "paged_attention: sequence " + std::to_string(b) + " has " + std::to_string(q_len) +
                " queries for a context of " + std::to_string(ctx[b]);
+    }
+    for (int64_t b = 0; b < seqs; ++b) {
+      const int64_t q_len = static_cast<int64_t>(qsl[b + 1]) - qsl[b];
       for (int64_t i = 0; i < q_len; ++i) row_seq[qsl[b] + i] = b, row_keys[qsl[b] + i] = ctx[b] - q_len + i + 1;
     }
   }
@@ -174,10 +184,25 @@ std::string paged_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, u
   }
   const int64_t group = heads / kv_heads, tasks = tokens * kv_heads;
   const float fscale = static_cast<float>(scale);
-  auto* run = dim == 64 ? &attend<64> : dim == 128 ? &attend<128> : dim == 256 ? &attend<256> : &attend<0>;
-#pragma omp parallel num_threads(static_cast<int>(std::max<int64_t>(1, threads))) if (threads > 1 && tasks > 1)
+  auto* run = dim == 16    ? &attend<16>
+              : dim == 32  ? &attend<32>
+              : dim == 64  ? &attend<64>
+              : dim == 128 ? &attend<128>
+              : dim == 256 ? &attend<256>
+                           : &attend<0>;
+  // Each thread's scratch, allocated here: a failed allocation raises MemoryError in the caller
+  // (inside the parallel region it would terminate the process).
+  const int64_t team = threads > 1 && tasks > 1 ? threads : 1;
+  const int64_t per_thread = group * std::max<int64_t>(longest, 1) + group * dim;
+  std::vector<float> scratch(team * per_thread);
+#pragma omp parallel num_threads(static_cast<int>(team)) if (team > 1)
   {
-    std::vector<float> scores(group * std::max<int64_t>(longest, 1)), acc(group * dim);
+#ifdef _OPENMP
+    float* scores = scratch.data() + omp_get_thread_num() * per_thread;
+#else
+    float* scores = scratch.data();
+#endif
+    float* acc = scores + group * std::max<int64_t>(longest, 1);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t t = task / kv_heads, h = task % kv_heads, b = row_seq[t];
@@ -187,7 +212,7 @@ std::string paged_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, u
         continue;
       }
       run(cf32(q) + t * q_s0 + h * group * q_s1, q_s1, group, cf32(k_cache) + h * c_s1, cf32(v_cache) + h * c_s1,
-          c_s0, blocks.data() + first[b], row_keys[t], block_size, dim, fscale, scores.data(), acc.data(), o);
+          c_s0, blocks.data() + first[b], row_keys[t], block_size, dim, fscale, scores, acc, o);
     }
   }
   return {};

@@ -378,3 +378,20 @@ def test_deltas_cross_a_pickle_whole(eng):
     assert back == sent and back[-1].finished and back[-1].output is not None
     assert any(d.checkpoint_scores for delta in back for d in delta.samples)
     assert any(d.top_logprobs and d.finish_reason for delta in back for d in delta.samples)
+
+
+def test_every_delta_field_crosses_a_pickle():
+    # __reduce__ lists the fields by position: each one set to a value of its own must come back
+    import dataclasses
+    import pickle
+
+    from engine.sampling import RequestDelta, SampleDelta
+
+    sample = SampleDelta(3, [7, 8], "ab", [-0.5, -1.0], "stop", (0.9, 0.8, 0.1), [(4, 0.7)], [[(7, -0.5)]])
+    delta = RequestDelta(11, [sample], True, "an output")
+    for obj in (sample, delta):
+        back = pickle.loads(pickle.dumps(obj))
+        assert type(back) is type(obj)
+        for f in dataclasses.fields(obj):
+            assert getattr(back, f.name) == getattr(obj, f.name), f.name
+            assert getattr(obj, f.name) != f.default, f.name  # no field left at its default

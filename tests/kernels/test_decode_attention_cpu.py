@@ -204,7 +204,7 @@ def chunk_batch(seed, q_lens, prior, heads=8, kv_heads=2, dim=64, block_size=16,
 
 
 @needs_cpu_ext
-@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 2, 64), (6, 1, 80), (4, 4, 128)])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 2, 64), (6, 1, 80), (4, 4, 128), (6, 2, 32), (4, 2, 16)])
 @pytest.mark.parametrize("q_lens,prior", [
     ([1, 7, 1, 16], [40, 0, 3, 17]),  # decodes beside a prompt and a chunk after cached tokens
     ([33], [0]),  # a prompt alone, over blocks it fills
@@ -217,9 +217,35 @@ def test_chunk_rows_match_the_reference(heads, kv_heads, dim, q_lens, prior):
     ref = paged_attention_ref(q, kc, vc, tables, ctx, qsl, 16, dim**-0.5)
     assert got is not None and got.shape == ref.shape
     torch.testing.assert_close(got, ref, rtol=2e-5, atol=2e-6)
-    # through kernels.paged_attention (short chunks: this kernel) and the torch path for long ones
+    # through kernels.paged_attention: these chunks read few keys, so this kernel
     via = paged_attention(q, kc, vc, tables, ctx, qsl, 16, dim**-0.5, max(q_lens), int(ctx.max()))
     assert torch.equal(via, got)
+
+
+@needs_cpu_ext
+def test_chunks_reading_many_keys_go_to_the_torch_path(monkeypatch):
+    from kernels import attention
+
+    q, kc, vc, tables, ctx, qsl = chunk_batch(7, [1, 30, 1], [50, 10, 3])
+    keys = attention.count_chunk_keys(qsl[1:] - qsl[:-1], ctx)
+    assert keys == 30 * 40 - 30 * 29 // 2
+    calls = []
+    real = cpu_ops.paged_attention
+    # calls with query offsets: chunk rows in this kernel (the torch path's decodes come without)
+    monkeypatch.setattr(cpu_ops, "paged_attention", lambda *a: calls.append(a[5] is not None) or real(*a))
+    ref = paged_attention_ref(q, kc, vc, tables, ctx, qsl, 16, 0.125)
+    for bound, used in ((keys, True), (keys - 1, False)):  # at the bound: this kernel; past it: torch
+        monkeypatch.setattr(attention, "CPU_ROWS_MAX_CHUNK_KEYS", bound)
+        calls.clear()
+        out = paged_attention(q, kc, vc, tables, ctx, qsl, 16, 0.125, 30, int(ctx.max()))
+        assert any(calls) == used
+        torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-6)
+    # a plan given: the caller chose the torch path whatever the keys
+    monkeypatch.setattr(attention, "CPU_ROWS_MAX_CHUNK_KEYS", keys)
+    calls.clear()
+    plan = attention.plan_cpu_attention(tables, ctx, qsl, 16)
+    paged_attention(q, kc, vc, tables, ctx, qsl, 16, 0.125, 30, int(ctx.max()), plan)
+    assert calls and not any(calls)
 
 
 @needs_cpu_ext
@@ -247,6 +273,14 @@ def test_chunk_offsets_that_do_not_fit_raise_before_reading():
         cpu_ops.paged_attention(q, kc, vc, tables, ctx, i32(0, 1, 4), 16, 1.0)
     with pytest.raises(IndexError, match="query offsets do not cover the rows"):
         cpu_ops.paged_attention(q, kc, vc, tables, ctx, i32(1, 1, 5), 16, 1.0)
+    # offsets that go back: the first span fits its context, the second is negative; nothing is
+    # written past the rows before the second is found
+    big = 1 << 20
+    with pytest.raises(IndexError, match="sequence 1 has -1048571 queries"):
+        cpu_ops.paged_attention(q, kc, vc, tables[:, :1], i32(big, 5), i32(0, big, 5), big, 1.0)
+    # a block size that is not positive is not indexed at all
+    assert cpu_ops.paged_attention(q, kc, vc, tables, ctx, qsl, 0, 1.0) is None
+    assert cpu_ops.paged_attention(q, kc, vc, tables, ctx, qsl, -1, 1.0) is None
     # offsets of another dtype or length are left to the torch path
     assert cpu_ops.paged_attention(q, kc, vc, tables, ctx, qsl.long(), 16, 1.0) is None
     assert cpu_ops.paged_attention(q, kc, vc, tables, ctx, qsl[:2], 16, 1.0) is None
@@ -254,13 +288,13 @@ def test_chunk_offsets_that_do_not_fit_raise_before_reading():
     assert cpu_ops.paged_attention(q, kc, vc, tables, ctx, None, 16, 1.0) is None
 
 
-def test_chunk_keys_counts_the_keys_of_chunk_rows_only():
+def test_count_chunk_keys_counts_the_keys_of_chunk_rows_only():
     import numpy as np
 
-    from kernels.attention import chunk_keys
+    from kernels.attention import count_chunk_keys
 
     q_lens, ctx = [1, 5, 3, 0, 2], [40, 5, 10, 7, 300]
     brute = sum(c - q + i + 1 for q, c in zip(q_lens, ctx) if q > 1 for i in range(q))
     assert brute == 15 + 27 + 599
-    assert chunk_keys(np.array(q_lens, dtype=np.int32), np.array(ctx, dtype=np.int32)) == brute
-    assert chunk_keys(torch.tensor(q_lens, dtype=torch.int32), torch.tensor(ctx, dtype=torch.int32)) == brute
+    assert count_chunk_keys(np.array(q_lens, dtype=np.int32), np.array(ctx, dtype=np.int32)) == brute
+    assert count_chunk_keys(torch.tensor(q_lens).int(), torch.tensor(ctx).int()) == brute
