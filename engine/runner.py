@@ -104,6 +104,7 @@ class ModelRunner:
             to = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(  # noqa: E731
                 self.device, dt, non_blocking=True)
             counts = np.diff(step.query_start_loc)
+            longest = int(counts.max())
             meta = AttentionMetadata(
                 positions=to(step.positions, torch.int64),
                 slot_mapping=to(step.slot_mapping, torch.int64),
@@ -111,9 +112,10 @@ class ModelRunner:
                 context_lens=to(step.context_lens, torch.int32),
                 query_start_loc=to(step.query_start_loc, torch.int32),
                 block_size=self.block_size,
-                max_query_len=int(counts.max()),
+                max_query_len=longest,
                 max_context_len=int(step.context_lens.max()),
-                chunk_keys=count_chunk_keys(counts, step.context_lens) if self.device.type == "cpu" else None,
+                chunk_keys=(count_chunk_keys(counts, step.context_lens)
+                            if longest > 1 and self.device.type == "cpu" else None),
                 adapter_mask=to(step.adapter_mask, torch.bool) if adapter else None,
                 shared_prefixes=None if shared is None else shared.to(self.device),
             )

@@ -3,6 +3,7 @@ new queries attending causally to the cached prefix plus themselves) in one op."
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -515,7 +516,10 @@ CPU_ROWS_MAX_CHUNK_KEYS = 40_000
 def count_chunk_keys(q_lens, context_lens) -> int:
     """Keys that a step's chunk rows (sequences with more than one query) read in all: row i of a
     chunk of q over a context of c sees c - q + i + 1. Numpy arrays or tensors, one entry a sequence."""
-    q, c = (torch.as_tensor(x).long() for x in (q_lens, context_lens))
+    if isinstance(q_lens, torch.Tensor):
+        q, c = q_lens.long(), context_lens.long()
+    else:
+        q, c = np.asarray(q_lens, dtype=np.int64), np.asarray(context_lens, dtype=np.int64)
     return int((q * c - q * (q - 1) // 2)[q > 1].sum())
 
 
