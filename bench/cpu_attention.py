@@ -37,26 +37,27 @@ from kernels.attention import (  # noqa: E402
 # (decodes, chunks, chunk length, tokens cached before each chunk); decodes see 160 keys
 CASES = [(64, 0, 1, 0), (60, 4, 8, 0), (60, 4, 32, 0), (60, 4, 64, 0), (60, 4, 128, 0), (0, 1, 128, 0),
          (0, 1, 256, 0), (0, 1, 512, 0), (0, 16, 128, 0), (60, 1, 64, 1000)]
-HEADS, KV_HEADS, DIM, BLOCK = 8, 2, 64, 16  # the CPU throughput model's attention (bench/throughput.py)
+BLOCK = 16
 
 
-def step(decodes: int, chunks: int, chunk: int, prior: int, decode_context: int = 160):
+def step(decodes: int, chunks: int, chunk: int, prior: int, heads: int, kv_heads: int, dim: int,
+         decode_context: int = 160):
     g = torch.Generator().manual_seed(0)
     q_lens = [1] * decodes + [chunk] * chunks
     ctx = [decode_context] * decodes + [prior + chunk] * chunks
     width = max(-(-c // BLOCK) for c in ctx)
     blocks = len(ctx) * width + 4
-    k_cache = torch.randn(blocks * BLOCK, KV_HEADS, DIM, generator=g)
-    v_cache = torch.randn(blocks * BLOCK, KV_HEADS, DIM, generator=g)
+    k_cache = torch.randn(blocks * BLOCK, kv_heads, dim, generator=g)
+    v_cache = torch.randn(blocks * BLOCK, kv_heads, dim, generator=g)
     tables = torch.randperm(blocks, generator=g)[: len(ctx) * width].view(len(ctx), width).int()
     qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
-    q = torch.randn(sum(q_lens), HEADS, DIM, generator=g)
+    q = torch.randn(sum(q_lens), heads, dim, generator=g)
     return q, k_cache, v_cache, tables, torch.tensor(ctx, dtype=torch.int32), qsl
 
 
-def case(decodes: int, chunks: int, chunk: int, prior: int, reps: int) -> dict:
-    cpu, scale = torch.device("cpu"), DIM**-0.5
-    q, kc, vc, tables, ctx, qsl = step(decodes, chunks, chunk, prior)
+def case(decodes: int, chunks: int, chunk: int, prior: int, reps: int, shape: tuple[int, int, int]) -> dict:
+    cpu, scale = torch.device("cpu"), shape[2] ** -0.5
+    q, kc, vc, tables, ctx, qsl = step(decodes, chunks, chunk, prior, *shape)
     offsets = None if chunks == 0 else qsl
     ref = paged_attention_ref(q, kc, vc, tables, ctx, qsl, BLOCK, scale)
     out = cpu_ops.paged_attention(q, kc, vc, tables, ctx, offsets, BLOCK, scale)
@@ -81,15 +82,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--cases", type=int, default=len(CASES), help="the first N cases")
+    # default: the CPU throughput model's attention (bench/throughput.py); 4 / 2 / 16: the toy model's
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if cpu_ops.extension() is None:
         raise SystemExit("engine._cpu is not built")
     torch.set_num_threads(args.threads)
-    rows = [case(*c, reps=args.reps) for c in CASES[: args.cases]]
+    shape = (args.heads, args.kv_heads, args.head_dim)
+    rows = [case(*c, reps=args.reps, shape=shape) for c in CASES[: args.cases]]
     print_table(rows, ["decodes", "chunks", "cached_before_chunk", "chunk_keys", "cpp_ms", "torch_planned_ms",
                        "torch_with_plan_ms", "torch_with_plan_over_cpp", "dispatch"])
-    metrics = {"rows": rows, "threads": args.threads, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": DIM,
+    metrics = {"rows": rows, "threads": args.threads, "heads": args.heads, "kv_heads": args.kv_heads,
+               "head_dim": args.head_dim,
                "block_size": BLOCK, "decode_context": 160, "cpu_rows_max_chunk_keys": CPU_ROWS_MAX_CHUNK_KEYS}
     write_results("cpu_attention", torch.device("cpu"), metrics, args.out)
     return metrics
