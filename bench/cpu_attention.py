@@ -2,8 +2,8 @@
 (kernels.cpu_ops.paged_attention: every query row in one call) against the torch path
 (kernels.attention.paged_attention_cpu: rows grouped by query length, blocks gathered, matmuls
 under a causal mask), with and without its per-step plan made beforehand, outputs checked against
-the reference (paged_attention_ref). The crossover sets kernels.attention.CPU_ROWS_MAX_CHUNK_KEYS: a
-chunk's rows each read their keys again in the C++ call, while the torch path's matmuls reuse them.
+the reference (paged_attention_ref). The crossover sets kernels.attention.CPU_ROWS_MAX_PREFIX_KEYS:
+past it, chunks follow long cached prefixes, which the torch path's matmuls read at a better rate.
 The torch path's plan is made once a step for every layer: per layer, compare with torch_planned_ms.
 
     python bench/cpu_attention.py [--threads 2] [--reps 20]
@@ -26,8 +26,8 @@ from benchlib import print_table, time_ms, write_results  # noqa: E402
 
 from kernels import cpu_ops  # noqa: E402
 from kernels.attention import (  # noqa: E402
-    CPU_ROWS_MAX_CHUNK_KEYS,
-    count_chunk_keys,
+    CPU_ROWS_MAX_PREFIX_KEYS,
+    count_prefix_keys,
     cpu_rows_attention,
     paged_attention_cpu,
     paged_attention_ref,
@@ -36,7 +36,8 @@ from kernels.attention import (  # noqa: E402
 
 # (decodes, chunks, chunk length, tokens cached before each chunk); decodes see 160 keys
 CASES = [(64, 0, 1, 0), (60, 4, 8, 0), (60, 4, 32, 0), (60, 4, 64, 0), (60, 4, 128, 0), (0, 1, 128, 0),
-         (0, 1, 256, 0), (0, 1, 512, 0), (0, 16, 128, 0), (60, 1, 64, 1000)]
+         (0, 1, 256, 0), (0, 1, 512, 0), (0, 16, 128, 0), (0, 1, 1024, 0), (60, 1, 64, 1000),
+         (60, 1, 64, 4000), (0, 1, 512, 2048)]
 BLOCK = 16
 
 
@@ -63,9 +64,9 @@ def case(decodes: int, chunks: int, chunk: int, prior: int, reps: int, shape: tu
     out = cpu_ops.paged_attention(q, kc, vc, tables, ctx, offsets, BLOCK, scale)
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-6)
     plan = plan_cpu_attention(tables, ctx, qsl, BLOCK)
-    keys = count_chunk_keys(qsl[1:] - qsl[:-1], ctx)
+    keys = count_prefix_keys(qsl[1:] - qsl[:-1], ctx)
     row = {"decodes": decodes, "chunks": f"{chunks} x {chunk}", "cached_before_chunk": prior,
-           "chunk_keys": keys, "max_error": (out - ref).abs().max().item()}
+           "prefix_keys": keys, "max_error": (out - ref).abs().max().item()}
     row["cpp_ms"] = time_ms(lambda: cpu_ops.paged_attention(q, kc, vc, tables, ctx, offsets, BLOCK, scale),
                             cpu, reps=reps)
     row["torch_planned_ms"] = time_ms(
@@ -73,6 +74,7 @@ def case(decodes: int, chunks: int, chunk: int, prior: int, reps: int, shape: tu
     row["torch_with_plan_ms"] = time_ms(
         lambda: paged_attention_cpu(q, kc, vc, tables, ctx, qsl, BLOCK, scale), cpu, reps=reps)
     row["torch_with_plan_over_cpp"] = row["torch_with_plan_ms"] / row["cpp_ms"]
+    row["torch_planned_over_cpp"] = row["torch_planned_ms"] / row["cpp_ms"]
     row["dispatch"] = "cpp" if cpu_rows_attention(chunk, keys) else "torch"
     return row
 
@@ -93,11 +95,11 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     shape = (args.heads, args.kv_heads, args.head_dim)
     rows = [case(*c, reps=args.reps, shape=shape) for c in CASES[: args.cases]]
-    print_table(rows, ["decodes", "chunks", "cached_before_chunk", "chunk_keys", "cpp_ms", "torch_planned_ms",
-                       "torch_with_plan_ms", "torch_with_plan_over_cpp", "dispatch"])
+    print_table(rows, ["decodes", "chunks", "cached_before_chunk", "prefix_keys", "cpp_ms",
+                       "torch_planned_ms", "torch_with_plan_ms", "torch_planned_over_cpp", "dispatch"])
     metrics = {"rows": rows, "threads": args.threads, "heads": args.heads, "kv_heads": args.kv_heads,
-               "head_dim": args.head_dim,
-               "block_size": BLOCK, "decode_context": 160, "cpu_rows_max_chunk_keys": CPU_ROWS_MAX_CHUNK_KEYS}
+               "head_dim": args.head_dim, "block_size": BLOCK, "decode_context": 160,
+               "cpu_rows_max_prefix_keys": CPU_ROWS_MAX_PREFIX_KEYS}
     write_results("cpu_attention", torch.device("cpu"), metrics, args.out)
     return metrics
 

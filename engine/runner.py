@@ -13,7 +13,7 @@ import torch
 import kernels
 from engine.model.llama import AttentionMetadata, LlamaForCausalLM, pack_linears
 from engine.step_input import StepInput
-from kernels.attention import count_chunk_keys
+from kernels.attention import count_prefix_keys
 from kernels.cascade import SharedPrefixes, find_shared_prefixes
 from kernels.dispatch import use_triton
 
@@ -114,7 +114,7 @@ class ModelRunner:
                 block_size=self.block_size,
                 max_query_len=longest,
                 max_context_len=int(step.context_lens.max()),
-                chunk_keys=(count_chunk_keys(counts, step.context_lens)
+                prefix_keys=(count_prefix_keys(counts, step.context_lens)
                             if longest > 1 and self.device.type == "cpu" else None),
                 adapter_mask=to(step.adapter_mask, torch.bool) if adapter else None,
                 shared_prefixes=None if shared is None else shared.to(self.device),

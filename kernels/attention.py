@@ -502,49 +502,52 @@ def paged_extend_attention_triton(
 
 
 # A CPU step runs engine._cpu's attention on every row in one call (decodes and chunks alike: no
-# plan, block gathers or masks) unless its chunks read many keys in all: each of a chunk's rows
-# reads its keys again there, where paged_attention_cpu's matmuls reuse them. bench/cpu_attention.py
-# (2-core Xeon, 8 query over 2 KV heads of 64, 2 threads, the committed run; torch with its plan made
-# beforehand, as a step shares it over its layers): beside 60 decodes, chunks of 4 x 32 tokens
-# (2,112 chunk keys) took 0.71 ms here against 0.92, 4 x 64 (8,320) 0.89 against 1.13, 4 x 128
-# (33,024) 1.58 against 1.83; one prompt of 128 (8,256) 0.25 against 0.26 and of 256 (32,896) 0.86
-# against 0.79. Past the bound: 16 prompts of 128 (132,096) 3.91 against 3.60, a 64-token chunk
-# after 1,000 cached tokens (66,080) 2.24 against 1.68.
-CPU_ROWS_MAX_CHUNK_KEYS = 40_000
+# plan, block gathers or masks; a chunk's rows 16 at a time, each over the keys up to its own
+# position), unless its chunks come after long cached prefixes: there every row reads the whole
+# prefix, as paged_attention_cpu's matmuls do at a better rate, while on a fresh prompt those
+# matmuls compute the whole square under a causal mask and the kernel only the triangle.
+# bench/cpu_attention.py (2-core Xeon, 8 query over 2 KV heads of 64, 2 threads, the committed run;
+# torch with its plan made beforehand, as a step shares it over its layers): beside 60 decodes,
+# chunks of 4 x 32 tokens took 0.64 ms here against 0.89, 4 x 128 1.33 against 1.80; one prompt
+# of 512 2.46 against 2.97, of 1,024 10.1 against 11.5; 64 tokens after 1,000 cached (64,000
+# prefix keys) 1.94 against 1.95. Past the bound: 64 after 4,000 (256,000) 8.7 against 5.0, 512
+# after 2,048 22.4 against 16.4.
+CPU_ROWS_MAX_PREFIX_KEYS = 64 * 1024
 
 
-def count_chunk_keys(q_lens, context_lens) -> int:
-    """Keys that a step's chunk rows (sequences with more than one query) read in all: row i of a
-    chunk of q over a context of c sees c - q + i + 1. Numpy arrays or tensors, one entry a sequence."""
+def count_prefix_keys(q_lens, context_lens) -> int:
+    """Cached keys that a step's chunk rows (sequences with more than one query) read: each of a
+    chunk's q rows over a context of c reads the c - q keys before the chunk. Numpy arrays or
+    tensors, one entry a sequence."""
     if isinstance(q_lens, torch.Tensor):
         q, c = q_lens.long(), context_lens.long()
     else:
         q, c = np.asarray(q_lens, dtype=np.int64), np.asarray(context_lens, dtype=np.int64)
-    return int((q * c - q * (q - 1) // 2)[q > 1].sum())
+    return int((q * (c - q))[q > 1].sum())
 
 
 def cpu_rows_attention(max_query_len: int, keys: int) -> bool:
-    """Whether a CPU step's attention goes to engine._cpu for every row, given its chunk_keys."""
-    return max_query_len <= 1 or keys <= CPU_ROWS_MAX_CHUNK_KEYS
+    """Whether a CPU step's attention goes to engine._cpu for every row, given its prefix keys."""
+    return max_query_len <= 1 or keys <= CPU_ROWS_MAX_PREFIX_KEYS
 
 
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, query_start_loc: torch.Tensor, block_size: int, scale: float,
     max_query_len: int | None = None, max_context_len: int | None = None,
-    cpu_plan: CpuAttentionPlan | None = None, chunk_keys: int | None = None,
+    cpu_plan: CpuAttentionPlan | None = None, prefix_keys: int | None = None,
 ) -> torch.Tensor:
     """The host-side maxima come from the runner's numpy metadata; without them they are read
     back from the device (a sync). cpu_plan: the step's plan for the path without Triton (None:
-    engine._cpu's attention where cpu_rows_attention takes the step, given its count_chunk_keys
-    as chunk_keys or counting them here)."""
+    engine._cpu's attention where cpu_rows_attention takes the step, given its count_prefix_keys
+    as prefix_keys or counting them here)."""
     if not use_triton(q):
         if max_query_len is None:
             max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max()) if q.shape[0] else 0
         # No plan: the step's rows may go to engine._cpu's one call, by the rule
         # LlamaForCausalLM.forward applies (a plan: the caller chose the torch path for the step)
         if cpu_plan is None:
-            keys = chunk_keys if chunk_keys is not None or max_query_len <= 1 else count_chunk_keys(
+            keys = prefix_keys if prefix_keys is not None or max_query_len <= 1 else count_prefix_keys(
                 query_start_loc[1:] - query_start_loc[:-1], context_lens)
             if cpu_rows_attention(max_query_len, keys):
                 decodes = max_query_len == 1 and q.shape[0] == block_tables.shape[0]

@@ -136,8 +136,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """kernels.paged_attention in one call over every query row and KV head: [T, H, D]; None: not
     here. query_start_loc None: one query per sequence (a step of decodes, row b's query is q[b]).
     Contexts past the block table, block ids outside the cache and query offsets that do not fit
-    their contexts raise IndexError before anything is read. Each of a chunk's rows reads its keys
-    anew: for long chunks the torch path (paged_attention_cpu) is faster."""
+    their contexts raise IndexError before anything is read. kernels.attention.cpu_rows_attention
+    says when the torch path (paged_attention_cpu) is faster: chunks after long cached prefixes."""
     if not available(q, k_cache, v_cache):
         return None
     if q.dim() != 3 or k_cache.dim() != 3 or block_tables.dim() != 2 or context_lens.dim() != 1:

@@ -4,9 +4,10 @@
 // row i: the context up to its position), with no padding to the longest context, no copies of KV
 // heads for grouped-query attention and no gather of the blocks: the torch path
 // (kernels/attention.py) does all three, and at batch 1 its dozen ops cost more than the
-// arithmetic. Each (query row, KV head) is one task: the scores of the KV head's query heads, an
-// exact softmax (max subtracted) and the weighted values. Tasks spread over OpenMP threads. A chunk's
-// rows each read their keys again (no tiling), so long chunks belong to the torch path's matmuls.
+// arithmetic. A decode's row is one task per KV head (attend: the scores of the KV head's query
+// heads, an exact softmax with the max subtracted, the weighted values); a chunk's rows go 16 to a
+// task (attend_tile: keys transposed 16 at a time, so the scores need no horizontal sums, and
+// only the triangle below each row's position). Tasks spread over OpenMP threads.
 //
 // Built with -ffinite-math-only -fno-signed-zeros (this file alone) so that the clamp in exp_neg
 // and the reductions vectorize; inputs are finite (the torch reference gives NaN otherwise too).
@@ -15,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
@@ -129,6 +131,130 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void attend(
 }
 
 
+// Rows of a prompt chunk: a tile of `rows` consecutive query rows of one sequence (q_s0 apart),
+// each with the `group` query heads of one KV head (q_s1 apart); row r sees the first n0 + r keys.
+// Keys come TILE at a time: their K rows transposed into kt [dim, TILE], so that every query vector
+// of the tile gets TILE scores from dim broadcast products and no horizontal sum (attend's per-key
+// sums are most of its cost on chunks); the softmax is exact (max subtracted); then each vector's
+// weighted V rows, its accumulator held in registers when DIM is known. scores [rows * group,
+// stride] and kt [dim, TILE] are scratch; out rows are o_s0 apart, heads dim apart.
+constexpr int64_t TILE = 16;
+
+// Scores of V consecutive query vectors (vector v: row v / group, head v % group) against the TILE
+// keys transposed in kt, into scores [v, k0 .. k0 + TILE). Each 64 of the head's dims are summed
+// apart, then added (one chain of 256 products loses accuracy). Every V sums in the same order, so
+// a row's scores do not depend on where its tile puts it.
+template <int64_t DIM, int V>
+inline void score_vectors(const float* q, int64_t q_s0, int64_t q_s1, int64_t group, int64_t v, const float* kt,
+                          int64_t dim, float scale, float* scores, int64_t stride, int64_t k0) {
+  const float* qs[V];
+  for (int i = 0; i < V; ++i) qs[i] = q + ((v + i) / group) * q_s0 + ((v + i) % group) * q_s1;
+  const int64_t d_end = DIM > 0 ? DIM : dim;
+  v16 s[V] = {};
+  for (int64_t d0 = 0; d0 < d_end; d0 += 64) {
+    v16 t[V] = {};
+    for (int64_t d = d0; d < std::min<int64_t>(d0 + 64, d_end); ++d) {
+      const v16 k = load16(kt + d * TILE);
+      for (int i = 0; i < V; ++i) t[i] += qs[i][d] * k;
+    }
+    for (int i = 0; i < V; ++i) s[i] += t[i];
+  }
+  for (int i = 0; i < V; ++i) store16(scores + (v + i) * stride + k0, s[i] * scale);
+}
+
+template <int64_t DIM>
+__attribute__((target_clones("avx512f", "avx2", "default"))) void attend_tile(
+    const float* q, int64_t q_s0, int64_t q_s1, int64_t group, int64_t rows, const float* kc, const float* vc,
+    int64_t c_s0, const int64_t* blk, int64_t n0, int64_t block_size, int64_t dim, float scale, float* scores,
+    int64_t stride, float* kt, float* out, int64_t o_s0) {
+  const int64_t n_max = n0 + rows - 1, vectors = rows * group;
+  for (int64_t k0 = 0; k0 < n_max; k0 += TILE) {
+    const int64_t len = std::min(TILE, n_max - k0);
+    for (int64_t j = 0; j < TILE; ++j) {
+      if (j < len) {
+        const int64_t n = k0 + j;
+        const float* kr = kc + (blk[n / block_size] * block_size + n % block_size) * c_s0;
+        for (int64_t d = 0; d < dim; ++d) kt[d * TILE + j] = kr[d];
+      } else {
+        for (int64_t d = 0; d < dim; ++d) kt[d * TILE + j] = 0.0f;
+      }
+    }
+    // V vectors at a time: independent sums (one would wait on each add) and one load of each kt
+    // row for all of them
+    int64_t v = 0;
+    for (; v + 8 <= vectors; v += 8) score_vectors<DIM, 8>(q, q_s0, q_s1, group, v, kt, dim, scale, scores, stride, k0);
+    for (; v + 4 <= vectors; v += 4) score_vectors<DIM, 4>(q, q_s0, q_s1, group, v, kt, dim, scale, scores, stride, k0);
+    for (; v < vectors; ++v) score_vectors<DIM, 1>(q, q_s0, q_s1, group, v, kt, dim, scale, scores, stride, k0);
+  }
+  // Softmax numerators in place, then each vector's weighted V rows. Two heads of a row (the same
+  // keys) share each V row load; their accumulators stay in registers when DIM is known.
+  float inv[2];
+  for (int64_t v = 0; v < vectors;) {
+    const int64_t n = n0 + v / group;  // this row's keys
+    const int64_t pair = (DIM > 0 && v % group + 1 < group) ? 2 : 1;
+    for (int64_t w = 0; w < pair; ++w) {
+      float* sv = scores + (v + w) * stride;
+      const float m = *std::max_element(sv, sv + n);
+      float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+      for (int64_t i = 0; i < n; ++i) {
+        sv[i] = exp_neg(sv[i] - m);
+        total += sv[i];
+      }
+      inv[w] = 1.0f / total;
+    }
+    float* o = out + (v / group) * o_s0 + (v % group) * dim;
+    const float* p0 = scores + v * stride;
+    if constexpr (DIM > 0) {
+      if (pair == 2) {
+        const float* p1 = p0 + stride;
+        v16 a0[DIM / 16] = {}, a1[DIM / 16] = {};
+        for (int64_t j = 0, b0 = 0; b0 < n; ++j, b0 += block_size) {
+          const int64_t len = std::min(block_size, n - b0);
+          const float* vb = vc + blk[j] * block_size * c_s0;
+          for (int64_t i = 0; i < len; ++i) {
+            const float w0 = p0[b0 + i], w1 = p1[b0 + i];
+            for (int64_t c = 0; c < DIM / 16; ++c) {
+              const v16 x = load16(vb + i * c_s0 + 16 * c);
+              a0[c] += w0 * x;
+              a1[c] += w1 * x;
+            }
+          }
+        }
+        for (int64_t c = 0; c < DIM / 16; ++c) {
+          store16(o + 16 * c, a0[c] * inv[0]);
+          store16(o + dim + 16 * c, a1[c] * inv[1]);
+        }
+      } else {
+        v16 acc[DIM / 16] = {};
+        for (int64_t j = 0, b0 = 0; b0 < n; ++j, b0 += block_size) {
+          const int64_t len = std::min(block_size, n - b0);
+          const float* vb = vc + blk[j] * block_size * c_s0;
+          for (int64_t i = 0; i < len; ++i) {
+            const float w0 = p0[b0 + i];
+            for (int64_t c = 0; c < DIM / 16; ++c) acc[c] += w0 * load16(vb + i * c_s0 + 16 * c);
+          }
+        }
+        for (int64_t c = 0; c < DIM / 16; ++c) store16(o + 16 * c, acc[c] * inv[0]);
+      }
+    } else {
+      std::fill(o, o + dim, 0.0f);
+      for (int64_t j = 0, b0 = 0; b0 < n; ++j, b0 += block_size) {
+        const int64_t len = std::min(block_size, n - b0);
+        const float* vb = vc + blk[j] * block_size * c_s0;
+        for (int64_t i = 0; i < len; ++i) {
+          const float w0 = p0[b0 + i];
+          const float* vn = vb + i * c_s0;
+#pragma omp simd
+          for (int64_t d = 0; d < dim; ++d) o[d] += w0 * vn[d];
+        }
+      }
+      for (int64_t d = 0; d < dim; ++d) o[d] *= inv[0];
+    }
+    v += pair;
+  }
+}
+
 }  // namespace
 
 std::string paged_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out,
@@ -182,7 +308,26 @@ std::string paged_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, u
       blocks[first[b] + j] = row[j];
     }
   }
-  const int64_t group = heads / kv_heads, tasks = tokens * kv_heads;
+  // Work items: a decode's row alone (attend), a chunk's rows TILE_ROWS at a time (attend_tile);
+  // each item once per KV head. A chunk row's result does not depend on how its rows are tiled.
+  constexpr int64_t TILE_ROWS = 16;
+  struct Item {
+    int64_t t, rows;
+    bool tile;
+  };
+  std::vector<Item> items;
+  items.reserve(tokens);
+  for (int64_t t = 0; t < tokens;) {
+    int64_t rows = 1;  // a chunk: the rows after t of the same sequence, up to TILE_ROWS
+    while (query_start_loc != 0 && dim > 0 && t + rows < tokens && rows < TILE_ROWS &&
+           row_seq[t + rows] == row_seq[t])
+      ++rows;
+    const bool chunk = query_start_loc != 0 && dim > 0 &&
+                       ((t + 1 < tokens && row_seq[t + 1] == row_seq[t]) || (t > 0 && row_seq[t - 1] == row_seq[t]));
+    items.push_back({t, rows, chunk});
+    t += rows;
+  }
+  const int64_t group = heads / kv_heads, tasks = static_cast<int64_t>(items.size()) * kv_heads;
   const float fscale = static_cast<float>(scale);
   auto* run = dim == 16    ? &attend<16>
               : dim == 32  ? &attend<32>
@@ -190,29 +335,45 @@ std::string paged_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, u
               : dim == 128 ? &attend<128>
               : dim == 256 ? &attend<256>
                            : &attend<0>;
+  auto* run_tile = dim == 16    ? &attend_tile<16>
+                   : dim == 32  ? &attend_tile<32>
+                   : dim == 64  ? &attend_tile<64>
+                   : dim == 128 ? &attend_tile<128>
+                   : dim == 256 ? &attend_tile<256>
+                                : &attend_tile<0>;
   // Each thread's scratch, allocated here: a failed allocation raises MemoryError in the caller
   // (inside the parallel region it would terminate the process).
   const int64_t team = threads > 1 && tasks > 1 ? threads : 1;
-  const int64_t per_thread = group * std::max<int64_t>(longest, 1) + group * dim;
-  std::vector<float> scratch(team * per_thread);
+  int64_t longest_tile = 0;  // the keys of the longest row in a tile
+  for (const Item& item : items)
+    if (item.tile) longest_tile = std::max(longest_tile, row_keys[item.t + item.rows - 1]);
+  const int64_t keys = std::max<int64_t>(longest, 1), stride = (longest_tile + TILE - 1) / TILE * TILE;
+  const int64_t per_thread =
+      std::max(group * keys + group * dim, longest_tile ? TILE_ROWS * group * stride + dim * TILE : 0);
+  std::unique_ptr<float[]> scratch(new float[team * per_thread]);  // not zeroed: every read is written first
 #pragma omp parallel num_threads(static_cast<int>(team)) if (team > 1)
   {
 #ifdef _OPENMP
-    float* scores = scratch.data() + omp_get_thread_num() * per_thread;
+    float* scores = scratch.get() + omp_get_thread_num() * per_thread;
 #else
-    float* scores = scratch.data();
+    float* scores = scratch.get();
 #endif
-    float* acc = scores + group * std::max<int64_t>(longest, 1);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t t = task / kv_heads, h = task % kv_heads, b = row_seq[t];
+      const Item& item = items[task / kv_heads];
+      const int64_t t = item.t, h = task % kv_heads, b = row_seq[t];
       float* o = f32(out) + (t * heads + h * group) * dim;
-      if (row_keys[t] == 0) {
+      const float* qt = cf32(q) + t * q_s0 + h * group * q_s1;
+      if (item.tile) {
+        run_tile(qt, q_s0, q_s1, group, item.rows, cf32(k_cache) + h * c_s1, cf32(v_cache) + h * c_s1, c_s0,
+                 blocks.data() + first[b], row_keys[t], block_size, dim, fscale, scores, stride,
+                 scores + TILE_ROWS * group * stride, o, heads * dim);
+      } else if (row_keys[t] == 0) {
         std::fill(o, o + group * dim, 0.0f);
-        continue;
+      } else {
+        run(qt, q_s1, group, cf32(k_cache) + h * c_s1, cf32(v_cache) + h * c_s1, c_s0, blocks.data() + first[b],
+            row_keys[t], block_size, dim, fscale, scores, scores + group * keys, o);
       }
-      run(cf32(q) + t * q_s0 + h * group * q_s1, q_s1, group, cf32(k_cache) + h * c_s1, cf32(v_cache) + h * c_s1,
-          c_s0, blocks.data() + first[b], row_keys[t], block_size, dim, fscale, scores, acc, o);
     }
   }
   return {};

@@ -15,7 +15,7 @@ from engine.model.shard import Shard
 from kernels import cpu_ops
 from kernels.attention import (
     CpuAttentionPlan,
-    count_chunk_keys,
+    count_prefix_keys,
     cpu_rows_attention,
     packed_causal_attention,
     plan_cpu_attention,
@@ -44,8 +44,8 @@ class AttentionMetadata:
     cpu_plan: CpuAttentionPlan | None = None
     # A decode step whose rows share prompt blocks (kernels.cascade), on the Triton path.
     shared_prefixes: SharedPrefixes | None = None
-    # Keys the step's chunk rows read (kernels.attention.count_chunk_keys), host-side on CPU steps.
-    chunk_keys: int | None = None
+    # Cached keys the step's chunk rows read (kernels.attention.count_prefix_keys), host-side, CPU.
+    prefix_keys: int | None = None
 
 
 class RMSNorm(nn.Module):
@@ -95,7 +95,7 @@ class Attention(nn.Module):
                 o = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                             meta.query_start_loc, meta.block_size, self.scale,
                                             meta.max_query_len, meta.max_context_len, meta.cpu_plan,
-                                            meta.chunk_keys)
+                                            meta.prefix_keys)
         o = o.reshape(-1, self.q_size)
         return self.shard.all_reduce(self.o_lora(o, self.o_proj(o), meta.adapter_mask))
 
@@ -195,12 +195,13 @@ class LlamaForCausalLM(nn.Module):
         x, residual = self.embed(input_ids), None
         if not use_triton(x):  # what every layer shares is made once here, not once a layer
             # engine._cpu's RoPE + KV store needs no rotary rows; its attention takes every row of a
-            # step whose chunks read few keys, with no plan (kernels.attention.CPU_ROWS_MAX_CHUNK_KEYS).
+            # step unless its chunks follow long prefixes, with no plan (CPU_ROWS_MAX_PREFIX_KEYS).
             ext = kv_cache is not None and cpu_ops.available(x, kv_cache)
-            if ext and meta.chunk_keys is None and meta.max_query_len > 1:
+            if ext and meta.prefix_keys is None and meta.max_query_len > 1:
                 starts = meta.query_start_loc
-                meta = replace(meta, chunk_keys=count_chunk_keys(starts[1:] - starts[:-1], meta.context_lens))
-            rows = ext and cpu_rows_attention(meta.max_query_len, meta.chunk_keys or 0)
+                meta = replace(meta, prefix_keys=count_prefix_keys(starts[1:] - starts[:-1],
+                                                                   meta.context_lens))
+            rows = ext and cpu_rows_attention(meta.max_query_len, meta.prefix_keys or 0)
             if rows and self.cpu_layers is not None and meta.adapter_mask is None:
                 out = self.forward_cpu(x, meta, kv_cache)
                 if out is not None:

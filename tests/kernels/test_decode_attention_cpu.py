@@ -217,31 +217,31 @@ def test_chunk_rows_match_the_reference(heads, kv_heads, dim, q_lens, prior):
     ref = paged_attention_ref(q, kc, vc, tables, ctx, qsl, 16, dim**-0.5)
     assert got is not None and got.shape == ref.shape
     torch.testing.assert_close(got, ref, rtol=2e-5, atol=2e-6)
-    # through kernels.paged_attention: these chunks read few keys, so this kernel
+    # through kernels.paged_attention: these chunks follow short prefixes, so this kernel
     via = paged_attention(q, kc, vc, tables, ctx, qsl, 16, dim**-0.5, max(q_lens), int(ctx.max()))
     assert torch.equal(via, got)
 
 
 @needs_cpu_ext
-def test_chunks_reading_many_keys_go_to_the_torch_path(monkeypatch):
+def test_chunks_after_long_prefixes_go_to_the_torch_path(monkeypatch):
     from kernels import attention
 
     q, kc, vc, tables, ctx, qsl = chunk_batch(7, [1, 30, 1], [50, 10, 3])
-    keys = attention.count_chunk_keys(qsl[1:] - qsl[:-1], ctx)
-    assert keys == 30 * 40 - 30 * 29 // 2
+    keys = attention.count_prefix_keys(qsl[1:] - qsl[:-1], ctx)
+    assert keys == 30 * 10  # 30 rows after 10 cached keys
     calls = []
     real = cpu_ops.paged_attention
     # calls with query offsets: chunk rows in this kernel (the torch path's decodes come without)
     monkeypatch.setattr(cpu_ops, "paged_attention", lambda *a: calls.append(a[5] is not None) or real(*a))
     ref = paged_attention_ref(q, kc, vc, tables, ctx, qsl, 16, 0.125)
     for bound, used in ((keys, True), (keys - 1, False)):  # at the bound: this kernel; past it: torch
-        monkeypatch.setattr(attention, "CPU_ROWS_MAX_CHUNK_KEYS", bound)
+        monkeypatch.setattr(attention, "CPU_ROWS_MAX_PREFIX_KEYS", bound)
         calls.clear()
         out = paged_attention(q, kc, vc, tables, ctx, qsl, 16, 0.125, 30, int(ctx.max()))
         assert any(calls) == used
         torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-6)
     # a plan given: the caller chose the torch path whatever the keys
-    monkeypatch.setattr(attention, "CPU_ROWS_MAX_CHUNK_KEYS", keys)
+    monkeypatch.setattr(attention, "CPU_ROWS_MAX_PREFIX_KEYS", keys)
     calls.clear()
     plan = attention.plan_cpu_attention(tables, ctx, qsl, 16)
     paged_attention(q, kc, vc, tables, ctx, qsl, 16, 0.125, 30, int(ctx.max()), plan)
@@ -249,16 +249,26 @@ def test_chunks_reading_many_keys_go_to_the_torch_path(monkeypatch):
 
 
 @needs_cpu_ext
-def test_a_row_gets_the_same_bits_whatever_shares_its_step():
-    # a chunk's row i equals a decode at that position, and a decode row equals itself alone
-    q, kc, vc, tables, ctx, qsl = chunk_batch(3, [1, 6, 1], [30, 12, 5])
-    whole = cpu_ops.paged_attention(q, kc, vc, tables, ctx, qsl, 16, 0.125)
-    for i in range(6):  # chunk row i sits at position 12 + i: a decode there sees 13 + i keys
-        alone = cpu_ops.paged_decode_attention(q[1 + i : 2 + i], kc, vc, tables[1:2],
-                                               torch.tensor([13 + i], dtype=torch.int32), 16, 0.125)
-        assert torch.equal(whole[1 + i], alone[0])
-    decodes = cpu_ops.paged_decode_attention(q[[0, 7]], kc, vc, tables[[0, 2]], ctx[[0, 2]], 16, 0.125)
-    assert torch.equal(whole[[0, 7]], decodes)
+@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 2, 64), (4, 2, 16), (3, 3, 16), (4, 1, 128)])
+def test_a_row_gets_the_same_bits_whatever_shares_its_step(heads, kv_heads, dim):
+    # a decode row equals itself alone; a chunk row (computed 16 rows to a tile) equals itself in a
+    # chunk that starts elsewhere (so it sits elsewhere in its tile) or that nothing else joins
+    q, kc, vc, tables, ctx, qsl = chunk_batch(3, [1, 37, 1], [30, 12, 5], heads, kv_heads, dim)
+    scale = dim**-0.5
+    whole = cpu_ops.paged_attention(q, kc, vc, tables, ctx, qsl, 16, scale)
+    decodes = cpu_ops.paged_decode_attention(q[[0, 38]], kc, vc, tables[[0, 2]], ctx[[0, 2]], 16, scale)
+    assert torch.equal(whole[[0, 38]], decodes)
+    i32 = lambda *n: torch.tensor(n, dtype=torch.int32)  # noqa: E731
+    alone = cpu_ops.paged_attention(q[1:38], kc, vc, tables[1:2], ctx[1:2], i32(0, 37), 16, scale)
+    assert torch.equal(whole[1:38], alone)
+    for skip in (3, 16, 30):  # the chunk's first `skip` rows already cached: the rest as a chunk
+        rest = i32(0, 37 - skip)
+        later = cpu_ops.paged_attention(q[1 + skip : 38], kc, vc, tables[1:2], ctx[1:2], rest, 16, scale)
+        assert torch.equal(whole[1 + skip : 38], later), skip
+    # the tiles' exact softmax and sums agree with a decode at the same position to rounding
+    for i in (0, 17, 36):
+        one = cpu_ops.paged_decode_attention(q[1 + i : 2 + i], kc, vc, tables[1:2], i32(13 + i), 16, scale)
+        torch.testing.assert_close(whole[1 + i], one[0], rtol=2e-5, atol=2e-6)
 
 
 @needs_cpu_ext
@@ -288,13 +298,13 @@ def test_chunk_offsets_that_do_not_fit_raise_before_reading():
     assert cpu_ops.paged_attention(q, kc, vc, tables, ctx, None, 16, 1.0) is None
 
 
-def test_count_chunk_keys_counts_the_keys_of_chunk_rows_only():
+def test_count_prefix_keys_counts_the_cached_keys_chunk_rows_read():
     import numpy as np
 
-    from kernels.attention import count_chunk_keys
+    from kernels.attention import count_prefix_keys
 
     q_lens, ctx = [1, 5, 3, 0, 2], [40, 5, 10, 7, 300]
-    brute = sum(c - q + i + 1 for q, c in zip(q_lens, ctx) if q > 1 for i in range(q))
-    assert brute == 15 + 27 + 599
-    assert count_chunk_keys(np.array(q_lens, dtype=np.int32), np.array(ctx, dtype=np.int32)) == brute
-    assert count_chunk_keys(torch.tensor(q_lens).int(), torch.tensor(ctx).int()) == brute
+    brute = sum(c - q for q, c in zip(q_lens, ctx) if q > 1 for _ in range(q))
+    assert brute == 0 + 3 * 7 + 2 * 298
+    assert count_prefix_keys(np.array(q_lens, dtype=np.int32), np.array(ctx, dtype=np.int32)) == brute
+    assert count_prefix_keys(torch.tensor(q_lens).int(), torch.tensor(ctx).int()) == brute

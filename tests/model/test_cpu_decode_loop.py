@@ -86,8 +86,8 @@ def test_cpu_loop_writes_the_cache_of_the_layers_forward(model_dirs):
         assert torch.equal(kv, runner.kv_cache)
 
 
-def test_steps_whose_chunks_read_many_keys_run_the_torch_path(model_dirs, monkeypatch):
-    # past kernels.attention.CPU_ROWS_MAX_CHUNK_KEYS a step's chunks go to paged_attention_cpu's
+def test_steps_whose_chunks_follow_long_prefixes_run_the_torch_path(model_dirs, monkeypatch):
+    # past kernels.attention.CPU_ROWS_MAX_PREFIX_KEYS a step's chunks go to paged_attention_cpu's
     # matmuls under the layers' forward; its tokens stay those of the other path (greedy, to rounding)
     from kernels import attention
 
@@ -110,6 +110,6 @@ def test_steps_whose_chunks_read_many_keys_run_the_torch_path(model_dirs, monkey
     rows = tokens()
     assert max(seen) > 1  # the prompts' step ran in the lean loop, chunks and all
     seen.clear()
-    monkeypatch.setattr(attention, "CPU_ROWS_MAX_CHUNK_KEYS", 0)
+    monkeypatch.setattr(attention, "CPU_ROWS_MAX_PREFIX_KEYS", -1)  # even fresh prompts
     assert tokens() == rows
     assert seen and max(seen) == 1  # only decode steps took the loop
