@@ -1,6 +1,6 @@
 import torch
 
-from kernels import cuda_ops
+from kernels import cpu_ops, cuda_ops
 
 
 def copy_blocks_ref(kv_cache: torch.Tensor, pairs: torch.Tensor) -> None:
@@ -18,5 +18,5 @@ def copy_blocks_ref(kv_cache: torch.Tensor, pairs: torch.Tensor) -> None:
 def copy_blocks(kv_cache: torch.Tensor, pairs: torch.Tensor) -> None:
     if cuda_ops.available(kv_cache) and kv_cache.is_contiguous():
         cuda_ops.copy_blocks_cuda(kv_cache, pairs)
-    else:
+    elif pairs.numel() == 0 or not cpu_ops.copy_blocks(kv_cache, pairs):
         copy_blocks_ref(kv_cache, pairs)

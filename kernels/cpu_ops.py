@@ -1,5 +1,6 @@
 """Python side of engine._cpu: the decode step's small ops on the CPU in one call each (float32):
-RMSNorm, SiLU-and-mul, RoPE + the KV store, paged attention, and the sampler's uniforms.
+RMSNorm, SiLU-and-mul, RoPE + the KV store, paged attention, the sampler's uniforms and the
+copy-on-write block copy.
 Each falls back to its torch path (returns None) where it does not apply: another dtype or device,
 autograd (training), reference_only() or SELFEVAL_KERNELS=reference, or no engine._cpu. The
 wrappers stay lean: at batch 1 their Python is most of what they cost (bench/host_overhead.py)."""
@@ -178,3 +179,21 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """paged_attention for a step of decodes only (row b's one query is q[b]): [B, H, D]; None:
     not here."""
     return paged_attention(q, k_cache, v_cache, block_tables, context_lens, None, block_size, scale)
+
+
+def copy_blocks(kv_cache: torch.Tensor, pairs: torch.Tensor) -> bool:
+    """kernels.copy_blocks_ref's copy in one call on one thread (any dtype): kv_cache [C, blocks,
+    numel] contiguous, pairs int64 or int32 [k, 2] of (src, dst). False: not here (the caller copies).
+    Block ids outside the cache raise IndexError before anything is copied."""
+    if extension() is None or references_forced() or not kv_cache.is_cpu or not pairs.is_cpu:
+        return False
+    if pairs.dtype is torch.int32:  # the runner's (StepInput.cow)
+        pairs = pairs.long()
+    if (kv_cache.dim() != 3 or not kv_cache.is_contiguous() or pairs.dtype is not torch.int64
+            or pairs.dim() != 2 or pairs.shape[1] != 2 or not pairs.is_contiguous()
+            or (torch.is_grad_enabled() and kv_cache.requires_grad)):
+        return False
+    caches, blocks, numel = kv_cache.shape
+    extension().copy_blocks(kv_cache.data_ptr(), caches, blocks, numel * kv_cache.element_size(),
+                            pairs.data_ptr(), pairs.shape[0])
+    return True

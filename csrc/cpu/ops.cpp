@@ -15,6 +15,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -99,6 +100,30 @@ void rotary_store_kv(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t q_out, uin
   }
 }
 
+// Copy-on-write: for each (src, dst) pair, block src of each of the `caches` caches into block
+// dst, every block `block_bytes` long, `blocks` to a cache, caches back to back (the runner's
+// [C, blocks, numel] view, any dtype). All sources are read before any block is written, as the
+// torch reference's one gather and one scatter. One thread: a few kilobytes a pair, and the torch
+// reference's parallel gather waited on its threads whenever the server's processes held the
+// cores (bench/serve_load.py). Pairs are checked before anything is copied.
+std::string copy_blocks(uintptr_t base, int64_t caches, int64_t blocks, int64_t block_bytes, uintptr_t pairs,
+                        int64_t n_pairs) {
+  std::vector<int64_t> p(i64(pairs), i64(pairs) + 2 * n_pairs);
+  for (int64_t i = 0; i < 2 * n_pairs; ++i)
+    if (p[i] < 0 || p[i] >= blocks) return "copy_blocks: block " + std::to_string(p[i]) + " outside the cache";
+  char* data = reinterpret_cast<char*>(base);
+  std::vector<char> staged(static_cast<size_t>(n_pairs * caches * block_bytes));
+  for (int64_t i = 0; i < n_pairs; ++i)
+    for (int64_t c = 0; c < caches; ++c)
+      std::memcpy(staged.data() + (i * caches + c) * block_bytes, data + (c * blocks + p[2 * i]) * block_bytes,
+                  block_bytes);
+  for (int64_t i = 0; i < n_pairs; ++i)
+    for (int64_t c = 0; c < caches; ++c)
+      std::memcpy(data + (c * blocks + p[2 * i + 1]) * block_bytes, staged.data() + (i * caches + c) * block_bytes,
+                  block_bytes);
+  return {};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
@@ -107,6 +132,13 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("silu_and_mul", &selfeval_cpu::silu_and_mul, py::call_guard<py::gil_scoped_release>());
   m.def("sampling_uniforms", &selfeval_cpu::sampling_uniforms, py::call_guard<py::gil_scoped_release>());
   m.def("rotary_store_kv", &rotary_store_kv, py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "copy_blocks",
+      [](uintptr_t base, int64_t caches, int64_t blocks, int64_t block_bytes, uintptr_t pairs, int64_t n_pairs) {
+        const std::string error = copy_blocks(base, caches, blocks, block_bytes, pairs, n_pairs);
+        if (!error.empty()) throw py::index_error(error);
+      },
+      py::call_guard<py::gil_scoped_release>());
   m.def(
       "paged_attention",
       [](uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out, uintptr_t block_tables,
