@@ -2,8 +2,9 @@
 (kernels.cpu_ops.paged_attention: every query row in one call) against the torch path
 (kernels.attention.paged_attention_cpu: rows grouped by query length, blocks gathered, matmuls
 under a causal mask), with and without its per-step plan made beforehand, outputs checked against
-the reference (paged_attention_ref). The crossover sets kernels.attention.CPU_ROWS_MAX_PREFIX_KEYS:
-past it, chunks follow long cached prefixes, which the torch path's matmuls read at a better rate.
+the reference (paged_attention_ref). kernels.attention.CPU_ROWS_MAX_PREFIX_KEYS was set by hand
+from these rows: past it, chunks follow long cached prefixes, which the torch path's matmuls read
+at a better rate.
 The torch path's plan is made once a step for every layer: per layer, compare with torch_planned_ms.
 
     python bench/cpu_attention.py [--threads 2] [--reps 20]

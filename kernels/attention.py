@@ -505,7 +505,7 @@ def paged_extend_attention_triton(
 # plan, block gathers or masks; a chunk's rows 16 at a time, each over the keys up to its own
 # position), unless its chunks come after long cached prefixes: there every row reads the whole
 # prefix, as paged_attention_cpu's matmuls do at a better rate, while on a fresh prompt those
-# matmuls compute the whole square under a causal mask and the kernel only the triangle.
+# matmuls compute the whole square under a causal mask and the kernel about the triangle.
 # bench/cpu_attention.py (2-core Xeon, 8 query over 2 KV heads of 64, 2 threads, the committed run;
 # torch with its plan made beforehand, as a step shares it over its layers): beside 60 decodes,
 # chunks of 4 x 32 tokens took 0.64 ms here against 0.89, 4 x 128 1.33 against 1.80; one prompt
@@ -547,8 +547,12 @@ def paged_attention(
         # No plan: the step's rows may go to engine._cpu's one call, by the rule
         # LlamaForCausalLM.forward applies (a plan: the caller chose the torch path for the step)
         if cpu_plan is None:
-            keys = prefix_keys if prefix_keys is not None or max_query_len <= 1 else count_prefix_keys(
-                query_start_loc[1:] - query_start_loc[:-1], context_lens)
+            if max_query_len <= 1:
+                keys = 0
+            elif prefix_keys is not None:
+                keys = prefix_keys
+            else:
+                keys = count_prefix_keys(query_start_loc[1:] - query_start_loc[:-1], context_lens)
             if cpu_rows_attention(max_query_len, keys):
                 decodes = max_query_len == 1 and q.shape[0] == block_tables.shape[0]
                 out = cpu_ops.paged_attention(q, k_cache, v_cache, block_tables, context_lens,

@@ -1,3 +1,6 @@
+"""Copy-on-write block copies: a forked sequence's partial last block copied to a block of its own
+before the step writes it, for every layer's K and V at once."""
+
 import torch
 
 from kernels import cpu_ops, cuda_ops
@@ -16,7 +19,10 @@ def copy_blocks_ref(kv_cache: torch.Tensor, pairs: torch.Tensor) -> None:
 
 
 def copy_blocks(kv_cache: torch.Tensor, pairs: torch.Tensor) -> None:
+    """copy_blocks_ref's copy: the CUDA kernel on a GPU, engine._cpu's on the CPU, else the reference."""
+    if pairs.numel() == 0:
+        return
     if cuda_ops.available(kv_cache) and kv_cache.is_contiguous():
         cuda_ops.copy_blocks_cuda(kv_cache, pairs)
-    elif pairs.numel() == 0 or not cpu_ops.copy_blocks(kv_cache, pairs):
+    elif not cpu_ops.copy_blocks(kv_cache, pairs):
         copy_blocks_ref(kv_cache, pairs)

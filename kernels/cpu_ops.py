@@ -1,4 +1,4 @@
-"""Python side of engine._cpu: the decode step's small ops on the CPU in one call each (float32):
+"""Python side of engine._cpu: a step's small ops on the CPU in one call each (float32):
 RMSNorm, SiLU-and-mul, RoPE + the KV store, paged attention, the sampler's uniforms and the
 copy-on-write block copy.
 Each falls back to its torch path (returns None) where it does not apply: another dtype or device,

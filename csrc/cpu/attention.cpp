@@ -6,8 +6,9 @@
 // (kernels/attention.py) does all three, and at batch 1 its dozen ops cost more than the
 // arithmetic. A decode's row is one task per KV head (attend: the scores of the KV head's query
 // heads, an exact softmax with the max subtracted, the weighted values); a chunk's rows go 16 to a
-// task (attend_tile: keys transposed 16 at a time, so the scores need no horizontal sums, and
-// only the triangle below each row's position). Tasks spread over OpenMP threads.
+// task (attend_tile: keys transposed 16 at a time, so the scores need no horizontal sums; a tile
+// scores the keys up to its last row, each row's softmax and values stop at its own). Tasks spread
+// over OpenMP threads.
 //
 // Built with -ffinite-math-only -fno-signed-zeros (this file alone) so that the clamp in exp_neg
 // and the reductions vectorize; inputs are finite (the torch reference gives NaN otherwise too).
@@ -279,7 +280,7 @@ std::string paged_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, u
   // Each query row's sequence and the keys it sees: a chunk's row i of q_len sits at position
   // ctx - q_len + i and sees the keys up to it; a decode's one row sees the whole context. Every
   // offset is checked before any row is written.
-  std::vector<int64_t> row_seq(tokens), row_keys(tokens);
+  std::vector<int64_t> row_seq(tokens), row_keys(tokens), seq_rows(seqs, 1);  // seq_rows: its query rows
   int64_t longest = 0;
   if (query_start_loc == 0) {
     if (tokens != seqs) return "paged_attention: one query per sequence needs as many rows as sequences";
@@ -294,7 +295,7 @@ std::string paged_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, u
                " queries for a context of " + std::to_string(ctx[b]);
     }
     for (int64_t b = 0; b < seqs; ++b) {
-      const int64_t q_len = static_cast<int64_t>(qsl[b + 1]) - qsl[b];
+      const int64_t q_len = seq_rows[b] = static_cast<int64_t>(qsl[b + 1]) - qsl[b];
       for (int64_t i = 0; i < q_len; ++i) row_seq[qsl[b] + i] = b, row_keys[qsl[b] + i] = ctx[b] - q_len + i + 1;
     }
   }
@@ -310,6 +311,7 @@ std::string paged_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, u
   }
   // Work items: a decode's row alone (attend), a chunk's rows TILE_ROWS at a time (attend_tile);
   // each item once per KV head. A chunk row's result does not depend on how its rows are tiled.
+  // (TILE_ROWS: query rows to a task; TILE, above: keys to a transposed block. Both 16.)
   constexpr int64_t TILE_ROWS = 16;
   struct Item {
     int64_t t, rows;
@@ -318,12 +320,10 @@ std::string paged_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, u
   std::vector<Item> items;
   items.reserve(tokens);
   for (int64_t t = 0; t < tokens;) {
-    int64_t rows = 1;  // a chunk: the rows after t of the same sequence, up to TILE_ROWS
-    while (query_start_loc != 0 && dim > 0 && t + rows < tokens && rows < TILE_ROWS &&
-           row_seq[t + rows] == row_seq[t])
-      ++rows;
-    const bool chunk = query_start_loc != 0 && dim > 0 &&
-                       ((t + 1 < tokens && row_seq[t + 1] == row_seq[t]) || (t > 0 && row_seq[t - 1] == row_seq[t]));
+    // a chunk: its sequence has more than one query row (a decode's has one, whatever the step)
+    const bool chunk = query_start_loc != 0 && dim > 0 && seq_rows[row_seq[t]] > 1;
+    int64_t rows = 1;
+    while (chunk && t + rows < tokens && rows < TILE_ROWS && row_seq[t + rows] == row_seq[t]) ++rows;
     items.push_back({t, rows, chunk});
     t += rows;
   }

@@ -1,4 +1,4 @@
-// CPU kernels for the small ops of a decode step (engine._cpu), float32 only.
+// CPU kernels for the small ops of a step (engine._cpu), float32 only (the block copy: any dtype).
 //
 // At batch 1 a decode step of a small model on the CPU is dominated not by its matmuls but by the
 // dozens of small torch ops around them, each costing microseconds of dispatch for nanoseconds of

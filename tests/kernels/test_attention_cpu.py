@@ -153,7 +153,7 @@ def test_model_decode_steps_run_the_cpp_attention(monkeypatch):
         params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
         prompts = [[5, 6, 7, 8, 9], list(range(10, 40))]
         eng = Engine(str(path), device="cpu", dtype=torch.float32)
-        eng.core.model.cpu_layers = None  # the layers' forward (forward_cpu: test_cpu_decode_loop)
+        eng.core.model.cpu_layers = None  # the layers' forward (forward_cpu: test_cpu_forward_loop)
         monkeypatch.setattr(cpu_ops, "paged_attention", counted)
 
         def tokens():
