@@ -90,9 +90,10 @@ async def drive(url: str, work: list[dict], concurrency: int) -> list[dict]:
 
 
 def offline_seconds(path: str, work: list[dict], device: str, concurrency: int | None,
-                    load_format: str = "auto") -> tuple[float, int]:
+                    load_format: str = "auto") -> tuple[float, int, float]:
     """Engine.add_request/step on the same work, in this process (no HTTP): every request at
-    once (concurrency None), or at most `concurrency` in flight as the server sees them."""
+    once (concurrency None), or at most `concurrency` in flight as the server sees them. Returns
+    (seconds, tokens, CPU seconds of this process's threads over the run)."""
     eng = Engine(path, device=device, load_format=load_format)
 
     def add(it):
@@ -105,14 +106,14 @@ def offline_seconds(path: str, work: list[dict], device: str, concurrency: int |
     eng.run_until_done([add(it) for it in work[:8]])  # warm-up
     pending, live, tokens = list(reversed(work)), set(), 0
     limit = concurrency or len(work)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     while pending or live:
         while pending and len(live) < limit:
             live.add(add(pending.pop()))
         for out in eng.step():
             live.discard(out.request_id)
             tokens += out.stats.generated_tokens
-    return time.perf_counter() - start, tokens
+    return time.perf_counter() - start, tokens, time.process_time() - cpu
 
 
 def cpu_seconds(pid: int | None = None) -> dict[str, float]:
@@ -200,8 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
             proc.wait(timeout=60)
         if args.pin:
             pin(os.getpid(), engine_core)
-        offline_s, offline_tokens = offline_seconds(path, work, args.device, None, load_format)
-        same_s, same_tokens = offline_seconds(path, work, args.device, args.concurrency, load_format)
+        offline_s, offline_tokens, _ = offline_seconds(path, work, args.device, None, load_format)
+        same_s, same_tokens, same_cpu = offline_seconds(path, work, args.device, args.concurrency,
+                                                        load_format)
 
     def metric(text, name):
         return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
@@ -211,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     ttft = sorted(r["ttft"] for r in results)
     lat = sorted(r["latency"] for r in results)
     pct = lambda xs, q: xs[min(int(q * len(xs)), len(xs) - 1)]  # noqa: E731
+    engine_cpu = cpu_server.get("engine_process")
     metrics = {
         "requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
         "errors": sum(not r["ok"] for r in results), "seconds": seconds,
@@ -225,6 +228,11 @@ def main(argv: list[str] | None = None) -> dict:
                                 - metric(before, "selfeval_step_seconds_total")),
         "cpu_seconds_http_server": cpu_server["server"],
         "cpu_seconds_engine_process": cpu_server.get("engine_process"), "cpu_seconds_client": cpu_client,
+        # What serving costs the engine itself, apart from sharing the cores: its process's CPU time
+        # per token against the offline run's at the same concurrency (None: the loop in a thread).
+        "offline_same_concurrency_cpu_seconds": same_cpu,
+        "engine_cpu_over_offline_per_token": (None if engine_cpu is None else
+                                              (engine_cpu / tokens) / (same_cpu / same_tokens)),
         "cpu_cores": os.cpu_count(), "engine_threads": torch.get_num_threads(),
         "engine_loop": "thread" if args.engine_thread else "process", "pinned": args.pin,
         "kv_blocks_used_after": metric(after, "selfeval_kv_blocks_used"),
@@ -238,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps({k: metrics[k] for k in ("errors", "kv_blocks_used_after", "server_over_offline",
                                               "server_over_offline_same_concurrency", "engine_step_seconds",
                                               "cpu_seconds_http_server", "cpu_seconds_engine_process",
-                                              "cpu_seconds_client",
+                                              "cpu_seconds_client", "engine_cpu_over_offline_per_token",
                                               "ttft_p50_s_by_kind")}))
     out = write_results("serve_load", torch.device(args.device), metrics, args.out,
                         model=args.model or ("random toy" if toy else "llama-3.1-8b shape, random weights"))

@@ -132,6 +132,8 @@ def test_serve_load_bench_runs_a_live_server_without_errors(tmp_path):
     assert metrics["tokens_per_s"] > 0 and metrics["offline_tokens_per_s"] > 0
     assert metrics["offline_same_concurrency_tokens_per_s"] > 0
     assert metrics["engine_loop"] == "process" and metrics["cpu_seconds_engine_process"] > 0
+    assert metrics["offline_same_concurrency_cpu_seconds"] > 0
+    assert metrics["engine_cpu_over_offline_per_token"] > 0
     assert set(metrics["ttft_p50_s_by_kind"]) == {"plain", "best_of_4", "prune"}
     assert json.loads(next(tmp_path.glob("serve_load-*.json")).read_text())["metrics"]["errors"] == 0
 
