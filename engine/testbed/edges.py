@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 
 from engine.testbed import paths
-from engine.testbed.paths import LEVELS, Problem, check, verify  # noqa: F401  (the task's names)
+from engine.testbed.paths import LEVELS, Problem, attempt, check, verify  # noqa: F401  (the task's names)
 
 NAME = "edges"
 NODES = "ABCDEFGHIJKLMNOP"  # 16 nodes (the largest level needs 13), 240 edge tokens; not Q, as in "Q:"

@@ -99,6 +99,18 @@ def verify(record: dict, text: str) -> float:
     return float(check(record["prompt"], text)[0])
 
 
+def attempt(rng: random.Random, problem: Problem) -> str:
+    """A wrong attempt as a solver that guesses the arm writes it: another arm, followed by the
+    question's own edges to its end (short of the target). Pretraining text holds some of these
+    (PretrainConfig.attempt_frac), so the model learns that a path follows the question's edges
+    even when it took the wrong arm, instead of making up an edge onto the target's arm."""
+    arms = [e for e in problem.edges if e[0] == problem.source and e[1] != problem.path[1]]
+    lines = [rng.choice(arms)]
+    while nxt := [e for e in problem.edges if e[0] == lines[-1][1]]:
+        lines.append(nxt[0])
+    return "\n".join(lines)
+
+
 def corrupt(rng: random.Random, problem: Problem) -> str:
     """A wrong path as a sampling model writes one: down another arm to its end, and half the time
     a last edge that is not in the question, to the target."""

@@ -50,6 +50,7 @@ class PretrainConfig:
     threads: int = 0  # torch threads (0: torch's default)
     check_frac: float = 0.0  # share of examples that are the answer-checking task
     direct_frac: float = 0.0  # share of solutions that give the answer with no working (arith)
+    attempt_frac: float = 0.0  # share of solutions that are the task's wrong attempts (paths, edges)
     task: str = "arith"  # engine.testbed.TASKS
 
 
@@ -94,17 +95,19 @@ def encode_check(tokenizer, question: str, solution: str, right: bool) -> tuple[
     return _with_reply(tokenizer, turns, "right" if right else "wrong")
 
 
-def _example(tokenizer, rng, check_frac, direct_frac=0.0, task="arith"):
+def _example(tokenizer, rng, check_frac, direct_frac=0.0, task="arith", attempt_frac=0.0):
     spec = load_task(task)
     p = spec.make_problem(rng, rng.randrange(len(spec.LEVELS)))
     if rng.random() >= check_frac:
+        if attempt_frac and rng.random() < attempt_frac:
+            return encode(tokenizer, p.question, spec.attempt(rng, p))
         return encode(tokenizer, p.question, p.direct if rng.random() < direct_frac else p.solution)
     right = rng.random() < 0.5
     return encode_check(tokenizer, p.question, p.solution if right else spec.corrupt(rng, p), right)
 
 
-def _batch(tokenizer, rng, size, device, check_frac=0.0, direct_frac=0.0, task="arith"):
-    seqs = [_example(tokenizer, rng, check_frac, direct_frac, task) for _ in range(size)]
+def _batch(tokenizer, rng, size, device, check_frac=0.0, direct_frac=0.0, task="arith", attempt_frac=0.0):
+    seqs = [_example(tokenizer, rng, check_frac, direct_frac, task, attempt_frac) for _ in range(size)]
     width = max(len(s) for s, _ in seqs)
     ids = torch.full((size, width), tokenizer.pad_token_id, dtype=torch.int64)
     mask = torch.zeros(size, width, dtype=torch.bool)
@@ -182,7 +185,8 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig | None = None, device: str
     model.train()
     with reference_only():
         for step in range(cfg.steps):
-            ids, mask = _batch(tokenizer, rng, cfg.batch_size, dev, cfg.check_frac, cfg.direct_frac, cfg.task)
+            ids, mask = _batch(tokenizer, rng, cfg.batch_size, dev, cfg.check_frac, cfg.direct_frac, cfg.task,
+                               cfg.attempt_frac)
             logits = _forward(model, ids)
             target = mask[:, 1:]
             loss = torch.nn.functional.cross_entropy(logits[:, :-1][target], ids[:, 1:][target])

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from engine.testbed.paths import LEVELS, check, corrupt, make_problem, problems, verify
+from engine.testbed.paths import LEVELS, attempt, check, corrupt, make_problem, problems, verify
 
 
 def test_solutions_verify_and_every_wrong_arm_fails():
@@ -62,3 +62,39 @@ def test_corrupted_paths_are_wrong_and_look_like_sampled_ones():
             assert lines[0][0] == p.source and lines[0] != p.solution.split("\n")[0]
             kinds.add(check(p.question, bad)[1] == length)  # all edges real, or the last one fake
     assert kinds == {True, False}
+
+
+def test_attempts_follow_the_question_edges_down_a_wrong_arm():
+    """A wrong attempt (pretraining's attempt_frac): every line an edge of the question, each
+    starting where the last ended, down another arm to its end; never the target."""
+    rng = random.Random(2)
+    for level, (arms, length) in enumerate(LEVELS):
+        firsts = set()
+        for _ in range(40):
+            p = make_problem(rng, level)
+            bad = attempt(rng, p)
+            assert verify(p.record(), bad) == 0.0
+            assert check(p.question, bad) == (False, length)  # all `length` lines real, wrong end
+            assert bad.split("\n")[0] != p.solution.split("\n")[0]
+            others = sorted(e for e in p.edges if e[0] == p.source and e != p.path[0] + p.path[1])
+            firsts.add(others.index(bad.split("\n")[0]))
+        assert firsts == set(range(arms - 1))  # every wrong arm is taken
+
+
+def test_pretraining_mixes_in_attempts_at_the_given_share():
+    from engine.testbed.pretrain import _example
+    from engine.testbed.tokenizer import make_tokenizer
+
+    tok = make_tokenizer(task="paths")
+    rng = random.Random(4)
+    for share in (0.0, 0.3):
+        right = []
+        for _ in range(400):
+            ids, mask = _example(tok, rng, 0.0, task="paths", attempt_frac=share)
+            start = mask.index(True)
+            question = tok.decode(ids[:start], skip_special_tokens=True).split("\n")[1]
+            reply = tok.decode(ids[start:], skip_special_tokens=True)
+            ok, good = check(question, reply)
+            assert good == len(reply.split("\n"))  # right or an attempt: every line a real edge
+            right.append(ok)
+        assert abs((1 - sum(right) / len(right)) - share) < 0.07
