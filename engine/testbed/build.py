@@ -7,7 +7,9 @@
    arith a --direct-frac share of them answered with no working (a second habit, which fails on long
    problems); with --check-steps, go on with half of each batch the answer-checking task (synthetic
    right/corrupted solutions, "right"/"wrong"; off by default: for arith 300 steps left the model
-   checking at chance);
+   checking at chance); for the path tasks, --attempt-frac mixes in wrong attempts (another arm
+   followed to its end) and --check-wrong attempt makes them the checking task's wrong answers;
+   --init-from goes on from an existing checkpoint;
 2. measure its greedy and sampled accuracy on held-out problems;
 3. `build-data`: N samples per training prompt, verifier rewards, targets per --targets, mid-generation
    prefixes completed k times;
@@ -66,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check-frac", type=float, default=0.0,
                     help="share of the pretraining batch that is the answer-checking task from the start")
     ap.add_argument("--check-steps", type=int, default=0)
+    ap.add_argument("--attempt-frac", type=float, default=0.0,
+                    help="paths/edges: share of pretraining solutions that are wrong attempts (another arm to its end)")
+    ap.add_argument("--check-wrong", choices=["corrupt", "attempt"], default="corrupt",
+                    help="the checking task's wrong solutions: the task's corrupt or its attempt")
+    ap.add_argument("--init-from", default=None,
+                    help="start the pretrain stage from this checkpoint (its shape and tokenizer win)")
     ap.add_argument("--data-prompts", type=int, default=384)
     ap.add_argument("-n", type=int, default=8)
     ap.add_argument("--checkpoints", default=None, help="mid-generation lengths (default: the task's)")
@@ -103,13 +111,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.redo or not (out / "model.safetensors").exists():
         cfg = PretrainConfig(steps=args.steps, batch_size=args.batch_size, num_layers=args.layers,
                              lr=args.pretrain_lr, threads=0, direct_frac=args.direct_frac, task=args.task,
-                             check_frac=args.check_frac)
-        recipe["pretrain"] = pretrain(out, cfg, args.device)
+                             check_frac=args.check_frac, attempt_frac=args.attempt_frac,
+                             check_wrong=args.check_wrong)
+        recipe["pretrain"] = pretrain(out, cfg, args.device, init_from=args.init_from)
+        if args.init_from:
+            recipe["pretrain"]["init_from"] = str(args.init_from)
         recipe.pop("pretrain_check", None)
         save()
     if "pretrain_check" not in recipe and args.check_steps:
         cfg = PretrainConfig(steps=args.check_steps, batch_size=args.batch_size, lr=1e-3, warmup=20,
-                             check_frac=0.5, seed=3, threads=0, task=args.task)
+                             check_frac=0.5, seed=3, threads=0, task=args.task, attempt_frac=args.attempt_frac,
+                             check_wrong=args.check_wrong)
         recipe["pretrain_check"] = pretrain(out, cfg, args.device, init_from=out)
         recipe["pretrain_check"]["note"] = "continued from the pretrain stage's checkpoint"
         for stage in ("base_metrics", "data", "adapter"):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 
 from engine.testbed import paths
-from engine.testbed.paths import LEVELS, Problem, attempt, check, verify  # noqa: F401  (the task's names)
+from engine.testbed.paths import LEVELS, Problem  # noqa: F401  (the task's names)
 
 NAME = "edges"
 NODES = "ABCDEFGHIJKLMNOP"  # 16 nodes (the largest level needs 13), 240 edge tokens; not Q, as in "Q:"
@@ -31,7 +31,24 @@ SPLIT_LETTERS = False
 
 
 def make_problem(rng: random.Random, level: int) -> Problem:
-    return paths.make_problem(rng, level, NODES)
+    return paths.make_problem(rng, level, NODES, final=True)
+
+
+def check(prompt: str, text: str) -> tuple[bool, int]:
+    """paths.check with the answer line ("= D", the node the path ends at) required."""
+    return paths.check(prompt, text, final=True)
+
+
+def verify(record: dict, text: str) -> float:
+    """1.0 when the lines are a path of the question's edges from the source to the target and the
+    last line names the target; else 0.0."""
+    return float(check(record["prompt"], text)[0])
+
+
+def attempt(rng: random.Random, problem: Problem) -> str:
+    """paths.attempt, answered with the node the wrong arm ends at."""
+    lines = paths.attempt(rng, problem)
+    return f"{lines}\n= {lines[-1]}"  # the last edge's second node
 
 
 def problems(n: int, seed: int, levels: list[int] | None = None) -> list[Problem]:
@@ -52,9 +69,9 @@ def corrupt(rng: random.Random, problem: Problem) -> str:
     while nxt := [e for e in problem.edges if e[0] == lines[-1][1]]:
         lines.append(nxt[0])
     if rng.random() < 0.25:
-        return "\n".join(lines)
+        return "\n".join(lines) + f"\n= {lines[-1][1]}"
     k = rng.randrange(1, len(lines))  # edges kept on the wrong arm; the path stays the right length
     onto = good[k + 1]
     bad = lines[k - 1][1] + onto if rng.random() < 2 / 3 else good[k] + onto
     lines = lines[:k] + [bad] + [a + b for a, b in zip(good[k + 1:], good[k + 2:])]
-    return "\n".join(lines)
+    return "\n".join(lines) + f"\n= {problem.target}"

@@ -32,6 +32,7 @@ MAX_TOKENS = 32
 SPLIT_LETTERS = True  # every capital letter its own token
 NODES = string.ascii_uppercase
 _EDGE = re.compile(r"^([A-Z])([A-Z])$")
+_FINAL = re.compile(r"^= ([A-Z])$")
 _QUESTION = re.compile(r"^Q: path from ([A-Z]) to ([A-Z]): ((?:[A-Z][A-Z] ?)+)$")
 
 
@@ -42,6 +43,7 @@ class Problem:
     edges: tuple[str, ...]  # "AB" (A->B), in the order the question lists them
     path: tuple[str, ...]  # the right path, source to target
     level: int
+    final: bool = False  # the answer ends with a line naming the node reached ("= D"; edges)
 
     @property
     def question(self) -> str:
@@ -49,7 +51,8 @@ class Problem:
 
     @property
     def solution(self) -> str:
-        return "\n".join(f"{a}{b}" for a, b in zip(self.path, self.path[1:]))
+        lines = "\n".join(f"{a}{b}" for a, b in zip(self.path, self.path[1:]))
+        return lines + f"\n= {self.path[-1]}" if self.final else lines
 
     @property
     def answer(self) -> str:
@@ -59,7 +62,7 @@ class Problem:
         return {"prompt": self.question, "answer": self.answer, "level": self.level}
 
 
-def make_problem(rng: random.Random, level: int, alphabet: str = NODES) -> Problem:
+def make_problem(rng: random.Random, level: int, alphabet: str = NODES, final: bool = False) -> Problem:
     arms, length = LEVELS[level]
     nodes = rng.sample(alphabet, 1 + arms * length)
     source, chains = nodes[0], [nodes[1 + i * length: 1 + (i + 1) * length] for i in range(arms)]
@@ -67,24 +70,33 @@ def make_problem(rng: random.Random, level: int, alphabet: str = NODES) -> Probl
     edges += [f"{a}{b}" for c in chains for a, b in zip(c, c[1:])]
     rng.shuffle(edges)
     good = chains[0]  # nodes are random, so which arm is the target's carries no hint
-    return Problem(source, good[-1], tuple(edges), (source, *good), level)
+    return Problem(source, good[-1], tuple(edges), (source, *good), level, final)
 
 
-def problems(n: int, seed: int, levels: list[int] | None = None, alphabet: str = NODES) -> list[Problem]:
+def problems(n: int, seed: int, levels: list[int] | None = None, alphabet: str = NODES,
+             final: bool = False) -> list[Problem]:
     """n problems, levels cycled evenly (all levels by default)."""
     rng = random.Random(seed)
     levels = levels if levels is not None else list(range(len(LEVELS)))
-    return [make_problem(rng, levels[i % len(levels)], alphabet) for i in range(n)]
+    return [make_problem(rng, levels[i % len(levels)], alphabet, final) for i in range(n)]
 
 
-def check(prompt: str, text: str) -> tuple[bool, int]:
-    """(right, number of leading lines that are edges of the question continuing the path)."""
+def check(prompt: str, text: str, final: bool = False) -> tuple[bool, int]:
+    """(right, number of leading lines that are edges of the question continuing the path). With
+    final, the answer's last line must name the node the path reached ("= D")."""
     found = _QUESTION.match(prompt.strip())
     if not found:
         raise ValueError(f"not a path question: {prompt!r}")
     source, target, edges = found.group(1), found.group(2), set(found.group(3).split())
     at, good = source, 0
     lines = text.strip().split("\n")
+    if final:
+        named = _FINAL.match(lines[-1].strip())
+        if not named:
+            return False, check(prompt, text)[1]
+        lines, named = lines[:-1], named.group(1)
+        ok, good = check(prompt, "\n".join(lines))
+        return ok and named == target, good
     for line in lines:
         m = _EDGE.match(line.strip())
         if not m or m.group(1) != at or line.strip() not in edges:

@@ -8,9 +8,14 @@ people and LLMs sometimes do. The model then learns both habits and picks one wi
 sampled token; answering directly is fine on easy problems and mostly wrong on long ones, so which
 habit a sample took, and on which problem, is something a self-evaluation can see.
 
+With attempt_frac > 0 (the path tasks) that share of the solutions is a wrong attempt (the task's
+`attempt`: another arm, followed by the question's own edges to its end), as real text holds wrong
+answers beside right ones: the model learns that a path follows the question's edges even on a
+wrong arm, so its wrong samples end where the arm ends instead of making up an edge to the target.
+
 With check_frac > 0 a share of each batch is the answer-checking task a real LLM brings from its
-own training: a solution (right, or corrupted as the task's `corrupt` does: for arith one step's
-result off and the chain carried on from it), then the user asks CHECK_QUESTION and the assistant
+own training: a solution (right, or wrong as the task's `corrupt` makes it, for arith one step's
+result off and the chain carried on from it; or as its `attempt` does, check_wrong="attempt"), then the user asks CHECK_QUESTION and the assistant
 says "right" or "wrong". The solutions are synthetic, never the model's samples, and the question
 and answer words are not the self-evaluation ones: the adapter still has to learn to use this
 skill on its own samples."""
@@ -51,6 +56,7 @@ class PretrainConfig:
     check_frac: float = 0.0  # share of examples that are the answer-checking task
     direct_frac: float = 0.0  # share of solutions that give the answer with no working (arith)
     attempt_frac: float = 0.0  # share of solutions that are the task's wrong attempts (paths, edges)
+    check_wrong: str = "corrupt"  # the checking task's wrong solutions: the task's corrupt or attempt
     task: str = "arith"  # engine.testbed.TASKS
 
 
@@ -95,7 +101,8 @@ def encode_check(tokenizer, question: str, solution: str, right: bool) -> tuple[
     return _with_reply(tokenizer, turns, "right" if right else "wrong")
 
 
-def _example(tokenizer, rng, check_frac, direct_frac=0.0, task="arith", attempt_frac=0.0):
+def _example(tokenizer, rng, check_frac, direct_frac=0.0, task="arith", attempt_frac=0.0,
+             check_wrong="corrupt"):
     spec = load_task(task)
     p = spec.make_problem(rng, rng.randrange(len(spec.LEVELS)))
     if rng.random() >= check_frac:
@@ -103,11 +110,13 @@ def _example(tokenizer, rng, check_frac, direct_frac=0.0, task="arith", attempt_
             return encode(tokenizer, p.question, spec.attempt(rng, p))
         return encode(tokenizer, p.question, p.direct if rng.random() < direct_frac else p.solution)
     right = rng.random() < 0.5
-    return encode_check(tokenizer, p.question, p.solution if right else spec.corrupt(rng, p), right)
+    return encode_check(tokenizer, p.question, p.solution if right else getattr(spec, check_wrong)(rng, p), right)
 
 
-def _batch(tokenizer, rng, size, device, check_frac=0.0, direct_frac=0.0, task="arith", attempt_frac=0.0):
-    seqs = [_example(tokenizer, rng, check_frac, direct_frac, task, attempt_frac) for _ in range(size)]
+def _batch(tokenizer, rng, size, device, check_frac=0.0, direct_frac=0.0, task="arith", attempt_frac=0.0,
+           check_wrong="corrupt"):
+    seqs = [_example(tokenizer, rng, check_frac, direct_frac, task, attempt_frac, check_wrong)
+            for _ in range(size)]
     width = max(len(s) for s, _ in seqs)
     ids = torch.full((size, width), tokenizer.pad_token_id, dtype=torch.int64)
     mask = torch.zeros(size, width, dtype=torch.bool)
@@ -155,6 +164,11 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig | None = None, device: str
              log=print, init_from: str | Path | None = None) -> dict:
     """Train from scratch, or go on from the checkpoint in init_from (its shape wins over cfg's)."""
     cfg = cfg or PretrainConfig()
+    if cfg.check_wrong not in ("corrupt", "attempt"):
+        raise ValueError(f"check_wrong is 'corrupt' or 'attempt', not {cfg.check_wrong!r}")
+    for name, frac in (("attempt", cfg.attempt_frac), ("attempt", cfg.check_frac * (cfg.check_wrong == "attempt"))):
+        if frac and not hasattr(load_task(cfg.task), name):
+            raise ValueError(f"the {cfg.task} task has no wrong attempts (attempt_frac, check_wrong)")
     if cfg.direct_frac and not hasattr(load_task(cfg.task).Problem, "direct"):
         raise ValueError(f"the {cfg.task} task has no direct answers: direct_frac must be 0")
     if cfg.threads:
@@ -186,7 +200,7 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig | None = None, device: str
     with reference_only():
         for step in range(cfg.steps):
             ids, mask = _batch(tokenizer, rng, cfg.batch_size, dev, cfg.check_frac, cfg.direct_frac, cfg.task,
-                               cfg.attempt_frac)
+                               cfg.attempt_frac, cfg.check_wrong)
             logits = _forward(model, ids)
             target = mask[:, 1:]
             loss = torch.nn.functional.cross_entropy(logits[:, :-1][target], ids[:, 1:][target])

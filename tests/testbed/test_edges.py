@@ -24,7 +24,10 @@ def test_every_edge_is_one_token_the_same_in_question_and_answer():
     q = tok.convert_ids_to_tokens(tok.encode(p.question))
     assert all(e in q for e in p.edges)
     a = tok.encode(p.solution)
-    assert tok.convert_ids_to_tokens(a) == [t for e in p.solution.split("\n") for t in (e, "Ċ")][:-1]
+    lines = p.solution.split("\n")
+    assert lines[-1] == "= " + p.target  # the answer line: "=" and the node's own token, as in the question
+    assert tok.convert_ids_to_tokens(a) == [t for e in lines[:-1] for t in (e, "Ċ")] + ["=", "Ġ" + p.target]
+    assert "Ġ" + p.target in q
     assert tok.decode(a) == p.solution
     assert len({tok.convert_tokens_to_ids(e) for e in edges.EDGE_TOKENS}) == 240
 
@@ -39,8 +42,8 @@ def test_corrupted_paths_are_wrong_have_the_right_length_and_each_kind_of_slip()
         for _ in range(60):
             p = edges.make_problem(rng, level)
             bad = edges.corrupt(rng, p)
-            lines = bad.split("\n")
-            assert edges.verify(p.record(), bad) == 0.0
+            *lines, named = bad.split("\n")
+            assert edges.verify(p.record(), bad) == 0.0 and named == "= " + lines[-1][1]
             assert len(lines) == len(p.path) - 1 and lines[0][0] == p.source
             assert lines[0] != p.solution.split("\n")[0]
             slip = next((i for i, (a, b) in enumerate(zip(lines, lines[1:]))
@@ -48,6 +51,17 @@ def test_corrupted_paths_are_wrong_have_the_right_length_and_each_kind_of_slip()
             kinds.add("arm to its end" if slip is None else
                       "made up" if lines[slip + 1] not in p.edges else "not continuing")
     assert kinds == {"arm to its end", "made up", "not continuing"}
+
+
+def test_attempts_end_at_a_wrong_leaf_and_name_it():
+    rng = random.Random(2)
+    for level in range(len(edges.LEVELS)):
+        for _ in range(30):
+            p = edges.make_problem(rng, level)
+            *lines, named = edges.attempt(rng, p).split("\n")
+            assert edges.check(p.question, "\n".join(lines + [named])) == (False, len(lines))
+            assert named == "= " + lines[-1][1] != "= " + p.target
+            assert edges.verify(p.record(), "\n".join(lines + ["= " + p.target])) == 0.0  # naming it is not enough
 
 
 def test_edge_embeddings_start_as_a_first_node_plus_a_second_node_vector():
@@ -95,3 +109,34 @@ def test_edges_task_builds_at_toy_size_with_the_checking_task_from_the_start(tmp
     assert set(recipe["base_metrics"]["greedy_by_level"]) == {str(lv) for lv in range(6)}
     tok = load_tokenizer(str(out))
     assert tok.convert_ids_to_tokens(tok.encode("AB\nBC")) == ["AB", "Ċ", "BC"]
+
+
+def test_edges_build_goes_on_from_a_checkpoint_with_attempts_and_attempt_checks(tmp_path):
+    """--init-from keeps the checkpoint's shape and tokenizer; --attempt-frac and --check-wrong
+    reach the pretraining config and the recipe; an unknown check_wrong is refused."""
+    import json
+
+    import pytest
+
+    from engine.model.loader import load_model
+    from engine.testbed.build import main as build
+    from engine.testbed.pretrain import PretrainConfig, pretrain
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert build(["--out", str(first), "--task", "edges", "--steps", "1", "--batch-size", "4", "--layers", "2",
+                  "--eval-problems", "6", "--until", "pretrain"]) == 0
+    assert build(["--out", str(second), "--task", "edges", "--steps", "2", "--batch-size", "8", "--init-from",
+                  str(first), "--attempt-frac", "0.5", "--check-frac", "0.5", "--check-wrong", "attempt",
+                  "--eval-problems", "6", "--until", "pretrain"]) == 0
+    recipe = json.loads((second / "RECIPE.json").read_text())
+    cfg = recipe["pretrain"]["config"]
+    assert (cfg["attempt_frac"], cfg["check_wrong"], recipe["pretrain"]["init_from"]) == (0.5, "attempt", str(first))
+    import torch
+
+    model, hf = load_model(str(second), torch.device("cpu"), torch.float32)
+    assert hf.num_hidden_layers == 2  # the checkpoint's shape, not --layers' default
+    assert (second / "tokenizer.json").read_text() == (first / "tokenizer.json").read_text()
+    with pytest.raises(ValueError, match="check_wrong"):
+        pretrain(tmp_path / "x", PretrainConfig(steps=1, task="edges", check_frac=0.5, check_wrong="made-up"))
+    with pytest.raises(ValueError, match="no wrong attempts"):
+        pretrain(tmp_path / "x", PretrainConfig(steps=1, task="arith", attempt_frac=0.2))
