@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="share of the pretraining batch that is the answer-checking task from the start")
     ap.add_argument("--check-steps", type=int, default=0)
     ap.add_argument("--attempt-frac", type=float, default=0.0,
-                    help="paths/edges: share of pretraining solutions that are wrong attempts (another arm to its end)")
+                    help="paths/edges: share of pretraining solutions that are wrong attempts "
+                         "(another arm to its end)")
     ap.add_argument("--check-wrong", choices=["corrupt", "attempt"], default="corrupt",
                     help="the checking task's wrong solutions: the task's corrupt or its attempt")
     ap.add_argument("--init-from", default=None,
@@ -120,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         save()
     if "pretrain_check" not in recipe and args.check_steps:
         cfg = PretrainConfig(steps=args.check_steps, batch_size=args.batch_size, lr=1e-3, warmup=20,
-                             check_frac=0.5, seed=3, threads=0, task=args.task, attempt_frac=args.attempt_frac,
-                             check_wrong=args.check_wrong)
+                             check_frac=0.5, seed=3, threads=0, task=args.task,
+                             attempt_frac=args.attempt_frac, check_wrong=args.check_wrong)
         recipe["pretrain_check"] = pretrain(out, cfg, args.device, init_from=out)
         recipe["pretrain_check"]["note"] = "continued from the pretrain stage's checkpoint"
         for stage in ("base_metrics", "data", "adapter"):

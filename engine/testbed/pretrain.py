@@ -15,7 +15,8 @@ wrong arm, so its wrong samples end where the arm ends instead of making up an e
 
 With check_frac > 0 a share of each batch is the answer-checking task a real LLM brings from its
 own training: a solution (right, or wrong as the task's `corrupt` makes it, for arith one step's
-result off and the chain carried on from it; or as its `attempt` does, check_wrong="attempt"), then the user asks CHECK_QUESTION and the assistant
+result off and the chain carried on from it; or as its `attempt` does, check_wrong="attempt"),
+then the user asks CHECK_QUESTION and the assistant
 says "right" or "wrong". The solutions are synthetic, never the model's samples, and the question
 and answer words are not the self-evaluation ones: the adapter still has to learn to use this
 skill on its own samples."""
@@ -110,7 +111,8 @@ def _example(tokenizer, rng, check_frac, direct_frac=0.0, task="arith", attempt_
             return encode(tokenizer, p.question, spec.attempt(rng, p))
         return encode(tokenizer, p.question, p.direct if rng.random() < direct_frac else p.solution)
     right = rng.random() < 0.5
-    return encode_check(tokenizer, p.question, p.solution if right else getattr(spec, check_wrong)(rng, p), right)
+    wrong = getattr(spec, check_wrong)  # the task's corrupt or attempt
+    return encode_check(tokenizer, p.question, p.solution if right else wrong(rng, p), right)
 
 
 def _batch(tokenizer, rng, size, device, check_frac=0.0, direct_frac=0.0, task="arith", attempt_frac=0.0,
@@ -166,9 +168,9 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig | None = None, device: str
     cfg = cfg or PretrainConfig()
     if cfg.check_wrong not in ("corrupt", "attempt"):
         raise ValueError(f"check_wrong is 'corrupt' or 'attempt', not {cfg.check_wrong!r}")
-    for name, frac in (("attempt", cfg.attempt_frac), ("attempt", cfg.check_frac * (cfg.check_wrong == "attempt"))):
-        if frac and not hasattr(load_task(cfg.task), name):
-            raise ValueError(f"the {cfg.task} task has no wrong attempts (attempt_frac, check_wrong)")
+    if (cfg.attempt_frac or cfg.check_frac and cfg.check_wrong == "attempt") and not hasattr(
+            load_task(cfg.task), "attempt"):
+        raise ValueError(f"the {cfg.task} task has no wrong attempts (attempt_frac, check_wrong)")
     if cfg.direct_frac and not hasattr(load_task(cfg.task).Problem, "direct"):
         raise ValueError(f"the {cfg.task} task has no direct answers: direct_frac must be 0")
     if cfg.threads:
