@@ -9,7 +9,12 @@ matching one token of the question (4 layers still learned it slowly, 6 did: res
 bench/results/testbed-edges-cpu.json), while solving still needs lookahead (which arm reaches the
 target). A sampled path goes wrong at its first edge (a wrong arm, chosen as confidently as the
 right one) and shows it later: an edge the question does not have, an edge that does not start
-where the last ended, or an end that is not the target."""
+where the last ended, or an end that is not the target.
+
+The answer ends with a line naming the node reached ("= D", the node's own token, as the question
+names the target), and `attempt` writes the wrong attempts that pretraining can mix in: with them
+(and the checking task on them) the model's wrong samples end at the wrong arm's end and say so,
+and its self-evaluation sees it (bench/results/testbed-edges-cpu.json, runs att1-att4)."""
 
 from __future__ import annotations
 
