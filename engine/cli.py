@@ -295,10 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("-n", type=positive_int, default=8,
                     help="samples (best-of-n, prune) or the cap (adaptive)")
     pr.add_argument("--threshold", type=float, default=0.8, help="adaptive: stop at this score")
-    pr.add_argument("--checkpoint", type=positive_int, default=16,
-                    help="prune: score at this many tokens")
+    pr.add_argument("--checkpoint", type=positive_int, default=None,
+                    help="prune: score at this many tokens (default: the testbed task's middle "
+                         "checkpoint, 16 with --prompts)")
     pr.add_argument("--keep", type=fraction, default=0.25, help="prune: fraction kept")
-    pr.add_argument("--max-tokens", type=positive_int, default=64, help="tokens per sample")
+    pr.add_argument("--max-tokens", type=positive_int, default=None,
+                    help="tokens per sample (default: the testbed task's, 64 with --prompts)")
     pr.add_argument("--device", default="cpu", help="cpu or cuda")
     pr.add_argument("--trace", action="store_true", help="also write a torch.profiler Chrome trace")
     pr.add_argument("--out", default="selfeval-profile", help="output directory")

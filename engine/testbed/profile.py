@@ -111,12 +111,15 @@ def run_one(name: str, make_policy, model: str, adapter: str | None, device: str
 
 
 def run_profile(model: str, policies: list[str] | str, out_dir: str, num_problems: int = 32, n: int = 8,
-                threshold: float = 0.8, checkpoint: int = 16, keep: float = 0.25, max_tokens: int = 64,
+                threshold: float = 0.8, checkpoint: int | None = None, keep: float = 0.25,
+                max_tokens: int | None = None,
                 device: str = "cpu", adapter: str | None = None, seed: int = 0, trace: bool = False,
                 prompts: str | None = None, verifier: str | None = None, ignore_eos: bool = False,
                 temperature: float = 1.0, log=print) -> dict:
     """Run the baseline and each policy; write profile.json and profile.png (and a Chrome trace
-    per policy with trace=True); return the report."""
+    per policy with trace=True); return the report. checkpoint and max_tokens default to the
+    testbed task's (its middle checkpoint and its MAX_TOKENS: 16 and 64 on arith) with testbed
+    prompts, to 16 and 64 with a prompts file."""
     policies = [policies] if isinstance(policies, str) else list(policies)
     unknown = [p for p in policies if p not in POLICIES]
     if unknown or not policies:
@@ -124,6 +127,11 @@ def run_profile(model: str, policies: list[str] | str, out_dir: str, num_problem
     names = [BASELINE] + [p for p in dict.fromkeys(policies) if p != BASELINE]
     adapter = adapter or (str(Path(model) / "adapter") if (Path(model) / "adapter").exists() else None)
     convs, records, check = workload(num_problems, prompts, verifier, model)
+    task = task_of(model) if prompts is None else None
+    if checkpoint is None:
+        checkpoint = task.CHECKPOINTS[len(task.CHECKPOINTS) // 2] if task else 16
+    if max_tokens is None:
+        max_tokens = task.MAX_TOKENS if task else 64
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed, ignore_eos=ignore_eos)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ import json
 from engine import Engine, SamplingParams
 from engine.cli import main
 from engine.profiler import StepProfiler
-from engine.testbed import BUNDLED
+from engine.testbed import BUNDLED, task_of
 from engine.testbed.profile import run_profile
 
 
@@ -101,8 +101,11 @@ def test_the_online_estimate_of_tokens_saved_is_unbiased_on_the_testbed(tmp_path
     """With EOS, the samples alive at a checkpoint are the long ones: the estimate takes the
     would-be length of a pruned sample from the samples that went on past it, and lands near the
     measured saving (the mean of all samples would claim far less)."""
-    report = run_profile(str(BUNDLED), ["prune"], str(tmp_path), num_problems=24, n=8, checkpoint=12,
-                         keep=0.25, log=lambda *_: None)
+    report = run_profile(str(BUNDLED), ["prune"], str(tmp_path), num_problems=24, n=8, keep=0.25,
+                         log=lambda *_: None)
+    task = task_of(BUNDLED)  # checkpoint and max_tokens default to the task's
+    assert report["settings"]["prune"]["checkpoint"] == task.CHECKPOINTS[len(task.CHECKPOINTS) // 2]
+    assert report["max_tokens"] == task.MAX_TOKENS
     prune = report["policies"]["prune"]
     measured, estimate = prune["vs_baseline"]["tokens_saved"], prune["tokens_saved_online_estimate"]
     assert measured > 0 and abs(estimate - measured) <= 0.1 * measured, (estimate, measured)
