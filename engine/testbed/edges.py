@@ -58,7 +58,7 @@ def attempt(rng: random.Random, problem: Problem) -> str:
 
 def problems(n: int, seed: int, levels: list[int] | None = None) -> list[Problem]:
     """n problems, levels cycled evenly (all levels by default)."""
-    return paths.problems(n, seed, levels, NODES)
+    return paths.problems(n, seed, levels, NODES, final=True)
 
 
 def corrupt(rng: random.Random, problem: Problem) -> str:

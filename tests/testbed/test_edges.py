@@ -15,6 +15,8 @@ def test_problems_use_the_task_nodes_and_have_one_right_path():
             assert set("".join(p.edges)) <= set(edges.NODES)
             assert edges.verify(p.record(), p.solution) == 1.0
     assert edges.problems(30, 4) == edges.problems(30, 4) != edges.problems(30, 5)
+    for p in edges.problems(12, 4):  # their solutions end with the answer line, as make_problem's
+        assert p.solution.endswith("\n= " + p.target) and edges.verify(p.record(), p.solution) == 1.0
     assert load_task("edges") is edges
 
 
