@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
                          "(another arm to its end)")
     ap.add_argument("--check-wrong", choices=["corrupt", "attempt"], default="corrupt",
                     help="the checking task's wrong solutions: the task's corrupt or its attempt")
+    ap.add_argument("--check-questions", type=int, default=1,
+                    help="how many phrasings of the checking question pretraining asks "
+                         "(1: 'Check every line.' only)")
     ap.add_argument("--init-from", default=None,
                     help="start the pretrain stage from this checkpoint (its shape and tokenizer win)")
     ap.add_argument("--data-prompts", type=int, default=384)
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = PretrainConfig(steps=args.steps, batch_size=args.batch_size, num_layers=args.layers,
                              lr=args.pretrain_lr, threads=0, direct_frac=args.direct_frac, task=args.task,
                              check_frac=args.check_frac, attempt_frac=args.attempt_frac,
-                             check_wrong=args.check_wrong)
+                             check_wrong=args.check_wrong, check_questions=args.check_questions)
         recipe["pretrain"] = pretrain(out, cfg, args.device, init_from=args.init_from)
         if args.init_from:
             recipe["pretrain"]["init_from"] = str(args.init_from)
@@ -122,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     if "pretrain_check" not in recipe and args.check_steps:
         cfg = PretrainConfig(steps=args.check_steps, batch_size=args.batch_size, lr=1e-3, warmup=20,
                              check_frac=0.5, seed=3, threads=0, task=args.task,
-                             attempt_frac=args.attempt_frac, check_wrong=args.check_wrong)
+                             attempt_frac=args.attempt_frac, check_wrong=args.check_wrong,
+                             check_questions=args.check_questions)
         recipe["pretrain_check"] = pretrain(out, cfg, args.device, init_from=out)
         recipe["pretrain_check"]["note"] = "continued from the pretrain stage's checkpoint"
         for stage in ("base_metrics", "data", "adapter"):

@@ -16,8 +16,9 @@ wrong arm, so its wrong samples end where the arm ends instead of making up an e
 With check_frac > 0 a share of each batch is the answer-checking task a real LLM brings from its
 own training: a solution (right, or wrong as the task's `corrupt` makes it, for arith one step's
 result off and the chain carried on from it; or as its `attempt` does, check_wrong="attempt"),
-then the user asks CHECK_QUESTION and the assistant
-says "right" or "wrong". The solutions are synthetic, never the model's samples, and the question
+then the user asks CHECK_QUESTION (or, with check_questions > 1, one of that many CHECK_QUESTIONS,
+so that checking answers any question about the answer, not one phrase) and the assistant says
+"right" or "wrong". The solutions are synthetic, never the model's samples, and the question
 and answer words are not the self-evaluation ones: the adapter still has to learn to use this
 skill on its own samples."""
 
@@ -58,10 +59,14 @@ class PretrainConfig:
     direct_frac: float = 0.0  # share of solutions that give the answer with no working (arith)
     attempt_frac: float = 0.0  # share of solutions that are the task's wrong attempts (paths, edges)
     check_wrong: str = "corrupt"  # the checking task's wrong solutions: the task's corrupt or attempt
+    check_questions: int = 1  # how many of CHECK_QUESTIONS the checking task asks (1: the first only)
     task: str = "arith"  # engine.testbed.TASKS
 
 
-CHECK_QUESTION = "Check every line."
+# The checking task's questions: none is the self-evaluation question or uses its words.
+CHECK_QUESTIONS = ("Check every line.", "Is this right?", "Is the answer correct?", "Check your answer.",
+                   "Any mistake in it?", "Verify it.", "Is that correct?", "Does this work?")
+CHECK_QUESTION = CHECK_QUESTIONS[0]
 
 
 def hf_config(cfg: PretrainConfig, tokenizer):
@@ -95,15 +100,16 @@ def encode(tokenizer, question: str, solution: str) -> tuple[list[int], list[boo
     return _with_reply(tokenizer, [{"role": "user", "content": question}], solution)
 
 
-def encode_check(tokenizer, question: str, solution: str, right: bool) -> tuple[list[int], list[bool]]:
+def encode_check(tokenizer, question: str, solution: str, right: bool, check: str = CHECK_QUESTION,
+                 ) -> tuple[list[int], list[bool]]:
     """The checking task: only the verdict is predicted."""
     turns = [{"role": "user", "content": question}, {"role": "assistant", "content": solution},
-             {"role": "user", "content": CHECK_QUESTION}]
+             {"role": "user", "content": check}]
     return _with_reply(tokenizer, turns, "right" if right else "wrong")
 
 
 def _example(tokenizer, rng, check_frac, direct_frac=0.0, task="arith", attempt_frac=0.0,
-             check_wrong="corrupt"):
+             check_wrong="corrupt", check_questions=1):
     spec = load_task(task)
     p = spec.make_problem(rng, rng.randrange(len(spec.LEVELS)))
     if rng.random() >= check_frac:
@@ -112,13 +118,15 @@ def _example(tokenizer, rng, check_frac, direct_frac=0.0, task="arith", attempt_
         return encode(tokenizer, p.question, p.direct if rng.random() < direct_frac else p.solution)
     right = rng.random() < 0.5
     wrong = getattr(spec, check_wrong)  # the task's corrupt or attempt
-    return encode_check(tokenizer, p.question, p.solution if right else wrong(rng, p), right)
+    solution = p.solution if right else wrong(rng, p)
+    check = CHECK_QUESTIONS[rng.randrange(check_questions)] if check_questions > 1 else CHECK_QUESTION
+    return encode_check(tokenizer, p.question, solution, right, check)
 
 
 def _batch(tokenizer, rng, size, device, check_frac=0.0, direct_frac=0.0, task="arith", attempt_frac=0.0,
-           check_wrong="corrupt"):
-    seqs = [_example(tokenizer, rng, check_frac, direct_frac, task, attempt_frac, check_wrong)
-            for _ in range(size)]
+           check_wrong="corrupt", check_questions=1):
+    seqs = [_example(tokenizer, rng, check_frac, direct_frac, task, attempt_frac, check_wrong,
+                     check_questions) for _ in range(size)]
     width = max(len(s) for s, _ in seqs)
     ids = torch.full((size, width), tokenizer.pad_token_id, dtype=torch.int64)
     mask = torch.zeros(size, width, dtype=torch.bool)
@@ -168,6 +176,8 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig | None = None, device: str
     cfg = cfg or PretrainConfig()
     if cfg.check_wrong not in ("corrupt", "attempt"):
         raise ValueError(f"check_wrong is 'corrupt' or 'attempt', not {cfg.check_wrong!r}")
+    if not 1 <= cfg.check_questions <= len(CHECK_QUESTIONS):
+        raise ValueError(f"check_questions is 1 to {len(CHECK_QUESTIONS)}, not {cfg.check_questions!r}")
     if (cfg.attempt_frac or cfg.check_frac and cfg.check_wrong == "attempt") and not hasattr(
             load_task(cfg.task), "attempt"):
         raise ValueError(f"the {cfg.task} task has no wrong attempts (attempt_frac, check_wrong)")
@@ -202,7 +212,7 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig | None = None, device: str
     with reference_only():
         for step in range(cfg.steps):
             ids, mask = _batch(tokenizer, rng, cfg.batch_size, dev, cfg.check_frac, cfg.direct_frac, cfg.task,
-                               cfg.attempt_frac, cfg.check_wrong)
+                               cfg.attempt_frac, cfg.check_wrong, cfg.check_questions)
             logits = _forward(model, ids)
             target = mask[:, 1:]
             loss = torch.nn.functional.cross_entropy(logits[:, :-1][target], ids[:, 1:][target])

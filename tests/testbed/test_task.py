@@ -3,8 +3,18 @@ one digit per token and gives Yes / No single tokens, the loss mask covers the a
 
 import random
 
-from engine.selfeval import build_spec
-from engine.testbed.pretrain import CHECK_QUESTION, _example, encode, encode_check
+import pytest
+
+from engine.selfeval import QUESTION, build_spec
+from engine.testbed.pretrain import (
+    CHECK_QUESTION,
+    CHECK_QUESTIONS,
+    PretrainConfig,
+    _example,
+    encode,
+    encode_check,
+    pretrain,
+)
 from engine.testbed.task import LEVELS, corrupt, extract_answer, make_problem, problems, verify
 from engine.testbed.tokenizer import make_tokenizer
 
@@ -64,6 +74,23 @@ def test_check_task_predicts_only_the_verdict():
         ids, mask = encode_check(tok, p.question, p.solution, right)
         assert tok.decode([t for t, m in zip(ids, mask) if m]) == word + "<|im_end|>"
         assert CHECK_QUESTION in tok.decode(ids) and p.solution in tok.decode(ids)
+
+
+def test_check_task_asks_one_phrasing_or_several_never_the_selfeval_question(tmp_path):
+    tok = make_tokenizer()
+
+    def asked(k, seed=5):
+        rng = random.Random(seed)
+        texts = [tok.decode(_example(tok, rng, 1.0, check_questions=k)[0]) for _ in range(200)]
+        return {q for q in CHECK_QUESTIONS if any(q in t for t in texts)}
+
+    assert asked(1) == {CHECK_QUESTION}
+    assert asked(8) == set(CHECK_QUESTIONS) and len(CHECK_QUESTIONS) == 8
+    assert asked(3) == set(CHECK_QUESTIONS[:3])
+    for q in CHECK_QUESTIONS:  # the adapter still has to learn the self-evaluation question itself
+        assert q not in QUESTION and not {"Yes", "No", "over", "better"} & set(q.strip("?.").split())
+    with pytest.raises(ValueError, match="check_questions"):
+        pretrain(tmp_path, PretrainConfig(steps=1, check_questions=9))
 
 
 def test_direct_answers_are_verified_and_come_at_the_configured_share():
