@@ -114,7 +114,10 @@ def test_async_policies_and_stop_strings(llama_dir):
     got, core = run(True)
     assert core.ahead_steps >= 5 and core.ahead_rows_discarded >= 1
     assert got[0][0][3] == "stop"
-    assert got == expected
+    # Tokens, text, finish reasons exactly; log-probabilities and scores to float rounding: a step
+    # that ran ahead holds rows a sample no longer needs, and the CPU GEMM may round a batch of
+    # another size differently in the last bits (seen: 1e-7 relative on one logprob).
+    assert _same(got, expected, rel=1e-5)
 
 
 def test_abort_and_preemption_with_a_step_in_flight(llama_dir):
@@ -136,7 +139,7 @@ def test_abort_and_preemption_with_a_step_in_flight(llama_dir):
         got, core = run(True, num_blocks)
         assert core.ahead_steps >= 5 and got[2] is None
         if num_blocks == 200:
-            assert got == expected
+            assert _same(got, expected, rel=1e-5)  # floats to rounding, the rest exactly (as above)
         else:  # running ahead moves a preemption by a step: a sample recomputed after it has the
             # same tokens, its KV (a prefill's, not the decode steps') equal to rounding
             assert _same(got, expected, rel=1e-5)
