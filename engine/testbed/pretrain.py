@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -191,6 +191,9 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig | None = None, device: str
     if init_from is not None:
         tokenizer = load_tokenizer(str(init_from))
         model, hf = load_model(str(init_from), dev, torch.float32)
+        cfg = replace(cfg, hidden_size=hf.hidden_size, num_layers=hf.num_hidden_layers,  # what is trained
+                      num_heads=hf.num_attention_heads, num_kv_heads=hf.num_key_value_heads,
+                      intermediate_size=hf.intermediate_size, max_positions=hf.max_position_embeddings)
     else:
         tokenizer = make_tokenizer(task=cfg.task)
         hf = hf_config(cfg, tokenizer)

@@ -39,6 +39,7 @@ def test_path_task_builds_and_demos_end_to_end_at_toy_size(tmp_path):
     recipe = json.loads((out / "RECIPE.json").read_text())
     assert recipe["task"] == "paths" and recipe["pretrain"]["config"]["task"] == "paths"
     assert recipe["pretrain"]["config"]["num_layers"] == 2 and recipe["pretrain"]["config"]["batch_size"] == 8
+    assert recipe["pretrain_check"]["config"]["num_layers"] == 2  # the shape it went on from, not the default
     assert recipe["pretrain"]["config"]["direct_frac"] == 0.0
     assert recipe["data"]["checkpoints"] == list(PATH_CHECKPOINTS) and recipe["data"]["targets"] == "win-half"
     assert set(recipe["base_metrics"]["greedy_by_level"]) == {str(lv) for lv in range(6)}
