@@ -100,8 +100,13 @@ class PolicyRun:
         return self.host.score_now(self.request)
 
     def drop(self, seq: Sequence) -> None:
-        """Prune a live sample: its blocks are freed at once."""
-        self.host.drop_sample(seq)
+        """Prune a sample. A live one stops and its blocks are freed at once; one whose generation
+        already ended only leaves the pick (its finish reason stays; it saved nothing)."""
+        if seq.live:
+            self.host.drop_sample(seq)
+        else:
+            seq.pruned_at = seq.num_generated
+            self.request.stats.samples_pruned += 1
 
     def finish(self) -> None:
         """Pick the best complete sample, release what is left and account the saved tokens."""
@@ -120,10 +125,10 @@ class PolicyRun:
         far: nothing is claimed for it. A sample never drawn would have reached the mean length of
         all complete samples (max_tokens when none completed). Exact when lengths are fixed
         (ignore_eos)."""
-        done = [s.num_generated for s in self.samples if s.pruned_at is None and not s.live]
+        done = [s.num_generated for s in self.samples if not s.live and s.finish_reason != "pruned"]
         saved = 0.0
         for s in self.samples:
-            if s.live or s.pruned_at is not None:
+            if s.live or s.finish_reason == "pruned":
                 at = s.num_generated
                 reached = [n for n in done if n >= at]
                 saved += sum(reached) / len(reached) - at if reached else 0.0

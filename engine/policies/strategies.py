@@ -107,18 +107,27 @@ class Prune(Policy):
     def update(self, run: PolicyRun) -> None:
         while run.state["next"] < len(self._checkpoints) and not run.waiting_for_prompt:
             c = self._checkpoints[run.state["next"]]
-            live = run.live()
             # Decide once every live sample has passed c and has its value there.
-            if any(s.num_generated < c or run.value(s, c) is None for s in live):
+            if any(s.num_generated < c or run.value(s, c) is None for s in run.live()):
                 break
             run.state["next"] += 1
-            if len(live) > 1:
-                self._prune(run, live, c)
+            ranked = self._past(run, c)
+            if len(ranked) > 1:
+                self._prune(run, ranked, c)
         if run.settled() and run.drawn == self.n:
             run.finish()
 
-    def _prune(self, run: PolicyRun, live, c: int) -> None:
-        ranked = sorted(live, key=lambda s: (-run.value(s, c), s.index))
+    @staticmethod
+    def _past(run: PolicyRun, c: int) -> list:
+        """The samples ranked at checkpoint c: every one still generating after its token c + 1,
+        whether it is live now or ended since. Under batch pressure the samples of a request pass
+        c steps apart and some end before the last one gets there; ranking only the live ones
+        would make what is pruned depend on the schedule."""
+        return [s for s in run.samples if s.pruned_at is None and (
+            s.live or (s.num_generated > c + 1 and run.value(s, c) is not None))]
+
+    def _prune(self, run: PolicyRun, ranked, c: int) -> None:
+        ranked = sorted(ranked, key=lambda s: (-run.value(s, c), s.index))
         if self.threshold is not None:
             keep = max(1, sum(run.value(s, c) >= self.threshold for s in ranked))
         else:

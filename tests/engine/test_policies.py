@@ -2,6 +2,8 @@
 Adaptive stops at the round its threshold is met, Prune keeps exactly its fraction and frees the
 blocks; stats add up; mixed policies in one batch give the same results as each alone."""
 
+import random
+
 import pytest
 import torch
 
@@ -81,6 +83,35 @@ def test_prune_keeps_exactly_the_fraction_and_frees_blocks(engine, keep, survivo
     assert out.stats.generated_tokens == survivors * MAX_TOKENS + (8 - survivors) * 3
     assert out.stats.generated_tokens + out.stats.tokens_saved == 8 * MAX_TOKENS
     assert engine.num_free_blocks == free
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_prune_ranks_the_same_samples_whatever_the_schedule(engine, llama_dir, async_scheduling):
+    """A 42-token step budget advances 42 of 48 samples at a time: those end before the other
+    six pass the checkpoint. Prune still ranks every sample that went on past it, so it keeps
+    and picks what a roomy engine does; the ones that had ended only leave the pick."""
+    rng = random.Random(0)
+    at, end = dict(enumerate(rng.sample(range(48), 48))), rng.sample(range(48), 48)
+    prompt = _prompt(engine, 5)
+    narrow = Engine(str(llama_dir), block_size=4, num_blocks=256, max_batch_tokens=42,
+                    async_scheduling=async_scheduling)
+    free = narrow.num_free_blocks
+    outs = [eng.generate([prompt], PARAMS, policy=Prune(48, checkpoints=(3,), keep=0.25,
+                                                        scorer=Stub(end, at)))[0]
+            for eng in (engine, narrow)]
+    kept = sorted(at, key=at.get, reverse=True)[:12]
+    for o in outs:
+        assert sorted(s.index for s in o.samples if s.pruned_at is None) == sorted(kept)
+        assert o.best.index == max(kept, key=lambda i: end[i]) and o.stats.samples_pruned == 36
+    out = outs[1]
+    ended = [s for s in out.samples if s.pruned_at is not None and s.finish_reason == "length"]
+    cut = [s for s in out.samples if s.finish_reason == "pruned"]
+    assert len(ended) + len(cut) == 36 and ended and cut  # the schedule let some end first
+    assert all(s.pruned_at == MAX_TOKENS == len(s.token_ids) for s in ended)
+    # Only the cut samples saved tokens: MAX_TOKENS - 3 each (fixed lengths).
+    assert out.stats.tokens_saved == len(cut) * (MAX_TOKENS - 3)
+    assert out.stats.generated_tokens + out.stats.tokens_saved == 48 * MAX_TOKENS
+    assert narrow.num_free_blocks == free
 
 
 def test_prune_with_self_evaluation_scores_in_place(engine):
