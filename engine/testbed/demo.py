@@ -6,11 +6,12 @@ On held-out problems: greedy decoding and one sample; best-of-{2,4,8,16} picked 
 self-evaluation, by mean log-probability (the baseline to beat), by DeepConf-style confidence and
 by an oracle; the Adaptive policy at several thresholds, against its own first round alone (the
 same near-greedy temperature, no score), against all its rounds drawn and against greedy; the
-Prune policy at the task's checkpoints (arith: 8/16/32 tokens), against random pruning and pruning
-on log-probability so far, replayed on the same samples; AUROC of the score and of mean
-log-probability for right vs wrong samples, within a prompt and pooled, at the end and
-mid-generation (over the samples still generating); and the goal of issue 16, each line met or
-not. Prints a table, writes results.json and PNG plots."""
+Prune policy at the task's checkpoints (edges: 1/3/5 tokens, after each of the first three
+edges; arith: 8/16/32), against random pruning and pruning on log-probability so far, replayed
+on the same samples; AUROC of the score and of mean log-probability for right vs wrong samples,
+within a prompt and pooled, at the end and mid-generation (over the samples still generating);
+and the goal of issue 16, each line met or not. Prints a table, writes results.json and PNG
+plots."""
 
 from __future__ import annotations
 

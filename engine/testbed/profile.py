@@ -118,8 +118,8 @@ def run_profile(model: str, policies: list[str] | str, out_dir: str, num_problem
                 temperature: float = 1.0, log=print) -> dict:
     """Run the baseline and each policy; write profile.json and profile.png (and a Chrome trace
     per policy with trace=True); return the report. checkpoint and max_tokens default to the
-    testbed task's (its middle checkpoint and its MAX_TOKENS: 16 and 64 on arith) with testbed
-    prompts, to 16 and 64 with a prompts file."""
+    testbed task's (its middle checkpoint and its MAX_TOKENS: 3 and 16 on edges, 16 and 64 on
+    arith) with testbed prompts, to 16 and 64 with a prompts file."""
     policies = [policies] if isinstance(policies, str) else list(policies)
     unknown = [p for p in policies if p not in POLICIES]
     if unknown or not policies:

@@ -168,20 +168,24 @@ def test_checkpoint_auroc_counts_only_samples_still_generating():
 
 
 @needs_bundled
-def test_selfeval_best_of_16_beats_one_sample_clearly(demo):
-    """Issue 5's check on the CI set (48 problems: 0.500 against 0.389). On the 300-problem --full run
-    the margin is smaller (0.460 against 0.399; best-of-4 0.523): see the README."""
+def test_selfeval_best_of_16_meets_the_selection_goal(demo):
+    """Issue 16's selection goal on the CI set (48 problems): best-of-16 by self-evaluation beats
+    best-of-16 by mean log-probability and greedy by >= 0.05 each, and the end score separates right
+    from wrong within a prompt with AUROC >= 0.85 (on the 300-problem --full run: 0.760 against
+    0.417 and 0.397, AUROC 0.974; README)."""
     _, r = demo
-    assert r["best_of_n"]["16"]["selfeval"] >= r["sample_acc"] + 0.1
+    b16 = r["best_of_n"]["16"]
+    assert b16["selfeval"] >= b16["logprob"] + 0.05
+    assert b16["selfeval"] >= r["greedy_acc"] + 0.05
+    assert r["auroc"]["selfeval"]["end"]["within_prompt"] >= 0.85
+    assert [g["met"] for g in r["goals"] if g["goal"].startswith("best-of-16")] == [True, True]
 
 
 @needs_bundled
-def test_selfeval_picks_beat_one_sample(demo):
-    """What the bundled model does show: at every n, the self-evaluation's pick is right more often
-    than one sample, and it mostly avoids the direct-answer habit."""
+def test_selfeval_picks_beat_one_sample_at_every_n(demo):
     _, r = demo
     assert all(v["selfeval"] > r["sample_acc"] for v in r["best_of_n"].values())
-    assert r["habits"]["direct_share_of_selfeval_picks"] < r["habits"]["direct_share"] / 2
+    assert all(v["selfeval"] > v["logprob"] for v in r["best_of_n"].values())
 
 
 def test_goals_state_the_adaptive_ceiling_and_the_qualifying_prune_row():

@@ -1,16 +1,15 @@
-"""engine/testbed/edges_model, the edges testbed built from nothing (its RECIPE.json): asked the
-self-evaluation question, its adapter tells a right path from a wrong arm followed to its end on
-held-out problems (the demo's numbers: README, bench/results/demo-edges2-full-cpu.json)."""
+"""The bundled model (engine/testbed/model, the edges testbed built from nothing; its RECIPE.json):
+asked the self-evaluation question, its adapter tells a right path from a wrong arm followed to
+its end on held-out problems (the demo's numbers: README, bench/results/demo-full-cpu.json)."""
 
 import random
-from pathlib import Path
 
 import pytest
 
 from engine.api import Engine
-from engine.testbed import edges, task_of
+from engine.testbed import BUNDLED, edges, task_of
 
-MODEL = Path(edges.__file__).resolve().parent / "edges_model"
+MODEL = BUNDLED
 
 
 @pytest.mark.skipif(not (MODEL / "adapter" / "adapter.safetensors").exists(), reason="no edges model")
