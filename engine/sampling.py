@@ -123,7 +123,7 @@ class Sample:
     index: int
     token_ids: list[int]
     text: str
-    finish_reason: str | None  # "stop", "length", "pruned" (by a policy), "error"
+    finish_reason: str | None  # "stop", "length", "pruned" (cut by a policy), "error"
     score: float | None = None
     p_yes: float | None = None
     p_no: float | None = None
@@ -132,7 +132,9 @@ class Sample:
     confidences: list[float] = field(default_factory=list)
     # per generated token, the most likely (token id, log-probability) pairs (params.logprobs)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
-    pruned_at: int | None = None  # generated tokens when a policy pruned it
+    # generated tokens when a policy pruned it; a sample that had ended before the policy's
+    # decision keeps its finish reason (Prune ranks every sample that went on past a checkpoint)
+    pruned_at: int | None = None
     temperature: float | None = None
     value: float | None = None  # the policy scorer's value (self-evaluation score by default)
 
@@ -147,7 +149,7 @@ class RequestStats:
     preemptions: int = 0
     latency_s: float = 0.0
     samples_drawn: int = 0
-    samples_pruned: int = 0
+    samples_pruned: int = 0  # dropped from the pick by a policy (cut, or ended before its decision)
     tokens_saved: int = 0  # against full best-of-N (policies): see engine.policies
 
 

@@ -395,9 +395,13 @@ class Scheduler:
             self.release(seq)
 
     def drop(self, seq: Sequence) -> None:
-        """A policy prunes a live sample: its blocks are freed at once."""
+        """A policy prunes a sample: its blocks are freed at once. A live one ends with finish
+        reason "pruned"; one whose generation had ended keeps its reason and loses a pending end
+        score."""
         seq.pruned_at = seq.num_generated
-        seq.finish_reason = "pruned"
+        if seq.finish_reason is None:
+            seq.finish_reason = "pruned"
         seq.pending_score = False
         seq.request.stats.samples_pruned += 1
-        self.release(seq)
+        if seq.status is not SeqStatus.FINISHED:
+            self.release(seq)

@@ -22,7 +22,8 @@ class SampleHost(Protocol):
         """Score every live sample in place at its current length during the next step."""
 
     def drop_sample(self, seq: Sequence) -> None:
-        """Prune a live sample: its blocks are freed at once."""
+        """Prune a sample (live, or ended and maybe waiting for its end score): its blocks are
+        freed at once."""
 
     def finish_request(self, request: Request, best_index: int | None) -> None:
         """End the request with this pick; every sample still live is dropped."""
@@ -100,19 +101,17 @@ class PolicyRun:
         return self.host.score_now(self.request)
 
     def drop(self, seq: Sequence) -> None:
-        """Prune a sample. A live one stops and its blocks are freed at once; one whose generation
-        already ended only leaves the pick (its finish reason stays; it saved nothing)."""
-        if seq.live:
-            self.host.drop_sample(seq)
-        else:
-            seq.pruned_at = seq.num_generated
-            self.request.stats.samples_pruned += 1
+        """Prune a sample: it leaves the pick and its blocks are freed at once. A live one stops
+        (finish reason "pruned"); one whose generation had ended keeps its finish reason, saved no
+        tokens, and is not scored at its end if it still waited for that."""
+        self.host.drop_sample(seq)
 
     def finish(self) -> None:
         """Pick the best complete sample, release what is left and account the saved tokens."""
         scored = [(self.value(s), s.index) for s in self.samples if s.pruned_at is None and not s.live]
         scored = [(v, i) for v, i in scored if v is not None and math.isfinite(v)]
-        best = max(scored)[1] if scored else (self.samples[0].index if self.samples else None)
+        kept = [s.index for s in self.samples if s.pruned_at is None]
+        best = max(scored)[1] if scored else (kept[0] if kept else None)
         self.request.stats.tokens_saved = self._tokens_saved()
         self.done = True
         self.host.finish_request(self.request, best)

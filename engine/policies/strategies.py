@@ -77,7 +77,9 @@ class Adaptive(Policy):
 
 class Prune(Policy):
     """n samples; at each checkpoint (generated tokens) score every live sample in place and keep
-    the best `keep` fraction (or those scoring >= threshold, at least one); finish the survivors."""
+    the best `keep` fraction (or those scoring >= threshold, at least one) of the samples that went
+    on past it; finish the survivors. A sample that had ended before the decision (the schedule
+    let it run ahead) and is ranked out only leaves the pick."""
 
     def __init__(self, n: int, checkpoints: Seq[int] = (64,), keep: float | None = 0.25,
                  threshold: float | None = None, scorer: str | Scorer = "selfeval"):
@@ -119,12 +121,14 @@ class Prune(Policy):
 
     @staticmethod
     def _past(run: PolicyRun, c: int) -> list:
-        """The samples ranked at checkpoint c: every one still generating after its token c + 1,
-        whether it is live now or ended since. Under batch pressure the samples of a request pass
-        c steps apart and some end before the last one gets there; ranking only the live ones
-        would make what is pruned depend on the schedule."""
+        """The samples ranked at checkpoint c: every one still generating when its value at c came
+        in (a self-evaluation score at c lands in the step that samples token c + 1, a token
+        statistic with token c), whether it is live now or ended since. Under batch pressure the
+        samples of a request pass c steps apart and some end before the last one gets there;
+        ranking only the live ones would make what is pruned depend on the schedule."""
+        after = c + int(run.scorer.needs_suffix)
         return [s for s in run.samples if s.pruned_at is None and (
-            s.live or (s.num_generated > c + 1 and run.value(s, c) is not None))]
+            s.live or (s.num_generated > after and run.value(s, c) is not None))]
 
     def _prune(self, run: PolicyRun, ranked, c: int) -> None:
         ranked = sorted(ranked, key=lambda s: (-run.value(s, c), s.index))

@@ -1,9 +1,13 @@
 """Makes the bundled testbed checkpoint from nothing, on CPU or GPU:
 
-    python -m engine.testbed.build --out engine/testbed/model
+    python -m engine.testbed.build --out build/stage1 --task edges ... --until pretrain
+    python -m engine.testbed.build --out engine/testbed/model --task edges --init-from build/stage1 ...
+
+(the bundled model's two commands in full: engine/testbed/model/RECIPE.json)
 
 1. pretrain the base model (engine.testbed.pretrain) on generated problems of --task (arith:
-   chained addition, engine.testbed.task; paths: a path in a small graph, engine.testbed.paths), for
+   chained addition, engine.testbed.task; paths: a path in a small graph, engine.testbed.paths;
+   edges: the same with one token per edge, engine.testbed.edges, the bundled model's), for
    arith a --direct-frac share of them answered with no working (a second habit, which fails on long
    problems); with --check-steps, go on with half of each batch the answer-checking task (synthetic
    right/corrupted solutions, "right"/"wrong"; off by default: for arith 300 steps left the model

@@ -196,9 +196,11 @@ def _prune_offline(outs, correct, c: int, keep: float, rank, seed: int, draws: i
     in the step that samples its token c+1, and Prune decides after that step: of the samples
     still generating then (longer than c+1 tokens) it keeps the best round(keep * live), at least
     one, by rank(sample, c) (None: uniformly at random, averaged over `draws` draws); the dropped
-    ones stop at c+1 tokens. The pick among the kept and the samples that had already ended is by
-    the end self-evaluation score (ties: the higher index, as Prune does). Returns accuracy and the
-    fractions of samples pruned and of tokens saved."""
+    ones stop at c+1 tokens (so tokens saved is an upper bound: the policy saves nothing on a
+    sample the schedule let end before its decision, which it still drops from the pick). The
+    pick among the kept and the samples that had already ended is by the end self-evaluation
+    score (ties: the higher index, as Prune does). Returns accuracy and the fractions of samples
+    pruned and of tokens saved."""
     rng = random.Random(seed)
     acc = pruned = tokens = 0.0
     total_tokens = sum(len(s.token_ids) for o in outs for s in o.samples)

@@ -3,6 +3,7 @@ Adaptive stops at the round its threshold is met, Prune keeps exactly its fracti
 blocks; stats add up; mixed policies in one batch give the same results as each alone."""
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -112,6 +113,45 @@ def test_prune_ranks_the_same_samples_whatever_the_schedule(engine, llama_dir, a
     assert out.stats.tokens_saved == len(cut) * (MAX_TOKENS - 3)
     assert out.stats.generated_tokens + out.stats.tokens_saved == 48 * MAX_TOKENS
     assert narrow.num_free_blocks == free
+
+
+@pytest.mark.parametrize("needs_suffix", [False, True])
+def test_prune_ranks_what_was_still_generating_when_its_value_came(needs_suffix):
+    """A token statistic has its value at c with token c, a self-evaluation score in the step that
+    samples token c + 1: a sample that ended at exactly c + 1 tokens was still generating at the
+    decision of a roomy engine in the first case, not in the second."""
+    class Fake(Scorer):
+        pass
+
+    Fake.needs_suffix = needs_suffix
+    c = 4
+    samples = [SimpleNamespace(index=i, num_generated=n, live=live, pruned_at=None)
+               for i, (n, live) in enumerate([(4, False), (5, False), (9, False), (5, True)])]
+    run = SimpleNamespace(samples=samples, scorer=Fake(), value=lambda s, upto: 0.5)
+    ranked = [s.index for s in Prune._past(run, c)]
+    assert ranked == ([2, 3] if needs_suffix else [1, 2, 3])
+
+
+def test_a_sample_pruned_while_it_waits_for_its_end_score_is_not_scored(engine):
+    """Prune ranks a sample that ended past the checkpoint but still waits for its end score:
+    ranked out, it is released at once (no end score), keeps its finish reason and leaves the pick."""
+    class Early(Prune):
+        def update(self, run):
+            ended = [s for s in run.samples if s.finish_reason == "length" and s.pending_score]
+            if ended and not run.state.get("dropped"):
+                run.state["dropped"] = True
+                run.drop(ended[0])
+            if run.settled() and run.drawn == self.n:
+                run.finish()
+
+    free = engine.num_free_blocks
+    params = SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, ignore_eos=True, seed=7)
+    [out] = engine.generate([_prompt(engine, 9)], params, policy=Early(3, checkpoints=(2,), keep=1.0))
+    dropped = [s for s in out.samples if s.pruned_at is not None]
+    assert len(dropped) == 1 and dropped[0].finish_reason == "length" and dropped[0].score is None
+    assert all(s.score is not None for s in out.samples if s.pruned_at is None)
+    assert out.best.pruned_at is None and out.stats.samples_pruned == 1 and out.stats.tokens_saved == 0
+    assert engine.num_free_blocks == free
 
 
 def test_prune_with_self_evaluation_scores_in_place(engine):

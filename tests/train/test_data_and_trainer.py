@@ -11,7 +11,7 @@ from engine.cli import main
 from engine.errors import InvalidRequestError
 from engine.model.lora import has_adapter
 from engine.train.data import TARGETS, build_examples, win_tie_targets
-from engine.train.trainer import TrainConfig, auroc, calibration, train
+from engine.train.trainer import TrainConfig, auroc, calibration, split_by_prompt, train
 
 
 def test_build_data_cli_offers_every_target_kind(capsys):
@@ -88,6 +88,21 @@ def _synthetic(n, seed):
                     "response_ids": [rng.randrange(lo, lo + 20) for _ in range(5)],
                     "target": float(good), "reward": float(good), "kind": "end"})
     return out
+
+
+def test_held_out_examples_are_whole_prompts():
+    """No prompt has examples on both sides of the split (its samples' prefixes repeat: an
+    example-level split scores the held-out set on prompts the adapter trained on)."""
+    rng = random.Random(3)
+    examples = [{"prompt_ids": [p, 7], "response_ids": [rng.randrange(50)], "target": 0.0}
+                for p in range(40) for _ in range(rng.randrange(1, 9))]
+    held, train_set = split_by_prompt(examples, 0.1, random.Random(0))
+    assert sorted(map(id, held + train_set)) == sorted(map(id, examples))
+    assert not {tuple(e["prompt_ids"]) for e in held} & {tuple(e["prompt_ids"]) for e in train_set}
+    assert len(examples) // 10 <= len(held) < len(examples) // 10 + 9 and train_set
+    one = [{"prompt_ids": [1], "response_ids": [i], "target": 0.0} for i in range(20)]
+    held, train_set = split_by_prompt(one, 0.1, random.Random(0))  # one prompt: by example
+    assert len(held) == 2 and len(train_set) == 18
 
 
 def test_trainer_learns_a_learnable_target(llama_dir, tmp_path):
