@@ -9,8 +9,9 @@ reported beside them.
     python bench/combined_scorer.py                       # 300 fit / 300 held-out problems, ~1 min
     python bench/combined_scorer.py --fit 40 --eval 40    # quicker
 
-Writes bench/results/combined_scorer-<device>.json. The demo's scorers are not changed by it: a
-combination earns a place there only where it beats mean log-probability on held-out problems.
+Writes bench/results/combined_scorer-<device>.json; --save writes the two-feature pairwise fit
+(engine.policies.combined) beside the model's adapter, where `selfeval demo` reports it as its own
+scorer beside the pure self-evaluation (never in its place).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from benchlib import write_results  # noqa: E402
 
 from engine.api import Engine  # noqa: E402
 from engine.policies import ConfidenceScorer  # noqa: E402
+from engine.policies.combined import CombinedScorer, fit_pairwise, newton_logistic, within_pairs  # noqa: E402
 from engine.sampling import SamplingParams, seeds_per_prompt  # noqa: E402
 from engine.testbed import BUNDLED, task_of  # noqa: E402
 from engine.testbed.demo import HELD_OUT_SEED  # noqa: E402
@@ -62,21 +64,6 @@ def sample_features(eng: Engine, task, seed: int, problems: int, n: int, tempera
     return np.array(feats), np.array(labels), np.array(groups)
 
 
-def newton_logistic(z: np.ndarray, t: np.ndarray, l2: float = 1e-2, iters: int = 50) -> np.ndarray:
-    w = np.zeros(z.shape[1])
-    for _ in range(iters):
-        p = 1 / (1 + np.exp(-z @ w))
-        hess = (z * (p * (1 - p))[:, None]).T @ z + l2 * np.eye(len(w))
-        w -= np.linalg.solve(hess, z.T @ (p - t) + l2 * w)
-    return w
-
-
-def within_pairs(x: np.ndarray, y: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """Every (right - wrong) feature difference inside a prompt."""
-    diffs = [r - w for i in np.unique(g) for r in x[(g == i) & (y == 1)] for w in x[(g == i) & (y == 0)]]
-    return np.array(diffs).reshape(-1, x.shape[1])
-
-
 def best_of_n(score: np.ndarray, y: np.ndarray, g: np.ndarray) -> float:
     return float(np.mean([y[g == i][np.argmax(score[g == i])] for i in np.unique(g)]))
 
@@ -95,6 +82,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("-n", type=int, default=16)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--save", action="store_true",
+                    help="write the pairwise self-eval + mean log-probability fit (on the --fit problems) "
+                         "as the adapter's combined.json: the demo's combined scorer")
     args = ap.parse_args(argv)
     task = task_of(args.model)
     eng = Engine(args.model, device="cpu", adapter=str(Path(args.model) / "adapter"), seed=0)
@@ -142,6 +132,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"best combination {metrics['best_combination']}: best-of-{args.n} {best['best_of_n']:.3f} vs mean "
           f"log-probability {baseline['best_of_n']:.3f} ({gap:+.3f}); "
           f"greedy {greedy_acc:.3f}; oracle {metrics['oracle_best_of_n']:.3f}")
+    if args.save:
+        params = fit_pairwise(xf[:, :2], yf, gf)
+        params["fit"] = {"problems": args.fit, "seed": FIT_SEED, "n": args.n, "temperature": args.temperature,
+                         "command": "python bench/combined_scorer.py --save"}
+        saved = CombinedScorer(params).save(Path(args.model) / "adapter")
+        print(f"combined scorer fitted on {args.fit} training problems -> {saved}")
     out = write_results("combined_scorer", torch.device("cpu"), metrics, args.out)
     print(f"-> {out}")
     return metrics

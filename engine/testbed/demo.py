@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from engine.api import Engine
-from engine.policies import Adaptive, ConfidenceScorer, Prune
+from engine.policies import Adaptive, CombinedScorer, ConfidenceScorer, Prune
+from engine.policies.combined import FILE as COMBINED_FILE
 from engine.sampling import SamplingParams, seeds_per_prompt
 from engine.testbed import BUNDLED, task_of
 from engine.train.trainer import auroc
@@ -81,6 +82,10 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
     lengths = [len(s.token_ids) for o in outs for s in o.samples]
     mean_len = _mean(lengths)
     conf = ConfidenceScorer(window=8)
+    # The combined scorer (engine.policies.combined), where the adapter has its fit: its own row,
+    # beside the pure self-evaluation, never in its place.
+    combined = (CombinedScorer.load(Path(adapter) / COMBINED_FILE)
+                if (Path(adapter) / COMBINED_FILE).exists() else None)
 
     def pick_acc(n, value, rows=None):
         """Accuracy of the best-of-n pick by value, over all problems or the given rows."""
@@ -95,6 +100,8 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
             "logprob": pick_acc(n, _mean_logprob),
             "confidence": pick_acc(n, lambda s: conf(s) if s.confidences else None),
         }
+        if combined is not None:
+            best_of_n[str(n)]["combined"] = pick_acc(n, lambda s: combined.value(s.score, s.logprobs))
 
     # Where the score helps: each level's greedy, one sample and best-of-16 picks, and the
     # within-prompt AUROC at the end.
@@ -176,7 +183,8 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
                "prune": prune, "auroc": roc, "habits": habits, "by_level": by_level,
                "setup": {"task": task.NAME, "problems": num_problems, "temperature": temperature,
                          "max_tokens": max_tokens, "seed": seed, "levels": task.DEMO_LEVELS,
-                         "model": str(model), "adapter": str(adapter), "checkpoints": list(checkpoints)}}
+                         "model": str(model), "adapter": str(adapter), "checkpoints": list(checkpoints),
+                         "combined_fit": combined.params.get("fit") if combined is not None else None}}
     results["goals"] = _goals(results, curve)
     results["setup"]["seconds"] = round(time.perf_counter() - start, 1)
     out = Path(out_dir)
@@ -312,7 +320,9 @@ def _plots(r: dict, out: Path) -> None:
 
     ns = [int(n) for n in r["best_of_n"]]
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for key in ("selfeval", "logprob", "confidence", "oracle"):
+    keys = [k for k in ("selfeval", "combined", "logprob", "confidence", "oracle")
+            if k in r["best_of_n"][str(ns[0])]]
+    for key in keys:
         ax.plot(ns, [r["best_of_n"][str(n)][key] for n in ns], marker="o", label=key)
     ax.axhline(r["sample_acc"], color="gray", ls="--", label="one sample")
     ax.axhline(r["greedy_acc"], color="black", ls=":", label="greedy")
@@ -366,6 +376,11 @@ def _print(r: dict, log) -> None:
         log(f"  {n:>3}       {v['selfeval']:.3f}     {v['logprob']:.3f}    {v['confidence']:.3f}       "
             f"{v['oracle']:.3f}     {sign(v['selfeval'] - v['logprob']):<16}  "
             f"{sign(v['selfeval'] - r['greedy_acc'])}")
+    if "combined" in r["best_of_n"][str(max(NS))]:
+        fit = r["setup"].get("combined_fit") or {}
+        log(f"  combined  (self-eval logit + mean log-probability, fitted on {fit.get('problems', '?')} "
+            f"training problems; its own scorer, not the pure self-evaluation): best-of-n "
+            + " / ".join(f"{v['combined']:.3f}" for v in r["best_of_n"].values()))
     b = r["adaptive_baselines"]
     log(f"adaptive    rounds {b['rounds']} at T {b['temperatures']}; first round alone (no score) "
         f"{b['first_round_acc']:.3f}, every round ({b['every_round_samples']} samples) "

@@ -89,8 +89,9 @@ def test_demo_on_the_bundled_model_gives_the_table(demo):
             "goals", "mean_response_tokens"} <= r.keys()
     assert set(r["best_of_n"]) == {"2", "4", "8", "16"}
     for v in r["best_of_n"].values():
-        assert set(v) == {"selfeval", "oracle", "logprob", "confidence"}
-        assert v["oracle"] >= max(v["selfeval"], v["logprob"], v["confidence"])
+        # the bundled adapter has its combined fit
+        assert set(v) == {"selfeval", "oracle", "logprob", "confidence", "combined"}
+        assert v["oracle"] >= max(v["selfeval"], v["logprob"], v["confidence"], v["combined"])
     base = r["adaptive_baselines"]
     assert base["gain_of_every_round"] == pytest.approx(base["every_round_acc"] - base["first_round_acc"])
     for a in r["adaptive"]:
@@ -178,6 +179,8 @@ def test_selfeval_best_of_16_meets_the_selection_goal(demo):
     assert b16["selfeval"] >= b16["logprob"] + 0.05
     assert b16["selfeval"] >= r["greedy_acc"] + 0.05
     assert r["auroc"]["selfeval"]["end"]["within_prompt"] >= 0.85
+    # The combined scorer, its own row: self-evaluation with mean log-probability (0.923 on 300).
+    assert b16["combined"] >= b16["selfeval"]
     assert [g["met"] for g in r["goals"] if g["goal"].startswith("best-of-16")] == [True, True]
 
 
