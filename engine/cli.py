@@ -182,7 +182,14 @@ def cmd_serve(args) -> int:
         return 0
     engine = AsyncEngine.start(_config(args)) if args.engine_process else AsyncEngine(_engine(args))
     name = args.served_model_name or args.model.rstrip("/").rsplit("/", 1)[-1]
-    app = build_app(engine, name, max_waiting=args.max_waiting)
+    from pathlib import Path
+
+    from engine.policies.combined import FILE, CombinedScorer
+
+    adapter = _config(args).adapter
+    combined = (CombinedScorer.load(Path(adapter) / FILE)
+                if adapter is not None and (Path(adapter) / FILE).exists() else None)
+    app = build_app(engine, name, max_waiting=args.max_waiting, combined=combined)
     gc.collect()
     gc.freeze()  # this process serves until it exits: keep full collections off what it built
     try:

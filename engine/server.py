@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict
 
 from engine.async_engine import AsyncEngine, EngineDeadError
 from engine.errors import EngineError, InvalidRequestError
-from engine.policies import Adaptive, BestOfN, Policy, Prune
+from engine.policies import Adaptive, BestOfN, Policy, Prune, Scorer
 from engine.sampling import RequestOutput, SamplingParams
 
 MAX_BODY_BYTES = 4 << 20
@@ -138,7 +138,11 @@ class _LimitBody:
         await self.app(scope, receive, send)
 
 
-def build_app(engine: AsyncEngine, model_name: str, max_waiting: int | None = None) -> FastAPI:
+def build_app(engine: AsyncEngine, model_name: str, max_waiting: int | None = None,
+              combined: Scorer | None = None) -> FastAPI:
+    """The OpenAI-compatible ASGI app over `engine`. `combined`: the scorer a policy's
+    `"scorer": "combined"` names (the adapter's fitted CombinedScorer; `selfeval serve` loads it
+    from the adapter's combined.json when there is one)."""
     app = FastAPI(title="selfeval-engine")
     created = int(time.time())
 
@@ -206,6 +210,12 @@ def build_app(engine: AsyncEngine, model_name: str, max_waiting: int | None = No
         if kind not in POLICIES:
             raise ServerError(400, f"policy.type must be one of {sorted(POLICIES)}, got {kind!r}",
                               param="policy.type")
+        if spec.get("scorer") == "combined":
+            if combined is None:
+                raise ServerError(400, "policy.scorer 'combined' needs the adapter's combined.json "
+                                  "(python bench/combined_scorer.py --save); this server has none",
+                                  param="policy.scorer")
+            spec["scorer"] = combined
         try:
             return POLICIES[kind](**spec)
         except TypeError as e:

@@ -321,6 +321,30 @@ def test_a_client_leaving_mid_stream_frees_its_blocks(server):
     assert m["selfeval_steps_total"] - steps_before < 200  # it stopped, it did not run its 400 steps
 
 
+def test_a_policy_names_the_combined_scorer(llama_dir):
+    """`"scorer": "combined"` is the app's fitted CombinedScorer: the pick is its argmax; a server
+    without one answers 400 naming the field."""
+    from engine.policies import CombinedScorer
+    from engine.policies.combined import FEATURES
+
+    engine = AsyncEngine(Engine(str(llama_dir), block_size=4, num_blocks=128))
+    combined = CombinedScorer({"features": list(FEATURES), "mean": [0.0, -5.0], "std": [1.0, 1.0],
+                               "weights": [0.5, 2.0]})
+    body = {"model": "m", "prompt": "hi", "max_tokens": 4, "seed": 1,
+            "policy": {"type": "best_of_n", "n": 3, "scorer": "combined"}}
+    try:
+        with TestClient(build_app(engine, "m", combined=combined)) as c:
+            r = c.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            choice = r.json()["choices"][0]
+            assert choice["selfeval"]["score"] is not None
+        with TestClient(build_app(engine, "m")) as c:
+            r = c.post("/v1/completions", json=body)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "policy.scorer"
+    finally:
+        engine.shutdown()
+
+
 def test_the_app_mounts_inside_another_app(llama_dir):
     engine = AsyncEngine(Engine(str(llama_dir), block_size=4, num_blocks=128))
     outer = FastAPI()
