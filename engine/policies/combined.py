@@ -63,7 +63,9 @@ def fit_pairwise(x: np.ndarray, y: np.ndarray, g: np.ndarray) -> dict:
 
 class CombinedScorer(Scorer):
     """w . standardized [self-evaluation logit, mean log-probability]. At a checkpoint, the score
-    there and the log-probability so far (the weights were fitted on complete samples)."""
+    there and the log-probability so far (the weights were fitted on complete samples). Its value
+    ranks samples; it is not a probability (no bias: 0 is an average sample of the fit), so an
+    Adaptive or Prune threshold with it is on this scale, not the self-evaluation score's."""
 
     name = "combined"
     needs_suffix = True

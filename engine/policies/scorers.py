@@ -111,7 +111,8 @@ def make_scorer(name_or_scorer: str | Scorer) -> Scorer:
     if isinstance(name_or_scorer, Scorer):
         return name_or_scorer
     if name_or_scorer not in SCORERS:
-        raise ValueError(f"unknown scorer {name_or_scorer!r}; choose one of {sorted(SCORERS)}")
+        raise ValueError(f"unknown scorer {name_or_scorer!r}; choose one of {sorted(SCORERS)} or pass a "
+                         f"Scorer (the combined one: CombinedScorer.load(adapter_dir))")
     return SCORERS[name_or_scorer]()
 
 

@@ -322,8 +322,8 @@ def test_a_client_leaving_mid_stream_frees_its_blocks(server):
 
 
 def test_a_policy_names_the_combined_scorer(llama_dir):
-    """`"scorer": "combined"` is the app's fitted CombinedScorer: the pick is its argmax; a server
-    without one answers 400 naming the field."""
+    """`"scorer": "combined"` is served with the app's fitted CombinedScorer (the policy's pick by
+    it is tested in test_combined_scorer.py); a server without one answers 400 naming the field."""
     from engine.policies import CombinedScorer
     from engine.policies.combined import FEATURES
 
