@@ -174,6 +174,8 @@ def train(model_dir: str, data: str | list[dict], out_dir: str, cfg: TrainConfig
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
     out = Path(out_dir)
+    # A combined scorer fitted on an earlier adapter's scores does not fit this one's.
+    (out / "combined.json").unlink(missing_ok=True)
     step, history = 0, []
     bar = tqdm(total=total, desc="train", unit="step", disable=not use_tqdm)
     with reference_only():

@@ -106,12 +106,15 @@ def test_held_out_examples_are_whole_prompts():
 
 
 def test_trainer_learns_a_learnable_target(llama_dir, tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "combined.json").write_text("{}")  # fitted on an earlier adapter
     report = train(str(llama_dir), _synthetic(400, 0), str(tmp_path / "adapter"),
                    TrainConfig(rank=8, lr=1e-2, epochs=4, batch_size=16, eval_frac=0.2, save_every=40))
     cal = report["held_out_calibration"]
     assert cal["brier"] < 0.6 * cal["brier_constant"], cal
     assert cal["auroc"] > 0.85
     assert (tmp_path / "adapter" / "checkpoint-40" / "adapter.safetensors").exists()
+    assert not (tmp_path / "adapter" / "combined.json").exists()
     saved = json.loads((tmp_path / "adapter" / "calibration.json").read_text())
     assert saved["held_out_calibration"]["brier"] == cal["brier"]
     # The trained adapter serves: Engine(adapter=...) scores a good response above a bad one.
