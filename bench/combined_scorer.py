@@ -33,7 +33,13 @@ from benchlib import write_results  # noqa: E402
 
 from engine.api import Engine  # noqa: E402
 from engine.policies import ConfidenceScorer  # noqa: E402
-from engine.policies.combined import CombinedScorer, fit_pairwise, newton_logistic, within_pairs  # noqa: E402
+from engine.policies.combined import (  # noqa: E402
+    CombinedScorer,
+    features,
+    fit_pairwise,
+    newton_logistic,
+    within_pairs,
+)
 from engine.sampling import SamplingParams, seeds_per_prompt  # noqa: E402
 from engine.testbed import BUNDLED, task_of  # noqa: E402
 from engine.testbed.demo import HELD_OUT_SEED  # noqa: E402
@@ -55,10 +61,9 @@ def sample_features(eng: Engine, task, seed: int, problems: int, n: int, tempera
     feats, labels, groups = [], [], []
     for i, (r, o) in enumerate(zip(records, outs)):
         for s in o.samples:
-            p = min(max(s.score, 1e-6), 1 - 1e-6)
             lp = s.logprobs or [0.0]
-            feats.append([math.log(p / (1 - p)), sum(lp) / len(lp), min(lp),
-                          conf(s) if s.confidences else 0.0, math.log(1 + len(s.token_ids))])
+            feats.append(features(s.score, lp) + [min(lp), conf(s) if s.confidences else 0.0,
+                                                  math.log(1 + len(s.token_ids))])
             labels.append(float(task.verify(r, s.text)))
             groups.append(i)
     return np.array(feats), np.array(labels), np.array(groups)

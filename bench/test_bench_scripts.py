@@ -198,3 +198,21 @@ def test_combined_scorer_probe_fits_and_judges_on_held_out_problems(tmp_path):
     fitted = [r for r in metrics["rows"] if r["fit"] != "-"]
     assert all(len(r["weights"]) == r["scorer"].count("+") + 1 + (r["fit"] == "pointwise") for r in fitted)
     assert json.loads(next(tmp_path.glob("combined_scorer-*.json")).read_text())["metrics"]["setup"]["n"] == 4
+
+
+def test_combined_scorer_save_writes_the_pairwise_fit_beside_the_adapter(tmp_path):
+    """--save: the two-feature pairwise fit on the training problems lands in the model's adapter
+    directory as combined.json, which CombinedScorer loads."""
+    import shutil
+
+    from engine.policies import CombinedScorer
+    from engine.testbed import BUNDLED
+
+    model = tmp_path / "model"
+    shutil.copytree(BUNDLED, model, ignore=shutil.ignore_patterns("combined.json"))
+    _load("combined_scorer").main(["--model", str(model), "--fit", "12", "--eval", "4", "-n", "8",
+                                   "--out", str(tmp_path), "--save"])
+    scorer = CombinedScorer.load(model / "adapter")
+    assert scorer.params["fit"]["problems"] == 12 and scorer.params["pairs"] > 0
+    assert len(scorer.weights) == 2 and scorer.weights[0] > 0  # the self-evaluation score counts
+    assert scorer.value(0.9, [-0.1]) > scorer.value(0.1, [-0.1])
