@@ -49,7 +49,13 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     llc = last_level_cache()
-    return f"cpu ({os.cpu_count()} cores, {cpu_model()}{f', last-level cache {llc}' if llc else ''})"
+    try:  # the instruction set engine._cpu's attention runs with (the widest the CPU has)
+        from engine import _cpu
+
+        isa = f", {_cpu.isa()}"
+    except ImportError:
+        isa = ""
+    return f"cpu ({os.cpu_count()} cores, {cpu_model()}{f', last-level cache {llc}' if llc else ''}{isa})"
 
 
 def device_slug(device: torch.device) -> str:

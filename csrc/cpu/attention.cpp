@@ -11,11 +11,12 @@
 // over OpenMP threads.
 //
 // Built with -ffinite-math-only -fno-signed-zeros (this file alone) so that the clamp in exp_neg
-// and the reductions vectorize; inputs are finite (the torch reference gives NaN otherwise too).
+// and the max vectorize; inputs are finite (the torch reference gives NaN otherwise too).
 #include "attention.h"
 #include "vec_math.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <memory>
 #include <vector>
@@ -30,25 +31,94 @@ const float* cf32(uintptr_t p) { return reinterpret_cast<const float*>(p); }
 float* f32(uintptr_t p) { return reinterpret_cast<float*>(p); }
 const int32_t* i32(uintptr_t p) { return reinterpret_cast<const int32_t*>(p); }
 
-// GCC vector types: each clone of attend lowers a v16 to one AVX-512 register, two AVX2 or four
-// SSE ones. Loads and stores go through memcpy (no alignment assumed).
-typedef float v16 __attribute__((vector_size(64)));
+// A 16-lane float vector held as P native registers: one AVX-512 register (P = 1), two AVX2 ones
+// (P = 2) or four SSE ones (P = 4). Every operation is lane by lane, and hsum and sum16 add in one
+// fixed order, so each instantiation computes the same lanes in the same order: for head sizes 16
+// to 256 every instruction set gives the same bits (other head sizes take dot_any, whose sum
+// follows the vector width). A 16-lane GCC vector type in a function built for AVX2 is lowered
+// through the stack: with one such type for every ISA (target_clones), the AVX2 build ran 5-8x
+// slower than this (bench/cpu_attention.py, 2-core EPYC). Loads and stores go through memcpy per
+// register (no alignment assumed).
+#define SE_INLINE inline __attribute__((always_inline))
+
+template <int P>
+struct Vec {
+  typedef float part __attribute__((vector_size(64 / P)));
+  static constexpr int kLanes = 16 / P;
+  part p[P];
+};
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
 
-inline v16 load16(const float* p) {
-  v16 v;
-  __builtin_memcpy(&v, p, sizeof v);
+template <int P>
+SE_INLINE Vec<P> load16(const float* x) {
+  Vec<P> v;
+  for (int i = 0; i < P; ++i) __builtin_memcpy(&v.p[i], x + i * Vec<P>::kLanes, sizeof v.p[i]);
   return v;
 }
 
-inline void store16(float* p, v16 v) { __builtin_memcpy(p, &v, sizeof v); }
+template <int P>
+SE_INLINE void store16(float* x, Vec<P> v) {
+  for (int i = 0; i < P; ++i) __builtin_memcpy(x + i * Vec<P>::kLanes, &v.p[i], sizeof v.p[i]);
+}
 
-inline float hsum(v16 a) {
-  const v8 b = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
-               __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
-  const v4 c = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
-  return (c[0] + c[2]) + (c[1] + c[3]);
+template <int P>
+SE_INLINE Vec<P> operator+(Vec<P> a, Vec<P> b) {
+  for (int i = 0; i < P; ++i) a.p[i] += b.p[i];
+  return a;
+}
+
+template <int P>
+SE_INLINE Vec<P>& operator+=(Vec<P>& a, Vec<P> b) {
+  for (int i = 0; i < P; ++i) a.p[i] += b.p[i];
+  return a;
+}
+
+template <int P>
+SE_INLINE Vec<P> operator*(Vec<P> a, Vec<P> b) {
+  for (int i = 0; i < P; ++i) a.p[i] *= b.p[i];
+  return a;
+}
+
+template <int P>
+SE_INLINE Vec<P> operator*(float s, Vec<P> a) {
+  for (int i = 0; i < P; ++i) a.p[i] *= s;
+  return a;
+}
+
+template <int P>
+SE_INLINE Vec<P> operator*(Vec<P> a, float s) {
+  return s * a;
+}
+
+// Lanes 0-15 summed as ((x0 + x8) + (x4 + x12)) + ((x2 + x10) + (x6 + x14)) + ..., whatever P.
+SE_INLINE float hsum4(v4 c) { return (c[0] + c[2]) + (c[1] + c[3]); }
+
+template <int P>
+SE_INLINE float hsum(Vec<P> a) {
+  if constexpr (P == 1) {
+    const v8 b = __builtin_shufflevector(a.p[0], a.p[0], 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(a.p[0], a.p[0], 8, 9, 10, 11, 12, 13, 14, 15);
+    return hsum4(__builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7));
+  } else if constexpr (P == 2) {
+    const v8 b = a.p[0] + a.p[1];
+    return hsum4(__builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7));
+  } else {
+    static_assert(P == 4, "16 lanes as 1, 2 or 4 registers");
+    return hsum4((a.p[0] + a.p[2]) + (a.p[1] + a.p[3]));
+  }
+}
+
+// x[0] + ... + x[n - 1] in a fixed order (16 lanes, hsum, then the tail), whatever P: a softmax's
+// total (an `omp simd` reduction would add in the order of the vector width).
+template <int P>
+SE_INLINE float sum16(const float* x, int64_t n) {
+  Vec<P> acc = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc += load16<P>(x + i);
+  float total = hsum(acc);
+  for (; i < n; ++i) total += x[i];
+  return total;
 }
 
 inline float dot_any(const float* q, const float* k, int64_t dim) {
@@ -64,8 +134,8 @@ inline float dot_any(const float* q, const float* k, int64_t dim) {
 // Per key: its K row is loaded once for all the group's query heads (16-lane products, one
 // horizontal sum each), and its V row once for all their accumulators. Cloned per vector ISA
 // (AVX-512, AVX2, baseline) and picked when the module loads.
-template <int64_t DIM>
-__attribute__((target_clones("avx512f", "avx2", "default"))) void attend(
+template <int64_t DIM, int P>
+SE_INLINE void attend(
     const float* q, int64_t q_s1, int64_t group, const float* kc, const float* vc, int64_t c_s0,
     const int64_t* blk, int64_t n_ctx, int64_t block_size, int64_t dim, float scale, float* scores,
     float* acc, float* out) {
@@ -74,12 +144,12 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void attend(
     const float* kb = kc + blk[j] * block_size * c_s0;
     if constexpr (DIM > 0) {
       for (int64_t i = 0; i < len; ++i) {
-        v16 k[DIM / 16];
-        for (int64_t c = 0; c < DIM / 16; ++c) k[c] = load16(kb + i * c_s0 + 16 * c);
+        Vec<P> k[DIM / 16];
+        for (int64_t c = 0; c < DIM / 16; ++c) k[c] = load16<P>(kb + i * c_s0 + 16 * c);
         for (int64_t g = 0; g < group; ++g) {
           const float* qg = q + g * q_s1;
-          v16 s = load16(qg) * k[0];
-          for (int64_t c = 1; c < DIM / 16; ++c) s += load16(qg + 16 * c) * k[c];
+          Vec<P> s = load16<P>(qg) * k[0];
+          for (int64_t c = 1; c < DIM / 16; ++c) s += load16<P>(qg + 16 * c) * k[c];
           scores[g * n_ctx + n0 + i] = hsum(s) * scale;
         }
       }
@@ -104,12 +174,12 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void attend(
     for (int64_t i = 0; i < len; ++i) {
       const float* vn = vb + i * c_s0;
       if constexpr (DIM > 0) {
-        v16 v[DIM / 16];
-        for (int64_t c = 0; c < DIM / 16; ++c) v[c] = load16(vn + 16 * c);
+        Vec<P> v[DIM / 16];
+        for (int64_t c = 0; c < DIM / 16; ++c) v[c] = load16<P>(vn + 16 * c);
         for (int64_t g = 0; g < group; ++g) {
           const float p = scores[g * n_ctx + n0 + i];
           float* a = acc + g * DIM;
-          for (int64_t c = 0; c < DIM / 16; ++c) store16(a + 16 * c, load16(a + 16 * c) + p * v[c]);
+          for (int64_t c = 0; c < DIM / 16; ++c) store16(a + 16 * c, load16<P>(a + 16 * c) + p * v[c]);
         }
       } else {
         for (int64_t g = 0; g < group; ++g) {
@@ -123,10 +193,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void attend(
   }
   for (int64_t g = 0; g < group; ++g) {
     const float* sg = scores + g * n_ctx;
-    float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-    for (int64_t n = 0; n < n_ctx; ++n) total += sg[n];
-    const float inv = 1.0f / total;
+    const float inv = 1.0f / sum16<P>(sg, n_ctx);
     for (int64_t d = 0; d < dim; ++d) out[g * dim + d] = acc[g * dim + d] * inv;
   }
 }
@@ -145,17 +212,17 @@ constexpr int64_t TILE = 16;
 // keys transposed in kt, into scores [v, k0 .. k0 + TILE). Each 64 of the head's dims are summed
 // apart, then added (one chain of 256 products loses accuracy). Every V sums in the same order, so
 // a row's scores do not depend on where its tile puts it.
-template <int64_t DIM, int V>
-inline void score_vectors(const float* q, int64_t q_s0, int64_t q_s1, int64_t group, int64_t v, const float* kt,
+template <int64_t DIM, int P, int V>
+SE_INLINE void score_vectors(const float* q, int64_t q_s0, int64_t q_s1, int64_t group, int64_t v, const float* kt,
                           int64_t dim, float scale, float* scores, int64_t stride, int64_t k0) {
   const float* qs[V];
   for (int i = 0; i < V; ++i) qs[i] = q + ((v + i) / group) * q_s0 + ((v + i) % group) * q_s1;
   const int64_t d_end = DIM > 0 ? DIM : dim;
-  v16 s[V] = {};
+  Vec<P> s[V] = {};
   for (int64_t d0 = 0; d0 < d_end; d0 += 64) {
-    v16 t[V] = {};
+    Vec<P> t[V] = {};
     for (int64_t d = d0; d < std::min<int64_t>(d0 + 64, d_end); ++d) {
-      const v16 k = load16(kt + d * TILE);
+      const Vec<P> k = load16<P>(kt + d * TILE);
       for (int i = 0; i < V; ++i) t[i] += qs[i][d] * k;
     }
     for (int i = 0; i < V; ++i) s[i] += t[i];
@@ -163,8 +230,8 @@ inline void score_vectors(const float* q, int64_t q_s0, int64_t q_s1, int64_t gr
   for (int i = 0; i < V; ++i) store16(scores + (v + i) * stride + k0, s[i] * scale);
 }
 
-template <int64_t DIM>
-__attribute__((target_clones("avx512f", "avx2", "default"))) void attend_tile(
+template <int64_t DIM, int P>
+SE_INLINE void attend_tile(
     const float* q, int64_t q_s0, int64_t q_s1, int64_t group, int64_t rows, const float* kc, const float* vc,
     int64_t c_s0, const int64_t* blk, int64_t n0, int64_t block_size, int64_t dim, float scale, float* scores,
     int64_t stride, float* kt, float* out, int64_t o_s0) {
@@ -181,42 +248,47 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void attend_tile(
       }
     }
     // V vectors at a time: independent sums (one would wait on each add) and one load of each kt
-    // row for all of them
+    // row for all of them; as many as the registers hold (AVX-512's 32: 8, AVX2's 16: 2, SSE: 1)
     int64_t v = 0;
-    for (; v + 8 <= vectors; v += 8) score_vectors<DIM, 8>(q, q_s0, q_s1, group, v, kt, dim, scale, scores, stride, k0);
-    for (; v + 4 <= vectors; v += 4) score_vectors<DIM, 4>(q, q_s0, q_s1, group, v, kt, dim, scale, scores, stride, k0);
-    for (; v < vectors; ++v) score_vectors<DIM, 1>(q, q_s0, q_s1, group, v, kt, dim, scale, scores, stride, k0);
+    if constexpr (P == 1) {
+      for (; v + 8 <= vectors; v += 8)
+        score_vectors<DIM, P, 8>(q, q_s0, q_s1, group, v, kt, dim, scale, scores, stride, k0);
+      for (; v + 4 <= vectors; v += 4)
+        score_vectors<DIM, P, 4>(q, q_s0, q_s1, group, v, kt, dim, scale, scores, stride, k0);
+    } else if constexpr (P == 2) {
+      for (; v + 2 <= vectors; v += 2)
+        score_vectors<DIM, P, 2>(q, q_s0, q_s1, group, v, kt, dim, scale, scores, stride, k0);
+    }
+    for (; v < vectors; ++v) score_vectors<DIM, P, 1>(q, q_s0, q_s1, group, v, kt, dim, scale, scores, stride, k0);
   }
   // Softmax numerators in place, then each vector's weighted V rows. Two heads of a row (the same
-  // keys) share each V row load; their accumulators stay in registers when DIM is known.
+  // keys) share each V row load where both accumulators fit the registers; they stay in registers
+  // when DIM is known. (Pairing changes no sum: each head's accumulator adds in the same order.)
+  constexpr bool kPairs = DIM > 0 && (P == 1 || (2 * (DIM / 16) + 1) * P <= 16);
   float inv[2];
   for (int64_t v = 0; v < vectors;) {
     const int64_t n = n0 + v / group;  // this row's keys
-    const int64_t pair = (DIM > 0 && v % group + 1 < group) ? 2 : 1;
+    const int64_t pair = (kPairs && v % group + 1 < group) ? 2 : 1;
     for (int64_t w = 0; w < pair; ++w) {
       float* sv = scores + (v + w) * stride;
       const float m = *std::max_element(sv, sv + n);
-      float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-      for (int64_t i = 0; i < n; ++i) {
-        sv[i] = exp_neg(sv[i] - m);
-        total += sv[i];
-      }
-      inv[w] = 1.0f / total;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) sv[i] = exp_neg(sv[i] - m);
+      inv[w] = 1.0f / sum16<P>(sv, n);
     }
     float* o = out + (v / group) * o_s0 + (v % group) * dim;
     const float* p0 = scores + v * stride;
     if constexpr (DIM > 0) {
       if (pair == 2) {
         const float* p1 = p0 + stride;
-        v16 a0[DIM / 16] = {}, a1[DIM / 16] = {};
+        Vec<P> a0[DIM / 16] = {}, a1[DIM / 16] = {};
         for (int64_t j = 0, b0 = 0; b0 < n; ++j, b0 += block_size) {
           const int64_t len = std::min(block_size, n - b0);
           const float* vb = vc + blk[j] * block_size * c_s0;
           for (int64_t i = 0; i < len; ++i) {
             const float w0 = p0[b0 + i], w1 = p1[b0 + i];
             for (int64_t c = 0; c < DIM / 16; ++c) {
-              const v16 x = load16(vb + i * c_s0 + 16 * c);
+              const Vec<P> x = load16<P>(vb + i * c_s0 + 16 * c);
               a0[c] += w0 * x;
               a1[c] += w1 * x;
             }
@@ -227,13 +299,13 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void attend_tile(
           store16(o + dim + 16 * c, a1[c] * inv[1]);
         }
       } else {
-        v16 acc[DIM / 16] = {};
+        Vec<P> acc[DIM / 16] = {};
         for (int64_t j = 0, b0 = 0; b0 < n; ++j, b0 += block_size) {
           const int64_t len = std::min(block_size, n - b0);
           const float* vb = vc + blk[j] * block_size * c_s0;
           for (int64_t i = 0; i < len; ++i) {
             const float w0 = p0[b0 + i];
-            for (int64_t c = 0; c < DIM / 16; ++c) acc[c] += w0 * load16(vb + i * c_s0 + 16 * c);
+            for (int64_t c = 0; c < DIM / 16; ++c) acc[c] += w0 * load16<P>(vb + i * c_s0 + 16 * c);
           }
         }
         for (int64_t c = 0; c < DIM / 16; ++c) store16(o + 16 * c, acc[c] * inv[0]);
@@ -256,7 +328,89 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void attend_tile(
   }
 }
 
+
+// Each kernel once per instruction set, its body inlined and lowered with that set's registers.
+// The set is chosen once, at the first call: the widest the CPU has, or the one set_isa named.
+#define SE_ATTEND_PARAMS                                                                                  \
+  const float *q, int64_t q_s1, int64_t group, const float *kc, const float *vc, int64_t c_s0,          \
+      const int64_t *blk, int64_t n_ctx, int64_t block_size, int64_t dim, float scale, float *scores, \
+      float *acc, float *out
+#define SE_ATTEND_ARGS q, q_s1, group, kc, vc, c_s0, blk, n_ctx, block_size, dim, scale, scores, acc, out
+#define SE_TILE_PARAMS                                                                                     \
+  const float *q, int64_t q_s0, int64_t q_s1, int64_t group, int64_t rows, const float *kc, const float *vc, \
+      int64_t c_s0, const int64_t *blk, int64_t n0, int64_t block_size, int64_t dim, float scale,           \
+      float *scores, int64_t stride, float *kt, float *out, int64_t o_s0
+#define SE_TILE_ARGS q, q_s0, q_s1, group, rows, kc, vc, c_s0, blk, n0, block_size, dim, scale, scores, stride, kt, out, o_s0
+
+template <int64_t DIM>
+__attribute__((target("avx512f"))) void attend_avx512(SE_ATTEND_PARAMS) { attend<DIM, 1>(SE_ATTEND_ARGS); }
+template <int64_t DIM>
+__attribute__((target("avx2"))) void attend_avx2(SE_ATTEND_PARAMS) { attend<DIM, 2>(SE_ATTEND_ARGS); }
+template <int64_t DIM>
+void attend_sse(SE_ATTEND_PARAMS) { attend<DIM, 4>(SE_ATTEND_ARGS); }
+template <int64_t DIM>
+__attribute__((target("avx512f"))) void attend_tile_avx512(SE_TILE_PARAMS) { attend_tile<DIM, 1>(SE_TILE_ARGS); }
+template <int64_t DIM>
+__attribute__((target("avx2"))) void attend_tile_avx2(SE_TILE_PARAMS) { attend_tile<DIM, 2>(SE_TILE_ARGS); }
+template <int64_t DIM>
+void attend_tile_sse(SE_TILE_PARAMS) { attend_tile<DIM, 4>(SE_TILE_ARGS); }
+
+using AttendFn = void (*)(SE_ATTEND_PARAMS);
+using TileFn = void (*)(SE_TILE_PARAMS);
+
+// [isa][head size]: isa 0 AVX-512, 1 AVX2, 2 SSE (x86-64's baseline); head sizes 16, 32, 64, 128, 256,
+// then any other (a plain loop).
+#define SE_BY_DIM(f) {&f<16>, &f<32>, &f<64>, &f<128>, &f<256>, &f<0>}
+const AttendFn kAttend[3][6] = {SE_BY_DIM(attend_avx512), SE_BY_DIM(attend_avx2), SE_BY_DIM(attend_sse)};
+const TileFn kTile[3][6] = {SE_BY_DIM(attend_tile_avx512), SE_BY_DIM(attend_tile_avx2), SE_BY_DIM(attend_tile_sse)};
+#undef SE_BY_DIM
+
+int dim_slot(int64_t dim) {
+  switch (dim) {
+    case 16: return 0;
+    case 32: return 1;
+    case 64: return 2;
+    case 128: return 3;
+    case 256: return 4;
+    default: return 5;
+  }
+}
+
+const char* const kIsaNames[3] = {"avx512f", "avx2", "sse2"};
+
+int best_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return 0;
+  if (__builtin_cpu_supports("avx2")) return 1;
+  return 2;
+}
+
+std::atomic<int> g_isa{-1};
+
+int current_isa() {
+  int isa = g_isa.load(std::memory_order_relaxed);
+  if (isa < 0) g_isa.store(isa = best_isa(), std::memory_order_relaxed);
+  return isa;
+}
+
 }  // namespace
+
+std::string cpu_isa() { return kIsaNames[current_isa()]; }
+
+std::string set_cpu_isa(const std::string& name) {
+  const int best = best_isa();
+  for (int i = 0; i < 3; ++i) {
+    if (name != kIsaNames[i]) continue;
+    if (i < best) return "set_isa: this CPU has no " + name + " (it has " + kIsaNames[best] + ")";
+    g_isa.store(i, std::memory_order_relaxed);
+    return {};
+  }
+  if (name.empty() || name == "best") {
+    g_isa.store(best, std::memory_order_relaxed);
+    return {};
+  }
+  return "set_isa: unknown instruction set " + name + " (avx512f, avx2, sse2 or best)";
+}
 
 std::string paged_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out,
                             uintptr_t block_tables, uintptr_t context_lens, uintptr_t query_start_loc,
@@ -329,18 +483,9 @@ std::string paged_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, u
   }
   const int64_t group = heads / kv_heads, tasks = static_cast<int64_t>(items.size()) * kv_heads;
   const float fscale = static_cast<float>(scale);
-  auto* run = dim == 16    ? &attend<16>
-              : dim == 32  ? &attend<32>
-              : dim == 64  ? &attend<64>
-              : dim == 128 ? &attend<128>
-              : dim == 256 ? &attend<256>
-                           : &attend<0>;
-  auto* run_tile = dim == 16    ? &attend_tile<16>
-                   : dim == 32  ? &attend_tile<32>
-                   : dim == 64  ? &attend_tile<64>
-                   : dim == 128 ? &attend_tile<128>
-                   : dim == 256 ? &attend_tile<256>
-                                : &attend_tile<0>;
+  const int isa = current_isa(), slot = dim_slot(dim);
+  const AttendFn run = kAttend[isa][slot];
+  const TileFn run_tile = kTile[isa][slot];
   // Each thread's scratch, allocated here: a failed allocation raises MemoryError in the caller
   // (inside the parallel region it would terminate the process).
   const int64_t team = threads > 1 && tasks > 1 ? threads : 1;

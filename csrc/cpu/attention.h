@@ -16,4 +16,10 @@ std::string paged_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, u
                             int64_t block_size, int64_t num_blocks, int64_t table_width, int64_t table_stride,
                             int64_t q_s0, int64_t q_s1, int64_t c_s0, int64_t c_s1, double scale, int64_t threads);
 
+// The instruction set the attention kernels run with ("avx512f", "avx2" or "sse2"): the widest this
+// CPU has unless set_cpu_isa chose a narrower one (tests and benchmarks compare them; every set
+// gives the same bits). set_cpu_isa returns an error for a set this CPU lacks; "best" restores it.
+std::string cpu_isa();
+std::string set_cpu_isa(const std::string& name);
+
 }  // namespace selfeval_cpu

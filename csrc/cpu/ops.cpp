@@ -139,6 +139,11 @@ PYBIND11_MODULE(_cpu, m) {
         if (!error.empty()) throw py::index_error(error);
       },
       py::call_guard<py::gil_scoped_release>());
+  m.def("isa", &selfeval_cpu::cpu_isa);
+  m.def("set_isa", [](const std::string& name) {
+    const std::string error = selfeval_cpu::set_cpu_isa(name);
+    if (!error.empty()) throw py::value_error(error);
+  });
   m.def(
       "paged_attention",
       [](uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out, uintptr_t block_tables,

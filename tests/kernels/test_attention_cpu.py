@@ -1,9 +1,9 @@
 """engine._cpu's paged attention (kernels.cpu_ops.paged_attention, paged_decode_attention for a
 step of decodes) against the torch reference: every row's one query over its own blocks, and a
 chunk's rows over the keys up to each, to float32 rounding; the same bits on one thread and on
-several, and for a row whatever shares its step; indices outside the table or cache and offsets
-that do not fit their contexts raise before anything is read; layouts it cannot index safely go
-to the torch path; and the model runs it on its steps."""
+several, for a row whatever shares its step, and on every instruction set the CPU has; indices
+outside the table or cache and offsets that do not fit their contexts raise before anything is
+read; layouts it cannot index safely go to the torch path; and the model runs it on its steps."""
 
 import tempfile
 from pathlib import Path
@@ -269,6 +269,61 @@ def test_a_row_gets_the_same_bits_whatever_shares_its_step(heads, kv_heads, dim)
     for i in (0, 17, 36):
         one = cpu_ops.paged_decode_attention(q[1 + i : 2 + i], kc, vc, tables[1:2], i32(13 + i), 16, scale)
         torch.testing.assert_close(whole[1 + i], one[0], rtol=2e-5, atol=2e-6)
+
+
+def instruction_sets() -> list[str]:
+    """The instruction sets engine._cpu's attention can run with on this CPU, widest first."""
+    ext, found = cpu_ops.extension(), []
+    best = ext.isa()
+    for name in ("avx512f", "avx2", "sse2"):
+        try:
+            ext.set_isa(name)
+        except ValueError:
+            continue
+        found.append(name)
+    ext.set_isa("best")
+    assert ext.isa() == best == found[0]
+    return found
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 2, 64), (4, 2, 16), (6, 3, 32), (4, 1, 128), (2, 2, 256)])
+def test_every_instruction_set_gives_the_same_bits(heads, kv_heads, dim):
+    # each ISA's build holds 16 lanes in its own registers and adds in one order: decodes and chunk
+    # rows come out the same on AVX-512, AVX2 and SSE (each one this CPU has), and match the reference
+    ext = cpu_ops.extension()
+    sets = instruction_sets()
+    assert "sse2" in sets and len(sets) >= 2  # x86-64: SSE always, and this build's vector set
+    q, kc, vc, tables, ctx, qsl = chunk_batch(11, [1, 37, 1, 5], [30, 12, 200, 0], heads, kv_heads, dim,
+                                              width=16)
+    d_q, d_kc, d_vc, d_tables, d_ctx = decode_batch(5, 9, heads, kv_heads, dim)
+    outs = {}
+    try:
+        for name in sets:
+            ext.set_isa(name)
+            assert ext.isa() == name
+            outs[name] = (cpu_ops.paged_attention(q, kc, vc, tables, ctx, qsl, 16, dim**-0.5),
+                          cpu_ops.paged_decode_attention(d_q, d_kc, d_vc, d_tables, d_ctx, 16, dim**-0.5))
+    finally:
+        ext.set_isa("best")
+    ref = paged_attention_ref(q, kc, vc, tables, ctx, qsl, 16, dim**-0.5)
+    d_ref = paged_attention_ref(d_q, d_kc, d_vc, d_tables, d_ctx, torch.arange(10, dtype=torch.int32), 16,
+                                dim**-0.5)
+    for name, (chunks, decodes) in outs.items():
+        torch.testing.assert_close(chunks, ref, rtol=2e-5, atol=2e-6, msg=name)
+        torch.testing.assert_close(decodes, d_ref, rtol=2e-5, atol=2e-6, msg=name)
+        assert torch.equal(chunks, outs[sets[0]][0]) and torch.equal(decodes, outs[sets[0]][1]), name
+
+
+@needs_cpu_ext
+def test_set_isa_refuses_what_it_cannot_run():
+    ext = cpu_ops.extension()
+    with pytest.raises(ValueError, match="unknown instruction set neon"):
+        ext.set_isa("neon")
+    if "avx512f" not in instruction_sets():
+        with pytest.raises(ValueError, match="this CPU has no avx512f"):
+            ext.set_isa("avx512f")
+    assert ext.isa() == instruction_sets()[0]
 
 
 @needs_cpu_ext
