@@ -7,6 +7,7 @@
 // arithmetic is the same in the vector body and the scalar tail, and a row's columns fall the same
 // way on any thread, so the bits do not depend on the row count or the thread count.
 #include "activation.h"
+#include "isa.h"
 #include "vec_math.h"
 
 #include <algorithm>
@@ -17,8 +18,7 @@ namespace {
 const float* cf32(uintptr_t p) { return reinterpret_cast<const float*>(p); }
 float* f32(uintptr_t p) { return reinterpret_cast<float*>(p); }
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) void silu_row(const float* gate, const float* up,
-                                                                           float* out, int64_t n) {
+SELFEVAL_CLONES void silu_row(const float* gate, const float* up, float* out, int64_t n) {
   // Written so that GCC vectorizes every clone: min(g, -g) for -|g| (fabs left the AVX2 and
   // baseline loops scalar) and the sign's select through a bit mask (a ?: did the same).
   for (int64_t c = 0; c < n; ++c) {

@@ -13,6 +13,7 @@
 // Built with -ffinite-math-only -fno-signed-zeros (this file alone) so that the clamp in exp_neg
 // and the max vectorize; inputs are finite (the torch reference gives NaN otherwise too).
 #include "attention.h"
+#include "isa.h"
 #include "vec_math.h"
 
 #include <algorithm>
@@ -331,38 +332,60 @@ SE_INLINE void attend_tile(
 
 // Each kernel once per instruction set, its body inlined and lowered with that set's registers.
 // The set is chosen once, at the first call: the widest the CPU has, or the one set_isa named.
-#define SE_ATTEND_PARAMS                                                                                  \
-  const float *q, int64_t q_s1, int64_t group, const float *kc, const float *vc, int64_t c_s0,          \
-      const int64_t *blk, int64_t n_ctx, int64_t block_size, int64_t dim, float scale, float *scores, \
-      float *acc, float *out
+#define SE_ATTEND_PARAMS                                                                          \
+  const float* q, int64_t q_s1, int64_t group, const float* kc, const float* vc, int64_t c_s0, \
+      const int64_t* blk, int64_t n_ctx, int64_t block_size, int64_t dim, float scale, float* scores, float* acc, \
+      float* out
 #define SE_ATTEND_ARGS q, q_s1, group, kc, vc, c_s0, blk, n_ctx, block_size, dim, scale, scores, acc, out
-#define SE_TILE_PARAMS                                                                                     \
-  const float *q, int64_t q_s0, int64_t q_s1, int64_t group, int64_t rows, const float *kc, const float *vc, \
-      int64_t c_s0, const int64_t *blk, int64_t n0, int64_t block_size, int64_t dim, float scale,           \
-      float *scores, int64_t stride, float *kt, float *out, int64_t o_s0
-#define SE_TILE_ARGS q, q_s0, q_s1, group, rows, kc, vc, c_s0, blk, n0, block_size, dim, scale, scores, stride, kt, out, o_s0
+#define SE_TILE_PARAMS                                                                                          \
+  const float* q, int64_t q_s0, int64_t q_s1, int64_t group, int64_t rows, const float* kc, const float* vc, \
+      int64_t c_s0, const int64_t* blk, int64_t n0, int64_t block_size, int64_t dim, float scale, float* scores, \
+      int64_t stride, float* kt, float* out, int64_t o_s0
+#define SE_TILE_ARGS \
+  q, q_s0, q_s1, group, rows, kc, vc, c_s0, blk, n0, block_size, dim, scale, scores, stride, kt, out, o_s0
 
+#if SELFEVAL_X86_DISPATCH
 template <int64_t DIM>
 __attribute__((target("avx512f"))) void attend_avx512(SE_ATTEND_PARAMS) { attend<DIM, 1>(SE_ATTEND_ARGS); }
 template <int64_t DIM>
 __attribute__((target("avx2"))) void attend_avx2(SE_ATTEND_PARAMS) { attend<DIM, 2>(SE_ATTEND_ARGS); }
 template <int64_t DIM>
-void attend_sse(SE_ATTEND_PARAMS) { attend<DIM, 4>(SE_ATTEND_ARGS); }
-template <int64_t DIM>
 __attribute__((target("avx512f"))) void attend_tile_avx512(SE_TILE_PARAMS) { attend_tile<DIM, 1>(SE_TILE_ARGS); }
 template <int64_t DIM>
 __attribute__((target("avx2"))) void attend_tile_avx2(SE_TILE_PARAMS) { attend_tile<DIM, 2>(SE_TILE_ARGS); }
+#endif
+// x86-64's baseline (SSE2), or another target's 128-bit vectors (NEON on ARM)
 template <int64_t DIM>
-void attend_tile_sse(SE_TILE_PARAMS) { attend_tile<DIM, 4>(SE_TILE_ARGS); }
+void attend_base(SE_ATTEND_PARAMS) { attend<DIM, 4>(SE_ATTEND_ARGS); }
+template <int64_t DIM>
+void attend_tile_base(SE_TILE_PARAMS) { attend_tile<DIM, 4>(SE_TILE_ARGS); }
 
 using AttendFn = void (*)(SE_ATTEND_PARAMS);
 using TileFn = void (*)(SE_TILE_PARAMS);
 
-// [isa][head size]: isa 0 AVX-512, 1 AVX2, 2 SSE (x86-64's baseline); head sizes 16, 32, 64, 128, 256,
-// then any other (a plain loop).
+// [set][head size]: head sizes 16, 32, 64, 128, 256, then any other (a plain loop); sets widest first.
 #define SE_BY_DIM(f) {&f<16>, &f<32>, &f<64>, &f<128>, &f<256>, &f<0>}
-const AttendFn kAttend[3][6] = {SE_BY_DIM(attend_avx512), SE_BY_DIM(attend_avx2), SE_BY_DIM(attend_sse)};
-const TileFn kTile[3][6] = {SE_BY_DIM(attend_tile_avx512), SE_BY_DIM(attend_tile_avx2), SE_BY_DIM(attend_tile_sse)};
+#if SELFEVAL_X86_DISPATCH
+constexpr int kSets = 3;
+const char* const kIsaNames[kSets] = {"avx512f", "avx2", "sse2"};
+const AttendFn kAttend[kSets][6] = {SE_BY_DIM(attend_avx512), SE_BY_DIM(attend_avx2), SE_BY_DIM(attend_base)};
+const TileFn kTile[kSets][6] = {SE_BY_DIM(attend_tile_avx512), SE_BY_DIM(attend_tile_avx2),
+                                SE_BY_DIM(attend_tile_base)};
+
+int best_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return 0;
+  if (__builtin_cpu_supports("avx2")) return 1;
+  return 2;
+}
+#else
+constexpr int kSets = 1;
+const char* const kIsaNames[kSets] = {"portable"};
+const AttendFn kAttend[kSets][6] = {SE_BY_DIM(attend_base)};
+const TileFn kTile[kSets][6] = {SE_BY_DIM(attend_tile_base)};
+
+int best_isa() { return 0; }
+#endif
 #undef SE_BY_DIM
 
 int dim_slot(int64_t dim) {
@@ -374,15 +397,6 @@ int dim_slot(int64_t dim) {
     case 256: return 4;
     default: return 5;
   }
-}
-
-const char* const kIsaNames[3] = {"avx512f", "avx2", "sse2"};
-
-int best_isa() {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return 0;
-  if (__builtin_cpu_supports("avx2")) return 1;
-  return 2;
 }
 
 std::atomic<int> g_isa{-1};
@@ -399,7 +413,7 @@ std::string cpu_isa() { return kIsaNames[current_isa()]; }
 
 std::string set_cpu_isa(const std::string& name) {
   const int best = best_isa();
-  for (int i = 0; i < 3; ++i) {
+  for (int i = 0; i < kSets; ++i) {
     if (name != kIsaNames[i]) continue;
     if (i < best) return "set_isa: this CPU has no " + name + " (it has " + kIsaNames[best] + ")";
     g_isa.store(i, std::memory_order_relaxed);
@@ -409,7 +423,9 @@ std::string set_cpu_isa(const std::string& name) {
     g_isa.store(best, std::memory_order_relaxed);
     return {};
   }
-  return "set_isa: unknown instruction set " + name + " (avx512f, avx2, sse2 or best)";
+  std::string known;
+  for (int i = 0; i < kSets; ++i) known += std::string(kIsaNames[i]) + ", ";
+  return "set_isa: unknown instruction set " + name + " (" + known + "or best)";
 }
 
 std::string paged_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out,

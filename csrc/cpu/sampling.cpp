@@ -8,14 +8,14 @@
 // is bit-identical to the reference's (tested). Built with the strict flags (no contraction, no
 // relaxed math); each element is independent, so the bits do not depend on the thread count.
 #include "sampling.h"
+#include "isa.h"
 
 namespace selfeval_cpu {
 namespace {
 
 constexpr float kUMax = 1.0f - 1.0f / 16777216.0f;  // kernels.sampling.U_MAX
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) void uniforms_row(uint32_t key, const int64_t* cols,
-                                                                               float* out, int64_t n) {
+SELFEVAL_CLONES void uniforms_row(uint32_t key, const int64_t* cols, float* out, int64_t n) {
   for (int64_t c = 0; c < n; ++c) {
     uint32_t x = key ^ static_cast<uint32_t>(cols[c]);
     x = (x ^ (x >> 16)) * 0x7FEB352Du;

@@ -275,7 +275,7 @@ def instruction_sets() -> list[str]:
     """The instruction sets engine._cpu's attention can run with on this CPU, widest first."""
     ext, found = cpu_ops.extension(), []
     best = ext.isa()
-    for name in ("avx512f", "avx2", "sse2"):
+    for name in ("avx512f", "avx2", "sse2", "portable"):
         try:
             ext.set_isa(name)
         except ValueError:
@@ -293,7 +293,8 @@ def test_every_instruction_set_gives_the_same_bits(heads, kv_heads, dim):
     # rows come out the same on AVX-512, AVX2 and SSE (each one this CPU has), and match the reference
     ext = cpu_ops.extension()
     sets = instruction_sets()
-    assert "sse2" in sets and len(sets) >= 2  # x86-64: SSE always, and this build's vector set
+    if sets != ["portable"]:  # x86-64's dispatch (other targets, or SELFEVAL_PORTABLE_CPU: one build)
+        assert sets[-1] == "sse2" and len(sets) >= 2, sets
     q, kc, vc, tables, ctx, qsl = chunk_batch(11, [1, 37, 1, 5], [30, 12, 200, 0], heads, kv_heads, dim,
                                               width=16)
     d_q, d_kc, d_vc, d_tables, d_ctx = decode_batch(5, 9, heads, kv_heads, dim)
@@ -318,9 +319,9 @@ def test_every_instruction_set_gives_the_same_bits(heads, kv_heads, dim):
 @needs_cpu_ext
 def test_set_isa_refuses_what_it_cannot_run():
     ext = cpu_ops.extension()
-    with pytest.raises(ValueError, match="unknown instruction set neon"):
-        ext.set_isa("neon")
-    if "avx512f" not in instruction_sets():
+    with pytest.raises(ValueError, match="unknown instruction set avx10"):
+        ext.set_isa("avx10")
+    if instruction_sets()[0] in ("avx2", "sse2"):
         with pytest.raises(ValueError, match="this CPU has no avx512f"):
             ext.set_isa("avx512f")
     assert ext.isa() == instruction_sets()[0]
