@@ -35,8 +35,8 @@ const int32_t* i32(uintptr_t p) { return reinterpret_cast<const int32_t*>(p); }
 // A 16-lane float vector held as P native registers: one AVX-512 register (P = 1), two AVX2 ones
 // (P = 2) or four SSE ones (P = 4). Every operation is lane by lane, and hsum and sum16 add in one
 // fixed order, so each instantiation computes the same lanes in the same order: for head sizes 16
-// to 256 every instruction set gives the same bits (other head sizes take dot_any, whose sum
-// follows the vector width). A 16-lane GCC vector type in a function built for AVX2 is lowered
+// to 256 every instruction set gives the same bits (a decode row of another head size takes
+// dot_any, whose sum follows the vector width). A 16-lane GCC vector type in a function built for AVX2 is lowered
 // through the stack: with one such type for every ISA (target_clones), the AVX2 build ran 5-8x
 // slower than this (bench/cpu_attention.py, 2-core EPYC). Loads and stores go through memcpy per
 // register (no alignment assumed).
@@ -133,8 +133,8 @@ inline float dot_any(const float* q, const float* k, int64_t dim) {
 // blk (rows c_s0 apart from kc / vc), into out [group, dim]. scores [group, n_ctx] and acc
 // [group, dim] are scratch. DIM: the head size when it is 16, 32, 64, 128 or 256, else 0 (a plain loop).
 // Per key: its K row is loaded once for all the group's query heads (16-lane products, one
-// horizontal sum each), and its V row once for all their accumulators. Cloned per vector ISA
-// (AVX-512, AVX2, baseline) and picked when the module loads.
+// horizontal sum each), and its V row once for all their accumulators. Instantiated per
+// instruction set (attend_avx512 and the others below), picked at the first call.
 template <int64_t DIM, int P>
 SE_INLINE void attend(
     const float* q, int64_t q_s1, int64_t group, const float* kc, const float* vc, int64_t c_s0,
