@@ -24,6 +24,12 @@ class EngineConfig:
     enable_prefix_caching: requests whose prompts start with cached full blocks reuse them.
     tensor_parallel_size: the model split over this many processes (engine.tensor_parallel);
     tensor_parallel_timeout: seconds a collective waits for a stuck rank before failing.
+    score_cache_tokens: the self-evaluation scores of the last sequences scored are kept, by their
+    token ids, up to this many tokens in all (least recently used go first; 0 turns it off): a
+    sample scored again at the same tokens (another run of the same seeded samples, a policy
+    asking twice, POST /v1/score on a pair scored before) takes the score without its suffix,
+    as prefix caching takes a prompt's blocks. Equal to the computed score up to rounding (as any
+    change of batch). Benchmarks that time scoring turn it off.
     async_scheduling: launch the next decode step before the host has the current one's tokens
     (they feed it on the device), so host work overlaps device work (EngineCore._step_transaction);
     the tokens are the synchronous loop's. Off by default, as in vLLM; one process only."""
@@ -45,6 +51,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     tensor_parallel_timeout: float = 60.0
     async_scheduling: bool = False
+    score_cache_tokens: int = 1 << 20
 
     def __post_init__(self) -> None:
         if isinstance(self.dtype, str):
@@ -75,6 +82,9 @@ class EngineConfig:
             positive_int(name)
         for name in ("num_blocks", "max_model_len", "kv_cache_memory"):
             positive_int(name, allow_none=True)
+        v = self.score_cache_tokens
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise InvalidRequestError(f"score_cache_tokens must be an integer >= 0, got {v!r}")
         if self.async_scheduling and self.tensor_parallel_size > 1:
             raise InvalidRequestError(
                 "async_scheduling runs in one process: not with tensor_parallel_size > 1")

@@ -86,7 +86,8 @@ class EngineCore:
         self.scheduler = Scheduler(self.block_manager, self.spec, config.max_batch_tokens,
                                    config.max_num_seqs, self.max_model_len, eos,
                                    prefix_caching=config.enable_prefix_caching,
-                                   cache_namespace=_namespace(config.adapter))
+                                   cache_namespace=_namespace(config.adapter),
+                                   score_cache_tokens=config.score_cache_tokens)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler)
         self.requests: dict[int, Request] = {}
         self.rng = random.Random(config.seed)
@@ -374,8 +375,10 @@ class EngineCore:
             with phase("prepare"):
                 self.scheduler.layout(out)
             if not out.seqs:
-                if self.scheduler.has_work() and not probe:
+                if self.scheduler.has_work() and not probe and not out.cached_scores:
                     raise RuntimeError("the scheduler could not place any sequence: KV cache too small")
+                for request in changed:  # samples that ended while scheduling (a cached end score)
+                    touched[request.request_id] = request
                 return
             flight = self._launch(out, phase, probe=probe)
         ahead = None
@@ -394,10 +397,14 @@ class EngineCore:
         if every:
             for seq in out.seqs:
                 touched[seq.request.request_id] = seq.request
+            for request in changed:  # a sample the scheduler ended without a row (a cached end score)
+                touched.setdefault(request.request_id, request)
         elif changed:
             for seq in out.seqs:
                 if seq.request in changed:
                     touched[seq.request.request_id] = seq.request
+            for request in changed:
+                touched.setdefault(request.request_id, request)
         self._flight = ahead
 
     def _launch(self, out: SchedulerOutput, phase, probe: bool = False, token_ids=None) -> _Flight:

@@ -146,6 +146,7 @@ class RequestStats:
     generated_tokens: int = 0
     score_calls: int = 0
     suffix_tokens: int = 0
+    cached_scores: int = 0  # scores taken from the score cache (no suffix computed): not in score_calls
     preemptions: int = 0
     latency_s: float = 0.0
     samples_drawn: int = 0

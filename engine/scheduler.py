@@ -7,7 +7,7 @@ update_from_output() takes the sampled tokens and scores back."""
 from __future__ import annotations
 
 import itertools
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +18,60 @@ from engine.sequence import SeqStatus, Sequence, sample_seed
 from engine.step_input import StepInput, prepare_decode, prepare_step
 
 _RUNNING = SeqStatus.RUNNING  # a global is read faster than an enum member (Python 3.11)
+
+
+class ScoreCache:
+    """Self-evaluation scores by the token ids scored (prompt and response so far), the least
+    recently used dropped once the keys hold more than max_tokens tokens in all. Keys are the
+    whole token tuples, compared in full (no hash collisions)."""
+
+    def __init__(self, max_tokens: int):
+        self.max_tokens, self.tokens = max_tokens, 0
+        self._scores: OrderedDict[tuple[int, ...], tuple[float, float, float]] = OrderedDict()
+        # (key, the entry it replaced or dropped or None) for each change since begin(): undo()
+        # takes a step's changes back with the step (a probe's too), so an undone step leaves the
+        # cache as it found it and the steps after it hit and miss as an uninterrupted run does.
+        self._journal: list = []
+
+    def __len__(self) -> int:
+        return len(self._scores)
+
+    def get(self, token_ids) -> tuple[float, float, float] | None:
+        key = tuple(token_ids)
+        score = self._scores.get(key)
+        if score is not None:
+            self._scores.move_to_end(key)
+        return score
+
+    def put(self, token_ids, score: tuple[float, float, float]) -> None:
+        key = tuple(token_ids)
+        if len(key) > self.max_tokens:
+            return
+        self._journal.append((key, self._scores.get(key)))
+        if key in self._scores:
+            self._scores.move_to_end(key)
+        else:
+            self.tokens += len(key)
+        self._scores[key] = score
+        while self.tokens > self.max_tokens:
+            old, value = self._scores.popitem(last=False)
+            self._journal.append((old, value))
+            self.tokens -= len(old)
+
+    def begin(self) -> None:
+        self._journal = []
+
+    def undo(self) -> None:
+        """Take back every change since begin(), latest first."""
+        for key, value in reversed(self._journal):
+            if value is None:
+                if self._scores.pop(key, None) is not None:
+                    self.tokens -= len(key)
+            else:
+                if key not in self._scores:
+                    self.tokens += len(key)
+                self._scores[key] = value
+        self._journal = []
 
 
 @dataclass
@@ -33,6 +87,7 @@ class SchedulerOutput:
     sample_seqs: list[Sequence] = field(default_factory=list)
     score_seqs: list[Sequence] = field(default_factory=list)
     decodes: int = 0  # the first `decodes` seqs each sample their next token off their last one
+    cached_scores: int = 0  # scores the cache gave while scheduling (a step may then have no rows)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -41,8 +96,9 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, spec: SelfEvalSpec, max_batch_tokens: int,
                  max_num_seqs: int, max_model_len: int, eos_token_ids: set[int],
-                 prefix_caching: bool = True, cache_namespace: int = 0):
+                 prefix_caching: bool = True, cache_namespace: int = 0, score_cache_tokens: int = 0):
         self.bm = block_manager
+        self.score_cache = ScoreCache(score_cache_tokens) if score_cache_tokens else None
         self.prefix_caching = prefix_caching
         self.cache_namespace = cache_namespace
         self.spec = spec
@@ -103,7 +159,9 @@ class Scheduler:
     def schedule(self, layout: bool = True) -> SchedulerOutput:
         """Pick the step's sequences and (layout) place their tokens: out.step is the StepInput.
         layout=False leaves that to a later self.layout(out) (to time the two apart)."""
+        served = self._serve_cached_scores() if self.score_cache else 0
         out = self._schedule_once()
+        out.cached_scores = served
         while not out.seqs and self.waiting and self.running and self.only is None:
             # Nothing running has work (a root whose samples were preempted, say) yet it holds
             # the blocks the queue's head needs: free the youngest and try again.
@@ -112,6 +170,31 @@ class Scheduler:
         if layout:
             self.layout(out)
         return out
+
+    def _serve_cached_scores(self) -> int:
+        """Sequences waiting for a score the cache holds (the same tokens scored before), running
+        or next in the queue, take it now: no suffix is computed, and the step runs them as it
+        would after a scored step (a generating one decodes its next token; one whose generation
+        ended, or that only asked for a score, is released)."""
+        cache, served = self.score_cache, 0
+        waiting = itertools.islice(self.waiting, self.max_num_seqs)  # those this step may admit
+        for seq in [s for s in itertools.chain(self.running, waiting) if s.pending_score]:
+            score = cache.get(seq.token_ids)
+            if score is not None:
+                seq.pending_score = False
+                seq.request.stats.cached_scores += 1
+                self._record_score(seq, score)
+                served += 1
+        return served
+
+    def _record_score(self, seq: Sequence, score: tuple[float, float, float]) -> None:
+        """A score of seq at its current tokens: a checkpoint score while it generates (or at a
+        requested checkpoint), its end score once it ended (then released)."""
+        if seq.generating or seq.num_generated in seq.request.score_at:
+            seq.checkpoint_scores.append((seq.num_generated, score[0]))
+        if not seq.generating:
+            seq.score = score
+            self.release(seq)
 
     def _schedule_once(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -292,6 +375,8 @@ class Scheduler:
             requests.add(self.only)
         requests = list(requests)
         seqs = [s for r in requests for s in r.seqs]
+        if self.score_cache is not None:
+            self.score_cache.begin()
         return (list(self.waiting), list(self.running), seqs, [s.state() for s in seqs], requests,
                 [r.state() for r in requests])
 
@@ -299,6 +384,8 @@ class Scheduler:
         """Put back a snapshot after the block manager rolled back; sequences holding a block
         whose KV the undone step may have overwritten are recomputed (preempted)."""
         waiting, running, seqs, seq_states, requests, request_states = snapshot
+        if self.score_cache is not None:
+            self.score_cache.undo()
         self.waiting, self.running = deque(waiting), list(running)
         for seq, state in zip(seqs, seq_states):
             seq.restore(state)
@@ -358,15 +445,15 @@ class Scheduler:
                 seq.pending_score = False
             if caching and seq.num_computed // bs > before // bs and seq.status is _RUNNING:
                 self._cache_computed(seq)
-        for seq, suffix, (score, p_yes, p_no) in zip(out.score_seqs, (x for x in out.suffixes if x), scores):
+        cache = self.score_cache
+        for seq, suffix, score in zip(out.score_seqs, (x for x in out.suffixes if x), scores):
             stats = seq.request.stats
             stats.score_calls += 1
             stats.suffix_tokens += len(suffix)
-            if seq.generating or seq.num_generated in seq.request.score_at:
-                seq.checkpoint_scores.append((seq.num_generated, score))
-            if not seq.generating:
-                seq.score = (score, p_yes, p_no)
-                self.release(seq)
+            score = tuple(score)
+            if cache is not None:  # the tokens scored: the sequence before this step's token
+                cache.put(seq.token_ids, score)
+            self._record_score(seq, score)
         eos, max_len = self.eos_token_ids, self.max_model_len
         for seq, token, logprob in zip(out.sample_seqs, tokens, logprobs):
             token_ids = seq.token_ids

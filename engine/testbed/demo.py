@@ -64,10 +64,20 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
     def bar(what: str) -> str | bool:
         return what if use_tqdm else False
 
+    # The runs below repeat the best-of-16 run's seeded samples: the engine's score cache hands
+    # their scores back (EngineConfig.score_cache_tokens) rather than computing each suffix again.
+    scores = {"computed": 0, "from_cache": 0}
+
+    def chat(*args, **kwargs):
+        res = eng.chat(*args, **kwargs)
+        scores["computed"] += sum(o.stats.score_calls for o in res)
+        scores["from_cache"] += sum(o.stats.cached_scores for o in res)
+        return res
+
     def accuracy(results) -> float:
         return _mean(verify(r, o.best.text) for r, o in zip(records, results))
 
-    greedy = eng.chat(convs, SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=bar("greedy"))
+    greedy = chat(convs, SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=bar("greedy"))
     greedy_acc = _mean(verify(r, o.samples[0].text) for r, o in zip(records, greedy))
 
     n_max = max(NS)
@@ -76,7 +86,7 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
     # Seeds differ per prompt (one shared seed would correlate sample i across prompts) and repeat
     # across runs: sample i of a policy run below is sample i of this run, token for token, until
     # the policy drops it, so the policies and the offline baselines judge the same samples.
-    outs = eng.chat(convs, seeds_per_prompt(params, len(convs)), use_tqdm=bar(f"{n_max} samples each"))
+    outs = chat(convs, seeds_per_prompt(params, len(convs)), use_tqdm=bar(f"{n_max} samples each"))
     correct = [[verify(r, s.text) for s in o.samples] for r, o in zip(records, outs)]
     sample_acc = _mean(c for row in correct for c in row)
     lengths = [len(s.token_ids) for o in outs for s in o.samples]
@@ -137,12 +147,12 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
                            len(convs))
     first = Adaptive(0.0, max_samples=n_max)  # scores are in [0, 1]: every request stops after round 1
     every = Adaptive(2.0, max_samples=n_max)  # never reached: every round is drawn
-    first_acc = accuracy(eng.chat(convs, one, use_tqdm=bar("adaptive, first round only"), policy=first))
-    every_acc = accuracy(eng.chat(convs, one, use_tqdm=bar("adaptive, every round"), policy=every))
+    first_acc = accuracy(chat(convs, one, use_tqdm=bar("adaptive, first round only"), policy=first))
+    every_acc = accuracy(chat(convs, one, use_tqdm=bar("adaptive, every round"), policy=every))
     full_gain = every_acc - first_acc
     adaptive = []
     for th in thresholds:
-        res = eng.chat(convs, one, use_tqdm=bar(f"adaptive, threshold {th}"),
+        res = chat(convs, one, use_tqdm=bar(f"adaptive, threshold {th}"),
                        policy=Adaptive(th, max_samples=n_max))
         acc = accuracy(res)
         adaptive.append({"threshold": th, "avg_samples": _mean(len(o.samples) for o in res), "acc": acc,
@@ -164,7 +174,7 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
     for c in checkpoints:
         for keep in keeps:
             policy = Prune(n_max, checkpoints=(c,), keep=keep)
-            res = eng.chat(convs, one, use_tqdm=bar(f"prune at {c} tokens, keep {keep}"), policy=policy)
+            res = chat(convs, one, use_tqdm=bar(f"prune at {c} tokens, keep {keep}"), policy=policy)
             generated = sum(o.stats.generated_tokens for o in res)
             offline = {name: _prune_offline(outs, correct, c, keep, rank, seed)
                        for name, rank in (("selfeval", lambda s, c: dict(s.checkpoint_scores).get(c)),
@@ -184,7 +194,8 @@ def run_demo(out_dir: str | Path, model: str | Path = BUNDLED, adapter: str | Pa
                "setup": {"task": task.NAME, "problems": num_problems, "temperature": temperature,
                          "max_tokens": max_tokens, "seed": seed, "levels": task.DEMO_LEVELS,
                          "model": str(model), "adapter": str(adapter), "checkpoints": list(checkpoints),
-                         "combined_fit": combined.params.get("fit") if combined is not None else None}}
+                         "combined_fit": combined.params.get("fit") if combined is not None else None,
+                         "scores": scores}}
     results["goals"] = _goals(results, curve)
     results["setup"]["seconds"] = round(time.perf_counter() - start, 1)
     out = Path(out_dir)
@@ -418,6 +429,10 @@ def _print(r: dict, log) -> None:
         log(f"habits      answered directly {fmt(h['direct_share'])} of samples "
             f"(acc {fmt(h['direct_acc'])}), with working acc {fmt(h['worked_acc'])}; "
             f"of best-of-16 self-eval picks {fmt(h['direct_share_of_selfeval_picks'])} direct")
+    sc = r["setup"].get("scores")
+    if sc:
+        log(f"scores      {sc['computed']} computed, {sc['from_cache']} from the engine's score cache (the "
+            "policy runs repeat the best-of-16 run's seeded samples)")
     log("goals       (issue 16)")
     for g in r["goals"]:
         log(f"  {'met' if g['met'] else 'NOT MET':<8}  {g['goal']}: {fmt(g['value'])} "

@@ -12,7 +12,9 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def eng(llama_dir):
-    return Engine(str(llama_dir), block_size=4, num_blocks=1024)
+    # No score cache: tests here score the same tokens in two ways and compare (it would hand the
+    # first score back; test_score_cache.py covers it).
+    return Engine(str(llama_dir), block_size=4, num_blocks=1024, score_cache_tokens=0)
 
 
 def _prompts(eng, lengths, seed=0):

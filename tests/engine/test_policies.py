@@ -38,7 +38,10 @@ class Stub(Scorer):
 
 @pytest.fixture(scope="module")
 def engine(llama_dir):
-    return Engine(str(llama_dir), block_size=4, num_blocks=256, max_batch_tokens=256)
+    # No score cache: tests here compare scores computed in different batches (test_score_cache.py
+    # covers policies on cached scores).
+    return Engine(str(llama_dir), block_size=4, num_blocks=256, max_batch_tokens=256,
+                  score_cache_tokens=0)
 
 
 def _prompt(engine, seed=0, n=11):

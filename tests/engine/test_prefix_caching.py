@@ -21,8 +21,9 @@ def _prompts(vocab, seed=0):
 def test_outputs_are_the_same_with_caching_on_and_off(llama_dir, block_size):
     outs = {}
     for caching in (True, False):
+        # no score cache: the second greedy run's scores are computed over the cached prompt blocks
         eng = Engine(str(llama_dir), block_size=block_size, num_blocks=4096 // block_size,
-                     enable_prefix_caching=caching)
+                     enable_prefix_caching=caching, score_cache_tokens=0)
         prompts = _prompts(eng.model.config.vocab_size)
         greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, score_at=(5,), score=True)
         sampled = SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True, seed=3, n=3)
