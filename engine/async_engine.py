@@ -65,6 +65,7 @@ class _Stats:
     step_seconds: float = 0.0
     tokens_generated: int = 0
     score_calls: int = 0
+    scores_cached: int = 0
     samples_pruned: int = 0
     requests_finished: int = 0
     requests_failed: int = 0
@@ -348,6 +349,7 @@ class AsyncEngine:
         s = self._stats
         return {**self._live, "steps": s.steps, "step_seconds_total": s.step_seconds,
                 "tokens_generated": s.tokens_generated, "score_calls": s.score_calls,
+                "scores_cached": s.scores_cached,
                 "samples_pruned": s.samples_pruned, "requests_finished": s.requests_finished,
                 "requests_failed": s.requests_failed, "requests_in_flight": len(self._streams)}
 
@@ -447,6 +449,7 @@ class AsyncEngine:
                 st = item.output.stats
                 s.tokens_generated += st.generated_tokens
                 s.score_calls += st.score_calls
+                s.scores_cached += st.cached_scores
                 s.samples_pruned += st.samples_pruned
                 s.requests_finished += 1
                 s.requests_failed += item.output.error is not None

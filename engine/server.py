@@ -494,7 +494,8 @@ def _prometheus(stats: dict) -> str:
     gauges = {"requests_running": "requests with a sequence running", "requests_waiting":
               "requests waiting to start", "kv_blocks_used": "KV blocks in use", "kv_blocks_cached":
               "KV blocks holding cached prefixes", "kv_blocks_total": "KV blocks in the pool"}
-    counters = {"tokens_generated": "tokens generated", "score_calls": "self-evaluation scores",
+    counters = {"tokens_generated": "tokens generated", "score_calls": "self-evaluation scores computed",
+                "scores_cached": "self-evaluation scores taken from the score cache",
                 "samples_pruned": "samples pruned by policies", "steps": "engine steps",
                 "step_seconds_total": "seconds spent in steps", "requests_finished": "requests finished",
                 "steps_ran_ahead": "decode steps launched before the last one's tokens were back "

@@ -203,6 +203,14 @@ def test_stop_policy_and_score_extensions(server, client):
                                                      "response": ["c", "d"]}).json()
     assert [d["index"] for d in scores["data"]] == [0, 1]
     assert all(0 <= d["score"] <= 1 for d in scores["data"])
+    # the same pairs again: from the engine's score cache, counted apart from computed scores
+    before = _metrics(server)
+    again = httpx.post(f"{server}/v1/score", json={"model": "m", "prompt": ["a", "b"],
+                                                    "response": ["c", "d"]}).json()
+    after = _metrics(server)
+    assert [d["score"] for d in again["data"]] == [d["score"] for d in scores["data"]]
+    assert after["selfeval_scores_cached_total"] - before["selfeval_scores_cached_total"] == 2
+    assert after["selfeval_score_calls_total"] == before["selfeval_score_calls_total"]
 
 
 @pytest.mark.parametrize("body,status,param", [
