@@ -21,7 +21,9 @@ def _config(args):
     return EngineConfig(model=args.model, device=args.device, block_size=args.block_size, adapter=adapter,
                         load_format=getattr(args, "load_format", "auto"),
                         tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
-                        async_scheduling=getattr(args, "async_scheduling", False))
+                        async_scheduling=getattr(args, "async_scheduling", False),
+                        **({"score_cache_tokens": args.score_cache_tokens}
+                           if getattr(args, "score_cache_tokens", None) is not None else {}))
 
 
 def _engine(args):
@@ -330,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--async-scheduling", action="store_true",
                     help="launch each decode step before the host has the last one's tokens (overlaps "
                          "host and GPU work; same outputs; one process only)")
+    sv.add_argument("--score-cache-tokens", type=int, default=None,
+                    help="tokens of scored sequences whose self-evaluation scores are kept for reuse "
+                         "(default 1M; 0 turns the score cache off)")
     sv.add_argument("--max-waiting", type=positive_int, default=None,
                     help="answer 503 while this many requests wait (default: no bound)")
     sv.add_argument("--log-level", default="warning", help="uvicorn log level")

@@ -30,7 +30,8 @@ class ScoreCache:
         self._scores: OrderedDict[tuple[int, ...], tuple[float, float, float]] = OrderedDict()
         # (key, the entry it replaced or dropped or None) for each change since begin(): undo()
         # takes a step's changes back with the step (a probe's too), so an undone step leaves the
-        # cache as it found it and the steps after it hit and miss as an uninterrupted run does.
+        # cache holding what it held (its least-recently-used order may differ: once the cache is
+        # full, which entry goes next may then differ from an uninterrupted run's).
         self._journal: list = []
 
     def __len__(self) -> int:
@@ -159,7 +160,8 @@ class Scheduler:
     def schedule(self, layout: bool = True) -> SchedulerOutput:
         """Pick the step's sequences and (layout) place their tokens: out.step is the StepInput.
         layout=False leaves that to a later self.layout(out) (to time the two apart)."""
-        served = self._serve_cached_scores() if self.score_cache else 0
+        # Not in a probe (`only`: EngineCore._isolate): it must change nothing it does not undo.
+        served = self._serve_cached_scores() if self.score_cache and self.only is None else 0
         out = self._schedule_once()
         out.cached_scores = served
         while not out.seqs and self.waiting and self.running and self.only is None:

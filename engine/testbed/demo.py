@@ -404,6 +404,8 @@ def _print(r: dict, log) -> None:
         "(the paper: 74% of best-of-16's gain, on Llama 3.1 8B)")
     log("prune       n=16; at the checkpoint keep a share of the samples still generating; pick by the end "
         "self-eval score")
+    log("            (scores of the best-of-16 run's samples come from the score cache and land in the step "
+        "they are asked for; computed ones can wait for room in a step: 1-5 points fewer tokens saved)")
     log("            checkpoint  keep   pruned  tokens saved  acc: self-eval  random  logprob so far  "
         "(self-eval replayed)")
     for p in r["prune"]:

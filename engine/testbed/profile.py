@@ -86,6 +86,7 @@ def run_one(name: str, make_policy, model: str, adapter: str | None, device: str
         "samples_drawn": sum(s.samples_drawn for s in stats),
         "samples_pruned": sum(s.samples_pruned for s in stats),
         "score_calls": sum(s.score_calls for s in stats),
+        "scores_cached": sum(s.cached_scores for s in stats),
         "prompt_tokens": sum(s.prompt_tokens for s in stats),
         "cached_prompt_tokens": sum(s.cached_prompt_tokens for s in stats),
         "peak_kv_blocks": max((s.blocks_used for s in steps), default=0),

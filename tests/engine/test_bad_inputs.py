@@ -195,9 +195,11 @@ def test_engine_errors_are_one_family():
     assert issubclass(InvalidRequestError, EngineError) and issubclass(CheckpointError, EngineError)
 
 
-def test_numpy_integers_are_integers_and_an_empty_token_response_scores_like_an_empty_string(eng, reference):
+def test_numpy_integers_are_integers_and_an_empty_token_response_scores_like_an_empty_string(llama_dir, eng,
+                                                                                            reference):
     np = pytest.importorskip("numpy")
     params = SamplingParams(temperature=0.0, max_tokens=np.int64(8), ignore_eos=True, seed=np.int64(3))
     assert type(params.max_tokens) is int and type(params.seed) is int
     assert eng.generate([P], params)[0].samples[0].token_ids == reference
-    assert eng.score([P], [[]]) == eng.score([P], [""])
+    fresh = Engine(str(llama_dir), block_size=4, num_blocks=128, score_cache_tokens=0)  # both computed
+    assert fresh.score([P], [[]]) == fresh.score([P], [""])

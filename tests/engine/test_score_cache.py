@@ -126,3 +126,30 @@ def test_an_undone_step_takes_its_entries_back():
 def test_score_cache_tokens_is_checked(llama_dir, bad):
     with pytest.raises(InvalidRequestError, match="score_cache_tokens"):
         Engine(str(llama_dir), score_cache_tokens=bad)
+
+
+def test_a_failed_step_and_its_probes_deliver_a_request_served_from_the_cache(llama_dir, monkeypatch):
+    # a step fails (another request's sampling raises): the probes that find the culprit serve no
+    # cached score (they would commit it unseen); the request served from the cache is delivered
+    eng = Engine(str(llama_dir), block_size=4, num_blocks=64)
+    prompt, response = [5, 6, 7, 8, 9], [11, 12, 13]
+    first = eng.score([prompt], [response])[0]
+    real = eng.core._sample
+
+    def picky(out, logits, *rest):
+        if any(s.temperature == 0.5 for s in out.sample_seqs):
+            raise ValueError("unsupported temperature")
+        return real(out, logits, *rest)
+
+    monkeypatch.setattr(eng.core, "_sample", picky)
+    a = eng.add_request(prompt + response, SamplingParams(max_tokens=0, score=True))
+    b = eng.add_request([1, 2, 3], SamplingParams(temperature=0.5, max_tokens=4, ignore_eos=True))
+    got = {}
+    for _ in range(30):
+        got.update((o.request_id, o) for o in eng.step())
+        if not eng.has_unfinished_requests():
+            break
+    assert sorted(got) == [a, b] and not eng.has_unfinished_requests()
+    assert got[a].samples[0].score == first and got[a].stats.cached_scores == 1
+    assert "unsupported temperature" in got[b].error
+    assert eng.num_free_blocks == 64
