@@ -44,6 +44,12 @@ from engine.policies import BestOfN, Prune  # noqa: E402
 KINDS = ("plain", "best_of_4", "prune")
 
 
+def warmup(work: list[dict]) -> list[dict]:
+    """The first 8 requests under other seeds: a warm-up whose samples (and self-evaluation scores,
+    which the engine's score cache keeps) the timed run does not repeat."""
+    return [{**it, "seed": it["seed"] + 1_000_000} for it in work[:8]]
+
+
 def workload(n: int, max_tokens: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     words = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing".split()
@@ -103,7 +109,7 @@ def offline_seconds(path: str, work: list[dict], device: str, concurrency: int |
                   else Prune(4, checkpoints=(8,), keep=0.5))
         return eng.add_request(it["prompt"], params, policy)
 
-    eng.run_until_done([add(it) for it in work[:8]])  # warm-up
+    eng.run_until_done([add(it) for it in warmup(work)])
     pending, live, tokens = list(reversed(work)), set(), 0
     limit = concurrency or len(work)
     start, cpu = time.perf_counter(), time.process_time()
@@ -187,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for child in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
                     pin(int(child), engine_core)
                 pin(os.getpid(), other_cores)
-            asyncio.run(drive(url, work[:8], 8))  # warm-up
+            asyncio.run(drive(url, warmup(work), 8))
             before = httpx.get(f"{url}/metrics").text
             cpu_server, cpu_client = cpu_seconds(proc.pid), cpu_seconds()
             start = time.perf_counter()
