@@ -109,19 +109,25 @@ def test_generate_interrupted_leaves_nothing_behind(llama_dir, monkeypatch):
     assert [len(o.samples[0].token_ids) for o in eng.generate([[5, 6, 7]], params)] == [8]
 
 
+def reject_temperature(eng, monkeypatch, temperature=0.5):
+    """Make eng's sampler raise on any step with a sample at `temperature`: that request's own
+    input makes every step it is in fail."""
+    real = eng.core._sample
+
+    def picky(out, logits, *rest):
+        if any(s.temperature == temperature for s in out.sample_seqs):
+            raise ValueError("unsupported temperature")
+        return real(out, logits, *rest)
+
+    monkeypatch.setattr(eng.core, "_sample", picky)
+
+
 def test_a_request_that_makes_every_step_fail_is_failed_alone(llama_dir, monkeypatch):
     """Its own input (here: a temperature the sampler rejects) fails it; the others go on."""
     eng = Engine(str(llama_dir), block_size=4, num_blocks=64)
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     expected = eng.generate([[5, 6, 7], [9, 10]], params)
-    real = eng.core._sample
-
-    def picky(out, logits, *rest):
-        if any(s.temperature == 0.5 for s in out.sample_seqs):
-            raise ValueError("unsupported temperature")
-        return real(out, logits, *rest)
-
-    monkeypatch.setattr(eng.core, "_sample", picky)
+    reject_temperature(eng, monkeypatch)
     bad = SamplingParams(temperature=0.5, max_tokens=6, ignore_eos=True)
     outs = eng.generate([[5, 6, 7], [1, 2, 3], [9, 10]], [params, bad, params])
     assert [o.samples[0].token_ids for o in (outs[0], outs[2])] == [e.samples[0].token_ids for e in expected]

@@ -5,6 +5,7 @@ final-only steps deliver requests whose last sample ended on a cached score, the
 most its tokens, and an undone step takes its entries back."""
 
 import pytest
+from test_fault_injection import reject_temperature
 
 from engine import Engine, SamplingParams
 from engine.errors import InvalidRequestError
@@ -134,14 +135,7 @@ def test_a_failed_step_and_its_probes_deliver_a_request_served_from_the_cache(ll
     eng = Engine(str(llama_dir), block_size=4, num_blocks=64)
     prompt, response = [5, 6, 7, 8, 9], [11, 12, 13]
     first = eng.score([prompt], [response])[0]
-    real = eng.core._sample
-
-    def picky(out, logits, *rest):
-        if any(s.temperature == 0.5 for s in out.sample_seqs):
-            raise ValueError("unsupported temperature")
-        return real(out, logits, *rest)
-
-    monkeypatch.setattr(eng.core, "_sample", picky)
+    reject_temperature(eng, monkeypatch)  # request b below fails every step it is in
     a = eng.add_request(prompt + response, SamplingParams(max_tokens=0, score=True))
     b = eng.add_request([1, 2, 3], SamplingParams(temperature=0.5, max_tokens=4, ignore_eos=True))
     got = {}
