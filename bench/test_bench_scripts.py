@@ -216,3 +216,16 @@ def test_combined_scorer_save_writes_the_pairwise_fit_beside_the_adapter(tmp_pat
     assert scorer.params["fit"]["problems"] == 12 and scorer.params["pairs"] > 0
     assert len(scorer.weights) == 2 and scorer.weights[0] > 0  # the self-evaluation score counts
     assert scorer.value(0.9, [-0.1]) > scorer.value(0.1, [-0.1])
+
+
+def test_check_probe_reads_the_checking_verdict_on_whole_and_cut_short_paths(tmp_path):
+    """On the bundled model, whose pretraining taught it to check whole paths: right ones verdict
+    above wrong attempts (bench/results/check_probe-cpu.json: AUROC 1.0 on 240 problems)."""
+    metrics = _load("check_probe").main(["--problems", "12", "--out", str(tmp_path)])
+    assert metrics["whole_vs_arm"] >= 0.9
+    cuts = {r["cut"] for r in metrics["rows"]}
+    assert "whole" in cuts and {1, 2} <= cuts
+    for r in metrics["rows"]:
+        assert r["hops_left"] == (0 if r["cut"] == "whole" else r["length"] - r["cut"])
+        assert (r["auroc_vs_arm"] is None) == (r["right"] == 0 or r["arm"] == 0)
+    assert json.loads(next(tmp_path.glob("check_probe-*.json")).read_text())["metrics"]["problems"] == 12

@@ -13,7 +13,8 @@
    right/corrupted solutions, "right"/"wrong"; off by default: for arith 300 steps left the model
    checking at chance); for the path tasks, --attempt-frac mixes in wrong attempts (another arm
    followed to its end) and --check-wrong attempt makes them the checking task's wrong answers;
-   --init-from goes on from an existing checkpoint;
+   --partial-frac asks the checking task of paths cut short too (edges), --levels picks the
+   problem shapes; --init-from goes on from an existing checkpoint;
 2. measure its greedy and sampled accuracy on held-out problems;
 3. `build-data`: N samples per training prompt, verifier rewards, targets per --targets, mid-generation
    prefixes completed k times;
@@ -80,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check-questions", type=int, default=1,
                     help="how many phrasings of the checking question pretraining asks "
                          "(1: 'Check every line.' only)")
+    ap.add_argument("--partial-frac", type=float, default=0.0,
+                    help="edges: share of the checking task asked of a path cut short "
+                         "(does it lead on to the target?)")
+    ap.add_argument("--levels", default=None,
+                    help="pretraining levels, comma-separated (default: the task's PRETRAIN_LEVELS, "
+                         "else all)")
     ap.add_argument("--init-from", default=None,
                     help="start the pretrain stage from this checkpoint (its shape and tokenizer win)")
     ap.add_argument("--data-prompts", type=int, default=384)
@@ -103,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--direct-frac: the {args.task} task has no direct answers")
     checkpoints = ([int(c) for c in args.checkpoints.split(",") if c] if args.checkpoints is not None
                    else list(task.DATA_CHECKPOINTS))
+    levels = tuple(int(lv) for lv in args.levels.split(",")) if args.levels else None
     out = Path(args.out)
     work = Path(args.work) if args.work else out.parent / "build"
     work.mkdir(parents=True, exist_ok=True)
@@ -120,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = PretrainConfig(steps=args.steps, batch_size=args.batch_size, num_layers=args.layers,
                              lr=args.pretrain_lr, threads=0, direct_frac=args.direct_frac, task=args.task,
                              check_frac=args.check_frac, attempt_frac=args.attempt_frac,
-                             check_wrong=args.check_wrong, check_questions=args.check_questions)
+                             check_wrong=args.check_wrong, check_questions=args.check_questions,
+                             partial_frac=args.partial_frac, levels=levels)
         recipe["pretrain"] = pretrain(out, cfg, args.device, init_from=args.init_from)
         if args.init_from:
             recipe["pretrain"]["init_from"] = str(args.init_from)
@@ -130,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = PretrainConfig(steps=args.check_steps, batch_size=args.batch_size, lr=1e-3, warmup=20,
                              check_frac=0.5, seed=3, threads=0, task=args.task,
                              attempt_frac=args.attempt_frac, check_wrong=args.check_wrong,
-                             check_questions=args.check_questions)
+                             check_questions=args.check_questions, partial_frac=args.partial_frac,
+                             levels=levels)
         recipe["pretrain_check"] = pretrain(out, cfg, args.device, init_from=out)
         recipe["pretrain_check"]["note"] = "continued from the pretrain stage's checkpoint"
         for stage in ("base_metrics", "data", "adapter"):

@@ -14,18 +14,28 @@ where the last ended, or an end that is not the target.
 The answer ends with a line naming the node reached ("= D", the node's own token, as the question
 names the target), and `attempt` writes the wrong attempts that pretraining can mix in: with them
 (and the checking task on them) the model's wrong samples end at the wrong arm's end and say so,
-and its self-evaluation sees it (bench/results/testbed-edges-cpu.json, runs att1-att4)."""
+and its self-evaluation sees it (bench/results/testbed-edges-cpu.json, runs att1-att4).
+
+Levels 6-9 (4 and 5 arms) and `partial` (the checking task asked of a path cut short) are for
+pruning mid-path, where a right sample must be rare (so random pruning loses) and its arm told
+from a wrong one before the path ends. The model pretrained with them (runs partial1-2 of that
+file) tells a cut-short path's made-up edge (AUROC 0.93) but not its wrong arm (0.51): that needs
+the lookahead solving lacks. The bundled model and the demo use levels 0-5."""
 
 from __future__ import annotations
 
 import random
 
 from engine.testbed import paths
-from engine.testbed.paths import LEVELS, Problem  # noqa: F401  (the task's names)
+from engine.testbed.paths import Problem  # noqa: F401  (the task's names)
 
 NAME = "edges"
 NODES = "ABCDEFGHIJKLMNOP"  # 16 nodes (the largest level needs 13), 240 edge tokens; not Q, as in "Q:"
 EDGE_TOKENS = [a + b for a in NODES for b in NODES if a != b]
+# paths' six shapes, then four with more arms (a sample that picks its arm at random is right 1 time
+# in 4 or 5: problems where a right sample is rare, so pruning at random loses some)
+LEVELS = paths.LEVELS + [(4, 2), (5, 2), (4, 3), (5, 3)]
+PRETRAIN_LEVELS = [0, 1, 2, 3, 4, 5]  # pretraining's default (the bundled model's first stages)
 DEMO_LEVELS = paths.DEMO_LEVELS
 DATA_LEVELS = paths.DATA_LEVELS
 # A line is 2 tokens (the edge and a newline): checkpoints right after the 1st, 2nd and 3rd edge.
@@ -36,7 +46,7 @@ SPLIT_LETTERS = False
 
 
 def make_problem(rng: random.Random, level: int) -> Problem:
-    return paths.make_problem(rng, level, NODES, final=True)
+    return paths.make_problem(rng, level, NODES, final=True, table=LEVELS)
 
 
 def check(prompt: str, text: str) -> tuple[bool, int]:
@@ -57,8 +67,26 @@ def attempt(rng: random.Random, problem: Problem) -> str:
 
 
 def problems(n: int, seed: int, levels: list[int] | None = None) -> list[Problem]:
-    """n problems, levels cycled evenly (all levels by default)."""
-    return paths.problems(n, seed, levels, NODES, final=True)
+    """n problems, levels cycled evenly (PRETRAIN_LEVELS by default)."""
+    return paths.problems(n, seed, levels if levels is not None else PRETRAIN_LEVELS, NODES, final=True,
+                          table=LEVELS)
+
+
+def partial(rng: random.Random, problem: Problem, right: bool) -> str:
+    """A path cut short, for the checking task asked mid-way (PretrainConfig.partial_frac): the
+    first k edges (1 <= k < the path's length) of the right path when right, which lead on to the
+    target; else of a wrong attempt (another arm: its end is not the target, which the nodes
+    still ahead show), or, a third of the time, the right path's first k - 1 edges and then an
+    edge the question does not have (a sampling slip, visible where it is made)."""
+    k = rng.randrange(1, len(problem.path) - 1)
+    good = [a + b for a, b in zip(problem.path, problem.path[1:])]
+    if right:
+        return "\n".join(good[:k])
+    if rng.random() < 1 / 3:
+        at = problem.path[k - 1]
+        made_up = [at + b for b in NODES if b != at and at + b not in problem.edges]
+        return "\n".join(good[:k - 1] + [rng.choice(made_up)])
+    return "\n".join(paths.attempt(rng, problem).split("\n")[:k])
 
 
 def corrupt(rng: random.Random, problem: Problem) -> str:

@@ -62,8 +62,10 @@ class Problem:
         return {"prompt": self.question, "answer": self.answer, "level": self.level}
 
 
-def make_problem(rng: random.Random, level: int, alphabet: str = NODES, final: bool = False) -> Problem:
-    arms, length = LEVELS[level]
+def make_problem(rng: random.Random, level: int, alphabet: str = NODES, final: bool = False,
+                 table: list[tuple[int, int]] = LEVELS) -> Problem:
+    """A problem of shape table[level] (arms, nodes per arm)."""
+    arms, length = table[level]
     nodes = rng.sample(alphabet, 1 + arms * length)
     source, chains = nodes[0], [nodes[1 + i * length: 1 + (i + 1) * length] for i in range(arms)]
     edges = [f"{source}{c[0]}" for c in chains]
@@ -74,11 +76,11 @@ def make_problem(rng: random.Random, level: int, alphabet: str = NODES, final: b
 
 
 def problems(n: int, seed: int, levels: list[int] | None = None, alphabet: str = NODES,
-             final: bool = False) -> list[Problem]:
-    """n problems, levels cycled evenly (all levels by default)."""
+             final: bool = False, table: list[tuple[int, int]] = LEVELS) -> list[Problem]:
+    """n problems, levels cycled evenly (all of table's by default)."""
     rng = random.Random(seed)
-    levels = levels if levels is not None else list(range(len(LEVELS)))
-    return [make_problem(rng, levels[i % len(levels)], alphabet, final) for i in range(n)]
+    levels = levels if levels is not None else list(range(len(table)))
+    return [make_problem(rng, levels[i % len(levels)], alphabet, final, table) for i in range(n)]
 
 
 def check(prompt: str, text: str, final: bool = False) -> tuple[bool, int]:

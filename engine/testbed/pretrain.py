@@ -20,7 +20,12 @@ then the user asks CHECK_QUESTION (or, with check_questions > 1, one of that man
 so that checking answers any question about the answer, not one phrase) and the assistant says
 "right" or "wrong". The solutions are synthetic, never the model's samples, and the question
 and answer words are not the self-evaluation ones: the adapter still has to learn to use this
-skill on its own samples."""
+skill on its own samples.
+
+With partial_frac > 0 (edges) that share of the checking task is asked of a path cut short
+(edges.partial): "right" when it leads on to the target, "wrong" when it took another arm or its
+last edge is not in the question. `levels` picks the problem shapes (default: the task's
+PRETRAIN_LEVELS, what the bundled model was built on, so its recipe still rebuilds it)."""
 
 from __future__ import annotations
 
@@ -60,6 +65,8 @@ class PretrainConfig:
     attempt_frac: float = 0.0  # share of solutions that are the task's wrong attempts (paths, edges)
     check_wrong: str = "corrupt"  # the checking task's wrong solutions: the task's corrupt or attempt
     check_questions: int = 1  # how many of CHECK_QUESTIONS the checking task asks (1: the first only)
+    partial_frac: float = 0.0  # share of checking examples asked mid-way, on a cut-short path (edges)
+    levels: tuple[int, ...] | None = None  # problem levels (default: the task's PRETRAIN_LEVELS, else all)
     task: str = "arith"  # engine.testbed.TASKS
 
 
@@ -108,25 +115,35 @@ def encode_check(tokenizer, question: str, solution: str, right: bool, check: st
     return _with_reply(tokenizer, turns, "right" if right else "wrong")
 
 
+def _levels(spec, levels=None) -> list[int]:
+    if levels is not None:
+        return list(levels)
+    return list(getattr(spec, "PRETRAIN_LEVELS", range(len(spec.LEVELS))))
+
+
 def _example(tokenizer, rng, check_frac, direct_frac=0.0, task="arith", attempt_frac=0.0,
-             check_wrong="corrupt", check_questions=1):
+             check_wrong="corrupt", check_questions=1, partial_frac=0.0, levels=None):
     spec = load_task(task)
-    p = spec.make_problem(rng, rng.randrange(len(spec.LEVELS)))
+    levels = _levels(spec, levels)
+    p = spec.make_problem(rng, levels[rng.randrange(len(levels))])
     if rng.random() >= check_frac:
         if attempt_frac and rng.random() < attempt_frac:
             return encode(tokenizer, p.question, spec.attempt(rng, p))
         return encode(tokenizer, p.question, p.direct if rng.random() < direct_frac else p.solution)
     right = rng.random() < 0.5
     wrong = getattr(spec, check_wrong)  # the task's corrupt or attempt
-    solution = p.solution if right else wrong(rng, p)
+    if partial_frac and rng.random() < partial_frac:
+        solution = spec.partial(rng, p, right)  # right: it leads on to the target
+    else:
+        solution = p.solution if right else wrong(rng, p)
     check = CHECK_QUESTIONS[rng.randrange(check_questions)] if check_questions > 1 else CHECK_QUESTION
     return encode_check(tokenizer, p.question, solution, right, check)
 
 
 def _batch(tokenizer, rng, size, device, check_frac=0.0, direct_frac=0.0, task="arith", attempt_frac=0.0,
-           check_wrong="corrupt", check_questions=1):
+           check_wrong="corrupt", check_questions=1, partial_frac=0.0, levels=None):
     seqs = [_example(tokenizer, rng, check_frac, direct_frac, task, attempt_frac, check_wrong,
-                     check_questions) for _ in range(size)]
+                     check_questions, partial_frac, levels) for _ in range(size)]
     width = max(len(s) for s, _ in seqs)
     ids = torch.full((size, width), tokenizer.pad_token_id, dtype=torch.int64)
     mask = torch.zeros(size, width, dtype=torch.bool)
@@ -181,6 +198,11 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig | None = None, device: str
     if (cfg.attempt_frac or cfg.check_frac and cfg.check_wrong == "attempt") and not hasattr(
             load_task(cfg.task), "attempt"):
         raise ValueError(f"the {cfg.task} task has no wrong attempts (attempt_frac, check_wrong)")
+    if cfg.partial_frac and not hasattr(load_task(cfg.task), "partial"):
+        raise ValueError(f"the {cfg.task} task has no partial paths (partial_frac)")
+    count = len(load_task(cfg.task).LEVELS)
+    if cfg.levels is not None and not all(0 <= lv < count for lv in cfg.levels):
+        raise ValueError(f"levels {cfg.levels!r}: the {cfg.task} task has levels 0-{count - 1}")
     if cfg.direct_frac and not hasattr(load_task(cfg.task).Problem, "direct"):
         raise ValueError(f"the {cfg.task} task has no direct answers: direct_frac must be 0")
     if cfg.threads:
@@ -215,7 +237,8 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig | None = None, device: str
     with reference_only():
         for step in range(cfg.steps):
             ids, mask = _batch(tokenizer, rng, cfg.batch_size, dev, cfg.check_frac, cfg.direct_frac, cfg.task,
-                               cfg.attempt_frac, cfg.check_wrong, cfg.check_questions)
+                               cfg.attempt_frac, cfg.check_wrong, cfg.check_questions, cfg.partial_frac,
+                               cfg.levels)
             logits = _forward(model, ids)
             target = mask[:, 1:]
             loss = torch.nn.functional.cross_entropy(logits[:, :-1][target], ids[:, 1:][target])

@@ -144,3 +144,59 @@ def test_edges_build_goes_on_from_a_checkpoint_with_attempts_and_attempt_checks(
         pretrain(tmp_path / "x", PretrainConfig(steps=1, task="edges", check_frac=0.5, check_wrong="made-up"))
     with pytest.raises(ValueError, match="no wrong attempts"):
         pretrain(tmp_path / "x", PretrainConfig(steps=1, task="arith", attempt_frac=0.2))
+
+
+def test_partial_paths_lead_on_to_the_target_only_when_right():
+    """edges.partial: a right one is the right path's first k edges (k short of the end); a wrong one
+    is another arm's first k edges or ends on an edge the question lacks, so no way along the
+    question's edges from where it stands reaches the target."""
+    rng = random.Random(5)
+    kinds, cuts = set(), set()
+    for level in range(len(edges.LEVELS)):
+        for _ in range(40):
+            p = edges.make_problem(rng, level)
+            good = p.solution.split("\n")[:-1]
+            for right in (True, False):
+                lines = edges.partial(rng, p, right).split("\n")
+                assert 1 <= len(lines) < len(good) and lines[0][0] == p.source
+                if right:
+                    assert lines == good[:len(lines)]
+                    cuts.add(len(lines))
+                    continue
+                assert lines != good[:len(lines)]
+                if lines[-1] in p.edges:  # another arm, followed by the question's own edges
+                    assert lines[0] != good[0] and edges.check(p.question, "\n".join(lines))[1] == len(lines)
+                    kinds.add("wrong arm")
+                else:
+                    assert lines[:-1] == good[:len(lines) - 1] and lines[-1][0] == p.path[len(lines) - 1]
+                    kinds.add("made up")
+    assert kinds == {"wrong arm", "made up"} and cuts == {1, 2, 3}
+
+
+def test_pretraining_levels_default_to_the_first_six_and_partial_checks_come_at_their_share():
+    """The default draws what the bundled model's stages were built on (levels 0-5, the same ids as
+    asking for them), so their recipes still rebuild it; partial_frac asks that share of the
+    checking task of a path cut short."""
+    import pytest
+
+    from engine.testbed.pretrain import PretrainConfig, _example, pretrain
+
+    tok = make_tokenizer(task="edges")
+    for seed in range(20):
+        assert _example(tok, random.Random(seed), 0.5, task="edges", attempt_frac=0.4) == _example(
+            tok, random.Random(seed), 0.5, task="edges", attempt_frac=0.4, levels=(0, 1, 2, 3, 4, 5))
+    rng, cut, asked = random.Random(6), 0, 0
+    for _ in range(400):
+        ids, mask = _example(tok, rng, 1.0, task="edges", check_questions=8, partial_frac=0.3,
+                             levels=(6, 7, 8, 9))
+        text = tok.decode(ids, skip_special_tokens=True)
+        question, reply = text.split("\n")[1], text.split("assistant\n")[1].split("user\n")[0].strip()
+        arms = sum(e[0] == question.split()[3] for e in question.split(": ")[-1].split())
+        assert arms in (4, 5)
+        asked += 1
+        cut += not reply.split("\n")[-1].startswith("=")
+    assert abs(cut / asked - 0.3) < 0.07
+    with pytest.raises(ValueError, match="partial"):
+        pretrain("unused", PretrainConfig(task="paths", partial_frac=0.5))
+    with pytest.raises(ValueError, match="levels"):
+        pretrain("unused", PretrainConfig(task="edges", levels=(0, 10)))
