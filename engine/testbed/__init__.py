@@ -13,7 +13,8 @@ from pathlib import Path
 from types import ModuleType
 
 BUNDLED = Path(__file__).resolve().parent / "model"  # base checkpoint; adapter in BUNDLED/adapter
-TASKS = {"arith": "engine.testbed.task", "paths": "engine.testbed.paths", "edges": "engine.testbed.edges"}
+TASKS = {"arith": "engine.testbed.task", "paths": "engine.testbed.paths", "edges": "engine.testbed.edges",
+         "avoid": "engine.testbed.avoid"}
 
 
 def load_task(name: str) -> ModuleType:
