@@ -8,6 +8,9 @@ demo runs. What the self-evaluation adapter can build on, per case:
   first k edges against another arm's (it shows its mistake only further on: length - k hops of
   lookahead) and against a path whose k-th edge the question lacks (a slip, visible where made).
 
+On the avoid task (engine.testbed.avoid) "another arm" is a wrong arm through the avoided node,
+and a cut-short one is cut at or after its edge into it: the mistake is in view, no lookahead.
+
 AUROC of right over wrong per (level, k) and overall; 0.5 is chance. Pruning mid-generation needs
 the cut-short cases, whole-path checks are what best-of-n uses.
 
@@ -77,9 +80,12 @@ def probe(model_dir: str, problems: int, seed: int = PROBE_SEED, levels: list[in
             cells.setdefault((p.level, k), {}).setdefault(kind, []).append(v)
     rows = []
     for (level, k), c in sorted(cells.items(), key=lambda x: (x[0][0], str(x[0][1]))):
-        arms, length = task.LEVELS[level]
+        shape = task.LEVELS[level]  # edges: (arms, length); avoid: (arms, depth of the avoided node, length)
+        arms, length, lookahead = shape[0], shape[-1], len(shape) == 2
         rows.append({"level": level, "arms": arms, "length": length, "cut": k,
-                     "hops_left": 0 if k == "whole" else length - k,
+                     # edges: hops from the cut to the wrong arm's end (avoid: its mistake is in the cut)
+                     "hops_left": (0 if k == "whole" else length - k) if lookahead else None,
+                     **({} if lookahead else {"depth": shape[1]}),
                      "auroc_vs_arm": auroc(c.get("right", []), c.get("arm", [])),
                      "auroc_vs_made_up": auroc(c.get("right", []), c.get("made up", [])),
                      "right": len(c.get("right", [])), "arm": len(c.get("arm", [])),
@@ -109,8 +115,11 @@ def main(argv: list[str] | None = None) -> dict:
     r = probe(args.model, args.problems, levels=levels)
     print_table(r["rows"], ["level", "arms", "length", "cut", "hops_left", "auroc_vs_arm", "auroc_vs_made_up",
                             "right", "arm", "made_up"])
-    print(f"whole paths, right vs another arm: {r['whole_vs_arm']:.3f}; cut short, right vs another arm: "
-          f"{r['cut_vs_arm']:.3f}, right vs a made-up edge: {r['cut_vs_made_up']:.3f}")
+    def fmt(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    print(f"whole paths, right vs another arm: {fmt(r['whole_vs_arm'])}; cut short, right vs another arm: "
+          f"{fmt(r['cut_vs_arm'])}, right vs a made-up edge: {fmt(r['cut_vs_made_up'])}")
     write_results("check_probe", torch.device("cpu"), r, args.out)
     return r
 

@@ -1,11 +1,12 @@
 """The testbed: a verifiable task, a tiny Llama-architecture model trained on it by our own code,
 and its self-evaluation adapter, bundled as the default model of `selfeval demo`.
 
-Three tasks, each a module with the same names (NAME, LEVELS, DEMO_LEVELS, DATA_LEVELS, CHECKPOINTS,
+Four tasks, each a module with the same names (NAME, LEVELS, DEMO_LEVELS, DATA_LEVELS, CHECKPOINTS,
 DATA_CHECKPOINTS, MAX_TOKENS, SPLIT_LETTERS, Problem, make_problem, problems, verify, corrupt):
 `arith` (engine.testbed.task, chained addition with written steps), `paths` (engine.testbed.paths,
-a path in a small graph) and `edges` (engine.testbed.edges, the same with one token per edge,
-EDGE_TOKENS). A built model names its task in RECIPE.json."""
+a path in a small graph), `edges` (engine.testbed.edges, the same with one token per edge,
+EDGE_TOKENS; the bundled model's) and `avoid` (engine.testbed.avoid, a path that must not pass one
+node). A built model names its task in RECIPE.json."""
 
 import importlib
 import json

@@ -16,7 +16,9 @@ needed. What differs from `edges` is where a wrong sample shows its mistake: at 
 avoided node, depth 1 or 2 of 4 edges, one token matching the question's "avoiding G", rather than
 at its end. A sample that took a wrong arm then follows the question's own edges to the target as
 fluently as a right one, so mean log-probability cannot see it; a mid-generation check after the
-mistake can (bench/README.md, run avoid1)."""
+mistake could. Measured (bench/README.md; bench/results/testbed-edges-cpu.json, runs avoid1-2):
+5,500 steps of pretraining from the bundled model left its check at chance, even on whole paths, so
+no model of this task is bundled."""
 
 from __future__ import annotations
 
