@@ -1,20 +1,20 @@
 """The avoid task (`--task avoid`): a path in a small graph that must not pass one node, one token
 per edge as in engine.testbed.edges (its NODES, EDGE_TOKENS and tokenizer):
 
-    Q: path from K to D avoiding G: KB BG GJ KM MF FJ JD KE EG    (user; edges shuffled)
-    KM                                                           (assistant: one edge per line,
-    MF                                                            then the node reached)
-    FJ
-    JD
-    = D
+    Q: path from D to L avoiding B: KF IL DK FH BI OB DN HL NB DO   (user; edges shuffled)
+    DK                                                             (assistant: one edge per line,
+    KF                                                              then the node reached)
+    FH
+    HL
+    = L
 
 Every arm out of the source reaches the target, but all arms but one run into the avoided node
 (at the same depth, then share one tail to the target), so every path has the same length.
 Choosing the one clean arm needs lookahead (which first node leads into the avoided node), as on
-`edges`; the easy levels put the avoided node right after the source, where no lookahead is
+`edges`; the easy level (0) puts the avoided node right after the source, where no lookahead is
 needed. What differs from `edges` is where a wrong sample shows its mistake: at the edge into the
-avoided node, depth 1 or 2 of 4 edges, one token matching the question's "avoiding G", rather than
-at its end. A sample that took a wrong arm then follows the question's own edges to the target as
+avoided node, edge 1-3 of 4-5, its second node the question's "avoiding B", rather than at its
+end. A sample that took a wrong arm then follows the question's own edges to the target as
 fluently as a right one, so mean log-probability cannot see it; a mid-generation check after the
 mistake could. Measured (bench/README.md; bench/results/testbed-edges-cpu.json, runs avoid1-2):
 5,500 steps of pretraining from the bundled model left its check at chance, even on whole paths, so

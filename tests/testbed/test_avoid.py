@@ -24,7 +24,7 @@ def test_every_arm_reaches_the_target_at_one_length_and_one_avoids_the_node():
     for level, (arms, depth, length) in enumerate(avoid.LEVELS):
         for _ in range(30):
             p = avoid.make_problem(rng, level)
-            assert len(set("".join(p.edges))) == len({*p.path, p.avoid, *"".join(p.edges)})
+            assert {*p.path, p.avoid} <= set("".join(p.edges))  # every node named is in the graph
             assert set("".join(p.edges)) <= set(avoid.NODES) and len(set(p.edges)) == len(p.edges)
             paths = _arms(p)
             assert len(paths) == (2 if depth == 1 else arms)
