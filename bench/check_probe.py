@@ -72,7 +72,7 @@ def probe(model_dir: str, problems: int, seed: int = PROBE_SEED, levels: list[in
         answers = {("whole", "right"): p.solution, ("whole", "arm"): wrong_arm}
         for right in (True, False):
             cut = task.partial(rng, p, right)
-            kind = "right" if right else ("arm" if cut.split("\n")[-1] in p.edges else "made up")
+            kind = "right" if right else ("arm" if cut.split("\n")[-1].split()[0] in p.edges else "made up")
             answers[(len(cut.split("\n")), kind)] = cut
         checks = [CHECK_QUESTIONS[rng.randrange(len(CHECK_QUESTIONS))] for _ in answers]
         scores = verdicts(model, tokenizer, p.question, list(answers.values()), checks)

@@ -30,7 +30,7 @@ def test_every_arm_reaches_the_target_at_one_length_and_one_avoids_the_node():
             assert len(paths) == (2 if depth == 1 else arms)
             assert {len(lines) for lines in paths} == {length + 1}
             clean = [lines for lines in paths if all(e[1] != p.avoid for e in lines)]
-            assert clean == [p.solution.split("\n")[:-1]]
+            assert [avoid.lines(path) for path in clean] == [p.solution.split("\n")[:-1]]
             for lines in paths:
                 if lines not in clean:  # runs into the avoided node at its depth
                     assert lines[depth - 1][1] == p.avoid
@@ -43,12 +43,15 @@ def test_every_arm_reaches_the_target_at_one_length_and_one_avoids_the_node():
 def test_verifier_refuses_the_avoided_node_made_up_edges_and_a_wrong_or_missing_answer_line():
     p = avoid.make_problem(random.Random(1), 2)
     rec, lines = p.record(), p.solution.split("\n")
-    assert avoid.verify(rec, "  " + p.solution.replace("\n", " \n ") + "\n") == 1.0
+    assert lines[0] == f"{p.path[0]}{p.path[1]} {p.path[1]}"  # the edge, then the node it reaches
+    assert avoid.verify(rec, "  " + p.solution.replace("\n", " \n ").replace(" ", "  ") + "\n") == 1.0
+    assert avoid.verify(rec, "\n".join([lines[0][:3] + p.avoid] + lines[1:])) == 0.0  # names the wrong node
+    assert avoid.verify(rec, "\n".join([lines[0][:2]] + lines[1:])) == 0.0  # names none
     assert avoid.verify(rec, "\n".join(lines[:-1])) == 0.0  # no "= T"
     assert avoid.verify(rec, "\n".join(lines[:-1] + [f"= {p.avoid}"])) == 0.0
     assert avoid.verify(rec, "\n".join(lines[:2] + lines[3:])) == 0.0  # a line skipped
-    assert avoid.verify(rec, "\n".join(_arms(p)[0] if _arms(p)[0] != lines[:-1] else _arms(p)[1])
-                        + f"\n= {p.target}") == 0.0  # through the avoided node
+    wrong = next(arm for arm in _arms(p) if avoid.lines(arm) != lines[:-1])
+    assert avoid.verify(rec, "\n".join(avoid.lines(wrong)) + f"\n= {p.target}") == 0.0  # through it
     with pytest.raises(ValueError, match="not an avoid question"):
         avoid.check("Q: path from A to B: AB", "AB")
 
@@ -61,12 +64,12 @@ def test_attempts_and_corrupted_paths_are_wrong_where_a_sampling_model_goes_wron
             p = avoid.make_problem(rng, level)
             bad = avoid.attempt(rng, p)
             *lines, named = bad.split("\n")
-            assert named == f"= {p.target}" and all(e in p.edges for e in lines)
+            assert named == f"= {p.target}" and all(e.split()[0] in p.edges for e in lines)
             assert avoid.check(p.question, bad) == (False, depth - 1)  # good up to the edge into it
             c = avoid.corrupt(rng, p)
             assert avoid.verify(p.record(), c) == 0.0
             *lines, _ = c.split("\n")
-            kinds.add("made up" if any(e not in p.edges for e in lines) else "wrong arm")
+            kinds.add("made up" if any(e.split()[0] not in p.edges for e in lines) else "wrong arm")
             assert len(lines) == len(p.path) - 1
     assert kinds == {"made up", "wrong arm"}
 
@@ -82,11 +85,11 @@ def test_partial_paths_show_the_mistake_when_wrong():
             right = avoid.partial(rng, p, True).split("\n")
             assert 1 <= len(right) < len(good) and right == good[:len(right)]
             wrong = avoid.partial(rng, p, False).split("\n")
-            assert len(wrong) < len(good) and any(e[1] == p.avoid for e in wrong)
-            assert all(e in p.edges for e in wrong)
+            assert len(wrong) < len(good) and any(e.split()[1] == p.avoid for e in wrong)
+            assert all(e.split()[0] in p.edges and e.split()[1] == e[1] for e in wrong)
 
 
-def test_pretraining_examples_of_the_avoid_task_keep_one_token_per_edge():
+def test_pretraining_examples_of_the_avoid_task_keep_one_token_per_edge_and_per_node():
     from engine.testbed.pretrain import _example
     from engine.testbed.tokenizer import make_tokenizer
 
@@ -100,3 +103,5 @@ def test_pretraining_examples_of_the_avoid_task_keep_one_token_per_edge():
     p = avoid.make_problem(random.Random(5), 3)
     q = tok.convert_ids_to_tokens(tok.encode(p.question))
     assert all(e in q for e in p.edges) and "Ġ" + p.avoid in q
+    answer = tok.convert_ids_to_tokens(tok.encode(p.solution))  # "DK K\n...": edge, node, newline
+    assert answer[:3] == [p.path[0] + p.path[1], "Ġ" + p.path[1], "Ċ"]
