@@ -96,10 +96,16 @@ def probe(model_dir: str, problems: int, seed: int = PROBE_SEED, levels: list[in
         right = [v for c in pick for v in c.get("right", [])]
         return auroc(right, [v for c in pick for v in c.get(kind, [])])
 
+    # Whether the verdict reads the path at all: its spread over whole paths (a verdict that ignores
+    # the path gives one constant, whatever its AUROC rounds to).
+    whole = {kind: torch.tensor([v for (_, k), c in cells.items() if k == "whole" for v in c.get(kind, [])])
+             for kind in ("right", "arm")}
     return {"model": str(model_dir), "task": task.NAME, "problems": problems, "seed": seed,
             "levels": levels, "rows": rows,
             "whole_vs_arm": pooled(False, "arm"), "cut_vs_arm": pooled(True, "arm"),
-            "cut_vs_made_up": pooled(True, "made up")}
+            "cut_vs_made_up": pooled(True, "made up"),
+            "whole_verdict_mean": {kind: v.mean().item() for kind, v in whole.items()},
+            "whole_verdict_sd": torch.cat(list(whole.values())).std().item()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -120,6 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"whole paths, right vs another arm: {fmt(r['whole_vs_arm'])}; cut short, right vs another arm: "
           f"{fmt(r['cut_vs_arm'])}, right vs a made-up edge: {fmt(r['cut_vs_made_up'])}")
+    mean = r["whole_verdict_mean"]
+    print(f"verdict on whole paths (logit right - wrong): mean {mean['right']:+.3f} right, "
+          f"{mean['arm']:+.3f} another arm; standard deviation {r['whole_verdict_sd']:.3f}")
     write_results("check_probe", torch.device("cpu"), r, args.out)
     return r
 

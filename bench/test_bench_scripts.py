@@ -223,6 +223,8 @@ def test_check_probe_reads_the_checking_verdict_on_whole_and_cut_short_paths(tmp
     above wrong attempts (bench/results/check_probe-cpu.json: AUROC 1.0 on 240 problems)."""
     metrics = _load("check_probe").main(["--problems", "12", "--out", str(tmp_path)])
     assert metrics["whole_vs_arm"] >= 0.9
+    mean = metrics["whole_verdict_mean"]  # the verdict reads the path: right above wrong, spread out
+    assert mean["right"] > mean["arm"] and metrics["whole_verdict_sd"] > 0.5 * (mean["right"] - mean["arm"])
     cuts = {r["cut"] for r in metrics["rows"]}
     assert "whole" in cuts and {1, 2} <= cuts
     for r in metrics["rows"]:
