@@ -64,8 +64,13 @@ class Problem:
         return f"Q: path from {self.source} to {self.target} avoiding {self.avoid}: " + " ".join(self.edges)
 
     @property
+    def path_edges(self) -> list[str]:
+        """The right path's edges, source to target ("DK", "KF", ...)."""
+        return [a + b for a, b in zip(self.path, self.path[1:])]
+
+    @property
     def solution(self) -> str:
-        return "\n".join(lines([a + b for a, b in zip(self.path, self.path[1:])])) + f"\n= {self.target}"
+        return "\n".join(lines(self.path_edges)) + f"\n= {self.target}"
 
     @property
     def answer(self) -> str:
@@ -163,7 +168,7 @@ def corrupt(rng: random.Random, problem: Problem) -> str:
     slips a sampling model makes beside wrong arms."""
     if rng.random() >= 1 / 3:
         return attempt(rng, problem)
-    good = [a + b for a, b in zip(problem.path, problem.path[1:])]
+    good = problem.path_edges
     k = rng.randrange(len(good) - 1)
     at = problem.path[k]
     made_up = [at + b for b in NODES if b not in (at, problem.avoid) and at + b not in problem.edges]
@@ -174,7 +179,7 @@ def partial(rng: random.Random, problem: Problem, right: bool) -> str:
     """A path cut short for the checking task asked mid-way (PretrainConfig.partial_frac): the right
     path's first k lines when right; else a wrong arm's first k lines, cut at or after its edge into
     the avoided node (the mistake is in view: a cut before it would ask for lookahead)."""
-    good = [a + b for a, b in zip(problem.path, problem.path[1:])]
+    good = problem.path_edges
     if right:
         return "\n".join(lines(good[:rng.randrange(1, len(good))]))
     path = _wrong_path(rng, problem)

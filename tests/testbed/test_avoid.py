@@ -103,5 +103,9 @@ def test_pretraining_examples_of_the_avoid_task_keep_one_token_per_edge_and_per_
     p = avoid.make_problem(random.Random(5), 3)
     q = tok.convert_ids_to_tokens(tok.encode(p.question))
     assert all(e in q for e in p.edges) and "Ġ" + p.avoid in q
-    answer = tok.convert_ids_to_tokens(tok.encode(p.solution))  # "DK K\n...": edge, node, newline
-    assert answer[:3] == [p.path[0] + p.path[1], "Ġ" + p.path[1], "Ċ"]
+    from engine.model.loader import load_tokenizer
+    from engine.testbed import BUNDLED
+
+    for t in (tok, load_tokenizer(str(BUNDLED))):  # its own, and the bundled model's (runs go on from it)
+        answer = t.convert_ids_to_tokens(t.encode(p.solution, add_special_tokens=False))
+        assert answer[:3] == [p.path[0] + p.path[1], "Ġ" + p.path[1], "Ċ"]  # "DK K\n": edge, node, newline
