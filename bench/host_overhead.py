@@ -4,7 +4,10 @@ place at one checkpoint (the step that carries the suffixes, and the decode step
 case steps with step_deltas() (streaming: text and a delta per request each step) but
 b256+final-only, which steps with step() (only finished requests; text decoded when a sample ends),
 and b256+general-text, which streams with OutputProcessor.decode_delta off (every request's text and
-delta by the general path: what the fast path saves).
+delta by the general path: what the fast path saves). b256+process-objects and b256+process are
+the step of AsyncEngine's engine process, phase "emit" its pickling of the step's events for the
+pipe: the deltas as objects (step_deltas), or the one-token deltas as TokenDeltas rows
+(step_token_deltas, what the engine process does).
 
 On the CPU a tiny model (2 layers, hidden 32) makes the forward nearly free, so the host's share
 shows plainly; on a GPU the Llama-3.1-8B shape (random bf16 weights) gives host time as a share
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import pickle
 import statistics
 import sys
 import tempfile
@@ -38,7 +42,7 @@ from engine.profiler import StepProfiler  # noqa: E402
 
 DEVICE_PHASES = ("forward", "score", "sample")
 HOST_PHASES = ("snapshot", "schedule", "prepare", "block_copy", "to_device", "sample_prep", "update",
-               "detokenize", "policy", "output")
+               "detokenize", "policy", "output", "emit")
 CHECKPOINT = 8  # generated tokens at which the scored case asks every sample for its score
 
 
@@ -60,7 +64,8 @@ def host_bench_model(model: str | None, device: str, tmp: Path) -> tuple[str, st
 
 
 def run_case(path: str, device: str, batch: int, steps: int, prompt_len: int, score: bool,
-             load_format: str, final_only: bool = False, general_text: bool = False) -> dict:
+             load_format: str, final_only: bool = False, general_text: bool = False,
+             process: str | None = None) -> dict:
     eng = Engine(path, device=device, block_size=16, max_num_seqs=max(batch, 1),
                  max_batch_tokens=max(2048, batch * prompt_len), load_format=load_format,
                  num_blocks=batch * -(-(prompt_len + steps + 40) // 16) + 64)
@@ -78,8 +83,10 @@ def run_case(path: str, device: str, batch: int, steps: int, prompt_len: int, sc
     eng.profiler = prof
     per_step = []
     if general_text:  # every request's text and delta by the general path (no decode_delta)
-        eng.core.outputs.decode_delta = lambda request, journal: None
+        eng.core.outputs.decode_delta = lambda request, journal, rows=None: None
     step = eng.step if final_only else eng.step_deltas  # step(): finished requests only, text at the end
+    if process is not None:  # what the engine process of AsyncEngine.start does: step, then pickle
+        step = _process_step(eng, prof, rows=process == "rows")
     for _ in range(steps):
         before = dict(prof.phase_seconds)
         records = len(prof.steps)
@@ -100,7 +107,8 @@ def run_case(path: str, device: str, batch: int, steps: int, prompt_len: int, sc
         if not mine:
             continue
         row = {"case": f"b{batch}" + ("+score" if score else "") + ("+final-only" if final_only else "")
-               + ("+general-text" if general_text else ""),
+               + ("+general-text" if general_text else "")
+               + {None: "", "rows": "+process", "objects": "+process-objects"}[process],
                "step": kind, "steps": len(mine)}
         row["step_ms"] = statistics.median(w for w, _ in mine) * 1e3
         hosts = [w - sum(p.get(x, 0.0) for x in DEVICE_PHASES) for w, p in mine]
@@ -112,6 +120,22 @@ def run_case(path: str, device: str, batch: int, steps: int, prompt_len: int, sc
         row["untimed"] = row["host_mean_ms"] - sum(row[x] for x in HOST_PHASES)
         rows.append(row)
     return rows
+
+
+def _process_step(eng: Engine, prof: StepProfiler, rows: bool):
+    """A step of AsyncEngine's engine process: step_token_deltas (rows) or step_deltas (objects),
+    then the events pickled for the pipe, under the phase "emit"."""
+    def step():
+        if rows:
+            deltas, tokens = eng.step_token_deltas()
+        else:
+            deltas, tokens = eng.step_deltas(), None
+        with prof.phase("emit"):
+            events = [(d.request_id, d) for d in deltas]
+            if tokens:
+                events.append((None, ([row[0] for row in tokens.rows], tokens)))
+            pickle.dumps((events, 0.0, None))
+    return step
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -137,9 +161,12 @@ def main(argv: list[str] | None = None) -> dict:
                          final_only=True)
         rows += run_case(path, args.device, max(batches), args.steps, args.prompt_len, False, load_format,
                          general_text=True)
+        for process in ("objects", "rows"):
+            rows += run_case(path, args.device, max(batches), args.steps, args.prompt_len, False,
+                             load_format, process=process)
     print_table(rows, ["case", "step", "steps", "step_ms", "host_ms", "host_share", "forward", "sample",
                        "snapshot", "schedule", "prepare", "to_device", "sample_prep", "update", "detokenize",
-                       "policy", "output", "untimed"])
+                       "policy", "output", "emit", "untimed"])
     metrics = {"rows": rows, "model": label, "prompt_len": args.prompt_len, "threads": args.threads}
     for r in rows:
         if r["step"] == "decode":

@@ -151,10 +151,12 @@ def test_host_overhead_bench_splits_each_step_by_phase(tmp_path):
     assert (tmp_path / "host_overhead-cpu.json").exists()
     rows = {(r["case"], r["step"]): r for r in metrics["rows"]}
     assert {("b1", "decode"), ("b8", "decode"), ("b8+score", "decode"), ("b8+score", "score"),
-            ("b8+final-only", "decode"), ("b8+general-text", "decode")} <= rows.keys()
+            ("b8+final-only", "decode"), ("b8+general-text", "decode"), ("b8+process", "decode"),
+            ("b8+process-objects", "decode")} <= rows.keys()
     for r in rows.values():
         assert 0 < r["host_ms"] < r["step_ms"] and r["forward"] > 0
         assert r["schedule"] > 0 and r["prepare"] > 0 and r["output"] > 0
+        assert (r["emit"] > 0) == ("process" in r["case"])
     assert rows[("b8+score", "score")]["score"] > 0 and rows[("b8", "decode")]["score"] == 0
 
 

@@ -15,7 +15,7 @@ from engine.errors import InvalidRequestError
 from engine.inputs import InputProcessor, Limits, Prompt
 from engine.policies.base import Policy
 from engine.profiler import StepProfiler
-from engine.sampling import RequestDelta, RequestOutput, SamplingParams
+from engine.sampling import RequestDelta, RequestOutput, SamplingParams, TokenDeltas
 
 
 def _serialized(method):
@@ -99,6 +99,14 @@ class Engine:
     def step_deltas(self) -> list[RequestDelta]:
         """Run one step; a delta for every request that changed (streaming)."""
         return self.core.step()
+
+    @_serialized
+    def step_token_deltas(self) -> tuple[list[RequestDelta], TokenDeltas]:
+        """step_deltas(), with the plain one-token deltas (a request with one sample that drew
+        one token and goes on) as the rows of a TokenDeltas: the same changes, cheap to send to
+        another process. TokenDeltas.deltas() gives them as RequestDeltas."""
+        rows = TokenDeltas()
+        return self.core.step(rows=rows.rows), rows
 
     @_serialized
     def step(self) -> list[RequestOutput]:

@@ -21,12 +21,12 @@ from engine.config import EngineConfig
 from engine.errors import InvalidRequestError, WorkerError
 from engine.model.loader import load_model, load_tokenizer
 from engine.model.lora import has_adapter, load_adapter
-from engine.outputs import OutputProcessor
+from engine.outputs import ROWED, OutputProcessor
 from engine.policies.base import Policy, PolicyRun
 from engine.policies.scorers import token_confidence
 from engine.profiler import StepProfiler
 from engine.runner import ModelRunner, blocks_that_fit
-from engine.sampling import RequestDelta, SamplingParams, mix_seed
+from engine.sampling import RequestDelta, SamplingParams, TokenDeltas, mix_seed
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.selfeval import SelfEvalSpec, build_spec, score_from_logits
 from engine.sequence import Request, SeqStatus, Sequence, sample_seed
@@ -202,26 +202,27 @@ class EngineCore:
             self.scheduler.release(request.root)
 
     # ---- one step -----------------------------------------------------------------------
-    def step(self, deltas: bool = True) -> list[RequestDelta]:
+    def step(self, deltas: bool = True, rows: list | None = None) -> list[RequestDelta]:
         """Run one batch; returns a delta for every request that changed in it. If anything
         raises before the results are applied (Ctrl-C too), the step is undone: stepping on gives
         the tokens an uninterrupted run gives. deltas=False (callers that want only finished
         requests, as vLLM's FINAL_ONLY): only the finished requests' deltas, and text is decoded
         when a sample ends unless stop strings need it as it grows; a later deltas=True step
-        carries what was skipped. With async scheduling each call applies one step and may leave
-        the next decode step running on the device (see _step_transaction)."""
+        carries what was skipped. rows (TokenDeltas.rows): the plain one-token deltas are appended
+        there as rows rather than returned. With async scheduling each call applies one step and
+        may leave the next decode step running on the device (see _step_transaction)."""
         if self._interrupt_pending:  # a Ctrl-C that came after the last step's deltas were out
             self._interrupt_pending = False
             raise KeyboardInterrupt
         held = self._held = _HeldInterrupt()
         try:
-            return self._step(deltas, held)
+            return self._step(deltas, held, rows)
         finally:
             self._held = None
             if held.restore():
                 self._interrupt_pending = True
 
-    def _step(self, deltas: bool, held: _HeldInterrupt) -> list[RequestDelta]:
+    def _step(self, deltas: bool, held: _HeldInterrupt, rows: list | None) -> list[RequestDelta]:
         prof = self.profiler
         phase = prof.phase if prof is not None else _no_phase
         ready, self._ready = self._ready, []
@@ -249,12 +250,13 @@ class EngineCore:
             if request.policy is not None and not request.policy.done:
                 touched[request.request_id] = request
         self._undelivered = touched
-        return self._deliver(touched, deltas, phase, held)
+        return self._deliver(touched, deltas, phase, held, rows)
 
     def _deliver(self, touched: dict[int, Request], deltas: bool, phase, held: _HeldInterrupt,
-                 ) -> list[RequestDelta]:
+                 rows: list | None = None) -> list[RequestDelta]:
         """A step's text, policies and deltas (step's second half). A Ctrl-C that held back comes
-        at the end, once every delta is built: they go out with the next step's."""
+        at the end, once every delta is built: they go out with the next step's. rows
+        (TokenDeltas.rows): plain one-token deltas go there as rows."""
         lazy = not deltas
         outputs = self.outputs
         with phase("detokenize"):
@@ -278,10 +280,16 @@ class EngineCore:
             out = []
             journal, start = [], None
             delta, decode_delta = outputs.delta, outputs.decode_delta
+            mark = len(rows) if rows is not None else 0
             try:
                 for r in live:
                     start = len(journal)
-                    d = decode_delta(r, journal) if r.plain else None
+                    d = None
+                    if r.plain:  # a delta built earlier merges with this one: as an object
+                        d = decode_delta(r, journal, rows if not built or r.request_id not in built else None)
+                        if d is ROWED:
+                            start = None
+                            continue
                     if d is None:
                         if r.plain:
                             outputs.advance_text(r)
@@ -301,9 +309,14 @@ class EngineCore:
             except BaseException:
                 if start is not None:  # its delta is not kept: what it took is reported again
                     self.outputs.rewind(journal[start:])
+                    if rows is not None and len(rows) > mark and rows[-1][0] == r.request_id:
+                        rows.pop()  # its row, if it got that far
                 for r in live:  # finished ones that left come back: their deltas go out next step
                     if r.request_id not in self.requests and r.finished:
                         self.requests[r.request_id] = r
+                if rows is not None:  # the rows this step added are deltas built too
+                    out += TokenDeltas(rows[mark:]).deltas()
+                    del rows[mark:]
                 self._built = {**built, **{d.request_id: d for d in out}}
                 self._undelivered = touched
                 raise

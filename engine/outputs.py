@@ -10,6 +10,8 @@ from engine.sampling import RequestDelta, RequestOutput, Sample, SampleDelta
 from engine.scheduler import Scheduler
 from engine.sequence import Request
 
+ROWED = RequestDelta(-1)  # decode_delta's answer when the delta went to the rows given
+
 
 class OutputProcessor:
     def __init__(self, tokenizer, scheduler: Scheduler):
@@ -86,11 +88,12 @@ class OutputProcessor:
             return RequestDelta(request.request_id, samples, True, self.output(request))
         return RequestDelta(request.request_id, samples)
 
-    def decode_delta(self, request: Request, journal: list) -> RequestDelta | None:
+    def decode_delta(self, request: Request, journal: list, rows: list | None = None) -> RequestDelta | None:
         """advance_text() then delta() at once, for the streaming step's common request: a plain
         one (Request.plain: one sample, no stop strings, top logprobs, scores or policy) whose
         sample decoded one token this step, goes on and has no new checkpoint score. None, with
-        nothing changed: the general path takes it. bench/host_overhead.py at batch 256 (its b256 and
+        nothing changed: the general path takes it. rows (TokenDeltas.rows): the delta goes there
+        as a row, and ROWED is returned. bench/host_overhead.py at batch 256 (its b256 and
         b256+general-text rows, one run): host time 1.35 ms a step this way, 1.61 ms without."""
         seq = request.seqs[0]
         det, emitted = seq.detokenizer, seq.emitted
@@ -100,10 +103,13 @@ class OutputProcessor:
                 or len(seq.checkpoint_scores) != seq.emitted_scores):  # Engine.score_in_flight's
             return None
         token = token_ids[-1]
-        text = seq.pending_text = det.push_token(token)  # what advance_text leaves ...
+        text = det.push_token(token)  # what advance_text leaves (as pending text) ...
         seq.detokenized = emitted + 1
         journal.append((seq, emitted, seq.emitted_scores, text, False, seq.score_emitted))  # ... and delta
-        seq.emitted, seq.pending_text = emitted + 1, ""
+        seq.emitted = emitted + 1
+        if rows is not None:
+            rows.append((request.request_id, seq.index, token, text, seq.logprobs[-1]))
+            return ROWED
         return RequestDelta(request.request_id,
                             [SampleDelta(seq.index, [token], text, [seq.logprobs[-1]], None, None, [], [])])
 

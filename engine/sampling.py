@@ -233,3 +233,28 @@ class RequestDelta:
 
     def __reduce__(self):  # as SampleDelta's
         return RequestDelta, (self.request_id, self.samples, self.finished, self.output)
+
+
+class TokenDeltas:
+    """A step's most common deltas as rows: a request with one sample that drew one token and
+    goes on, and nothing else new (its text and logprob). rows: (request_id, sample index, token,
+    text, logprob) each. `deltas()` gives the RequestDelta that each row stands for.
+
+    The engine process sends these rows rather than the deltas (AsyncEngine.start): at batch 256
+    they pickle in a few percent of the deltas' time, and the server's process builds the
+    objects (bench/host_overhead.py, rows b256+process and b256+process-objects)."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self, rows: list[tuple[int, int, int, str, float]] | None = None):
+        self.rows = [] if rows is None else rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def deltas(self) -> list[RequestDelta]:
+        return [RequestDelta(rid, [SampleDelta(index, [token], text, [logprob], None, None, [], [])])
+                for rid, index, token, text, logprob in self.rows]
+
+    def __reduce__(self):
+        return TokenDeltas, (self.rows,)

@@ -246,12 +246,25 @@ def test_an_interrupt_while_outputs_are_made_delivers_them_on_the_next_step(llam
     assert [outs[i].samples[0].token_ids for i in ids] == expected
 
 
+def _steps_of(eng, rows: bool):
+    """eng.step_deltas, or (rows) a step whose one-token deltas come as TokenDeltas rows."""
+    if not rows:
+        return eng.step_deltas
+
+    def step():
+        deltas, tokens = eng.step_token_deltas()
+        return deltas + tokens.deltas()
+    return step
+
+
+@pytest.mark.parametrize("rows", [False, True])
 @pytest.mark.parametrize("after", [False, True])
 @pytest.mark.parametrize("call", [2, 5, 9, 14])
-def test_an_interrupt_while_deltas_are_built_loses_nothing_streamed(llama_dir, call, after):
+def test_an_interrupt_while_deltas_are_built_loses_nothing_streamed(llama_dir, call, after, rows):
     """Ctrl-C in the output phase, before or after a request's delta was built (by delta() or by
-    decode_delta(), the plain requests' decode steps): the deltas built before it come with the
-    next step's, so the streamed tokens and text add up to the output."""
+    decode_delta(), the plain requests' decode steps, as an object or a TokenDeltas row): the
+    deltas built before it come with the next step's, so the streamed tokens and text add up to
+    the output."""
     params = [SamplingParams(temperature=1.0, max_tokens=7, ignore_eos=True, seed=i, n=1 + (i == 1))
               for i in range(3)]
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
@@ -262,25 +275,26 @@ def test_an_interrupt_while_deltas_are_built_loses_nothing_streamed(llama_dir, c
         outputs, calls = eng.core.outputs, []
 
         def interrupting(build):
-            def interrupted(request, journal=None):
+            def interrupted(request, journal=None, *rest):
                 calls.append(request.request_id)
                 if fault and len(calls) == call:
                     if after:
-                        build(request, journal)
+                        build(request, journal, *rest)
                     raise KeyboardInterrupt
-                return build(request, journal)
+                return build(request, journal, *rest)
             return interrupted
 
         outputs.delta, outputs.decode_delta = interrupting(outputs.delta), interrupting(outputs.decode_delta)
-        final, raised = _stream_to_the_end(eng, ids, eng.step_deltas)
+        final, raised = _stream_to_the_end(eng, ids, _steps_of(eng, rows))
         assert raised == fault
         return [[(s.token_ids, s.text) for s in final[i].samples] for i in ids]
 
     assert run(True) == run(False)
 
 
+@pytest.mark.parametrize("rows", [False, True])
 @pytest.mark.parametrize("where", ["push_token", "push", "advance_text", "delta", "decode_delta"])
-def test_a_real_ctrl_c_in_the_text_and_output_phases_loses_nothing(llama_dir, monkeypatch, where):
+def test_a_real_ctrl_c_in_the_text_and_output_phases_loses_nothing(llama_dir, monkeypatch, where, rows):
     """SIGINT itself (signal.raise_signal), at calls inside the text and delta code, where Python's
     handler would raise between two statements: held back to the end of the output phase, then
     raised. The streamed deltas add up to each output, and the outputs are an uninterrupted run's."""
@@ -296,7 +310,7 @@ def test_a_real_ctrl_c_in_the_text_and_output_phases_loses_nothing(llama_dir, mo
     def run():
         eng = Engine(str(llama_dir))
         ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
-        final, raised = _stream_to_the_end(eng, ids, eng.step_deltas)
+        final, raised = _stream_to_the_end(eng, ids, _steps_of(eng, rows))
         return [[(s.token_ids, s.text) for s in final[i].samples] for i in ids], raised
 
     clean, _ = run()
@@ -314,8 +328,8 @@ def test_a_real_ctrl_c_in_the_text_and_output_phases_loses_nothing(llama_dir, mo
     assert raised > 0 and got == clean
 
 
-@pytest.mark.parametrize("final_only", [False, True])
-def test_a_real_ctrl_c_at_any_line_of_a_step_loses_nothing_and_wedges_nothing(llama_dir, final_only):
+@pytest.mark.parametrize("mode", ["deltas", "final_only", "rows"])
+def test_a_real_ctrl_c_at_any_line_of_a_step_loses_nothing_and_wedges_nothing(llama_dir, mode):
     """SIGINT at line events of engine/core.py spread over a run (after the commit, in the policy
     loop, around the hold, in the output phase's tail...), with an Adaptive, a Prune, an n=2 and a
     stop-string request: every request ends with the uninterrupted run's output, the streamed
@@ -340,6 +354,7 @@ def test_a_real_ctrl_c_at_any_line_of_a_step_loses_nothing_and_wedges_nothing(ll
                eng.add_request([24, 25], SamplingParams(max_tokens=7, seed=9, ignore_eos=True,
                                                         stop=["\x00"]))]
         lines = [0]
+        step = _steps_of(eng, mode == "rows")
 
         source = open(core_mod.__file__).read().splitlines()
         tail = ("held.restore()", "self._held = None", "self._interrupt_pending = True")
@@ -357,7 +372,7 @@ def test_a_real_ctrl_c_at_any_line_of_a_step_loses_nothing_and_wedges_nothing(ll
         def traced():
             sys.settrace(tracer if fire_at else None)
             try:
-                return eng.step() if final_only else eng.step_deltas()
+                return eng.step() if mode == "final_only" else step()
             finally:
                 sys.settrace(None)
 

@@ -304,17 +304,24 @@ def test_plain_requests_stream_the_general_paths_deltas(llama_dir):
                              logprobs=2 if i == 7 else 0, score_at=(3,) if i == 8 else ())
               for i in range(10)]
 
-    def run(fast):
+    def run(fast, rows=False):
         eng = Engine(str(llama_dir), block_size=4, num_blocks=512)
         if not fast:
-            eng.core.outputs.decode_delta = lambda request, journal: None
+            eng.core.outputs.decode_delta = lambda request, journal, rows=None: None
         calls = []
         decode_delta = eng.core.outputs.decode_delta
 
-        def counted(request, journal):
-            d = decode_delta(request, journal)
+        def counted(request, journal, rows=None):
+            d = decode_delta(request, journal, rows)
             calls.append(d is not None)
             return d
+
+        def one_step():  # rows: the one-token deltas as TokenDeltas rows, put back in request order
+            if not rows:
+                return eng.step_deltas()
+            deltas, tokens = eng.step_token_deltas()
+            calls.append(-len(tokens))
+            return sorted(deltas + tokens.deltas(), key=lambda d: d.request_id)
 
         eng.core.outputs.decode_delta = counted
         ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
@@ -330,13 +337,16 @@ def test_plain_requests_stream_the_general_paths_deltas(llama_dir):
                            [(s.index, s.token_ids, s.text, s.logprobs, s.finish_reason, s.score,
                              s.checkpoint_scores, s.top_logprobs) for s in d.samples],
                            d.output and [(s.token_ids, s.text, s.finish_reason) for s in d.output.samples])
-                          for d in eng.step_deltas()])
+                          for d in one_step()])
         assert eng.num_free_blocks == 512
         return steps, calls
 
     fast, calls = run(True)
     assert sum(calls) > 40  # the fast path took most plain decode steps
     assert run(False)[0] == fast
+    in_rows, calls = run(True, rows=True)
+    assert -sum(c for c in calls if c < 0) > 40  # most of them went as rows
+    assert in_rows == [sorted(deltas, key=lambda d: d[0]) for deltas in fast]
 
 
 def test_a_plain_request_scored_in_flight_streams_its_score_in_that_step(llama_dir):
@@ -345,7 +355,7 @@ def test_a_plain_request_scored_in_flight_streams_its_score_in_that_step(llama_d
     def run(fast, async_scheduling):
         eng = Engine(str(llama_dir), block_size=4, num_blocks=128, async_scheduling=async_scheduling)
         if not fast:
-            eng.core.outputs.decode_delta = lambda request, journal: None
+            eng.core.outputs.decode_delta = lambda request, journal, rows=None: None
         rid = eng.add_request([5, 6, 7], SamplingParams(max_tokens=8, ignore_eos=True, seed=3))
         log = []
         for step in range(50):
