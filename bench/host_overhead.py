@@ -6,8 +6,9 @@ b256+final-only, which steps with step() (only finished requests; text decoded w
 and b256+general-text, which streams with OutputProcessor.decode_delta off (every request's text and
 delta by the general path: what the fast path saves). b256+process-objects and b256+process are
 the step of AsyncEngine's engine process, phase "emit" its pickling of the step's events for the
-pipe: the deltas as objects (step_deltas), or the one-token deltas as TokenDeltas rows
-(step_token_deltas, what the engine process does).
+pipe: before, text decoded there and the deltas sent as objects (step_deltas); now (what
+AsyncEngine.start does), the requests run with detokenize=False (their text is decoded in the
+server's process) and the one-token deltas go as TokenDeltas rows (step_token_deltas).
 
 On the CPU a tiny model (2 layers, hidden 32) makes the forward nearly free, so the host's share
 shows plainly; on a GPU the Llama-3.1-8B shape (random bf16 weights) gives host time as a share
@@ -72,7 +73,7 @@ def run_case(path: str, device: str, batch: int, steps: int, prompt_len: int, sc
     gc.collect()
     gc.freeze()  # what a process that owns its engine does (the CLI and the engine process do)
     params = SamplingParams(temperature=1.0, max_tokens=steps + 32, ignore_eos=True, seed=0,
-                            score_at=(CHECKPOINT,) if score else ())
+                            score_at=(CHECKPOINT,) if score else (), detokenize=process != "rows")
     for i in range(batch):
         eng.add_request([5 + (7 * i + j) % 200 for j in range(prompt_len)], params)
     scheduler = eng.core.scheduler

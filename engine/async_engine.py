@@ -36,10 +36,11 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.api import Engine
 from engine.config import EngineConfig
+from engine.detokenizer import BytePieces, IncrementalDetokenizer
 from engine.errors import EngineError, InvalidRequestError, WorkerError
 from engine.inputs import InputProcessor, Limits, Prompt
 from engine.policies.base import Policy
@@ -253,6 +254,7 @@ class AsyncEngine:
 
     def _setup(self, inputs: InputProcessor, live: dict) -> None:
         self.inputs, self.tokenizer = inputs, inputs.tokenizer
+        self._pieces = BytePieces.of(self.tokenizer)
         self.limits: Limits = inputs.limits
         self.max_model_len = self.limits.max_model_len
         self._cond = threading.Condition()
@@ -280,6 +282,12 @@ class AsyncEngine:
         params = params or SamplingParams()
         ids = self.inputs.tokenize(prompt)
         self.inputs.validate(ids, params, policy)
+        texts = None
+        if self.engine is None and params.detokenize and not params.stop:
+            # Text is decoded here, off the engine process's step loop (as vLLM's front end does);
+            # stop strings need it there, where they end a sample.
+            texts = _Texts(self.tokenizer, ids, self._pieces)
+            params = replace(params, detokenize=False)
         payload = (ids, params, policy)
         if self.engine is None:  # pickled here: what cannot be sent fails now, in the caller
             try:
@@ -306,6 +314,8 @@ class AsyncEngine:
                     item = later if isinstance(later, BaseException) else item.merge(later)
                 if isinstance(item, BaseException):
                     raise item
+                if texts is not None:
+                    texts.fill(item)
                 yield item
                 if item.finished:
                     return
@@ -477,6 +487,35 @@ class AsyncEngine:
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
             except RuntimeError:  # that event loop is closed: no one is listening
                 pass
+
+
+class _Texts:
+    """The text of one request's samples, decoded from the tokens its deltas carry (the engine
+    process ran it with detokenize=False): each delta's text, and at the end each sample's."""
+
+    def __init__(self, tokenizer, prompt_ids: list[int], pieces: BytePieces | None):
+        self.tokenizer, self.prompt_ids, self.pieces = tokenizer, prompt_ids, pieces
+        self.samples: dict[int, tuple[IncrementalDetokenizer, list[int]]] = {}  # index -> (text, tokens)
+
+    def _sample(self, index: int) -> tuple[IncrementalDetokenizer, list[int]]:
+        got = self.samples.get(index)
+        if got is None:
+            got = self.samples[index] = (IncrementalDetokenizer(self.tokenizer, self.prompt_ids, (),
+                                                                self.pieces), [])
+        return got
+
+    def fill(self, delta: RequestDelta) -> None:
+        for s in delta.samples:
+            det, tokens = self._sample(s.index)
+            tokens += s.token_ids
+            s.text = det.push(s.token_ids, final=s.finish_reason is not None)
+        if delta.output is not None:
+            for sample in delta.output.samples:
+                det, tokens = self._sample(sample.index)
+                if tokens != sample.token_ids:  # not all streamed (a sample that never decoded)
+                    det = IncrementalDetokenizer(self.tokenizer, self.prompt_ids, (), self.pieces)
+                    det.push(sample.token_ids, final=True)
+                sample.text = det.text
 
 
 def _expand(events: list) -> list:

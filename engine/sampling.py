@@ -36,6 +36,9 @@ class SamplingParams:
     # Record the most likely `logprobs` tokens and their log-probabilities at every generated
     # position (vLLM's logprobs); the sampled token's own log-probability is always recorded.
     logprobs: int = 0
+    # Decode the generated tokens into text (vLLM's detokenize). False: deltas and outputs carry
+    # the tokens with empty text (AsyncEngine's engine process leaves it to the server's).
+    detokenize: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "n", "top_k", "logprobs"):
@@ -48,7 +51,7 @@ class SamplingParams:
             self.seed = _int("seed", self.seed)
             if not 0 <= self.seed < 1 << 64:
                 raise InvalidRequestError(f"seed must be in [0, 2**64), got {self.seed}")
-        for name in ("ignore_eos", "confidence"):
+        for name in ("ignore_eos", "confidence", "detokenize"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequestError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.score is not None and not isinstance(self.score, bool):
@@ -75,6 +78,7 @@ class SamplingParams:
             (self.max_tokens >= 0, f"max_tokens must be >= 0, got {self.max_tokens}"),
             (self.n >= 1, f"n must be >= 1, got {self.n}"),
             (all(s for s in self.stop), "stop strings must be non-empty"),
+            (self.detokenize or not self.stop, "stop strings need detokenize=True (they match text)"),
             (all(c > 0 for c in self.score_at), "score_at checkpoints must be positive"),
         ]
         for ok, message in checks:

@@ -105,6 +105,7 @@ class Request:
         self.wants_score = params.wants_score  # score each sample at its end
         self.score_at = params.score_at  # generated lengths at which to score in place
         self.track_confidence = params.confidence
+        self.detokenize = params.detokenize  # False: no text (deltas and outputs carry tokens)
         self.policy = None  # a policy's per-request run (engine.policies), if any
         self.root: Sequence | None = None  # holds the prompt's cache; samples fork off it
         self.best_index: int | None = None

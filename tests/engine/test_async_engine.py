@@ -47,9 +47,13 @@ def test_concurrent_streams_match_the_sync_engine(llama_dir, aeng):
                                              BestOfN(3)))
 
     results = asyncio.run(main())
+    # Each delta's text and the output's are the sync engine's (AsyncEngine.start decodes it in the
+    # caller's process: the engine process runs with detokenize=False).
     for (text, tokens, final), exp in zip(results, expected):
         assert tokens[0] == exp.samples[0].token_ids == final.samples[0].token_ids
-        assert text[0] == final.samples[0].text
+        assert text[0] == final.samples[0].text == exp.samples[0].text and text[0]
+    text, tokens, final = results[-1]
+    assert all(text[s.index] == s.text and tokens[s.index] == s.token_ids for s in final.samples)
     assert len(results[-1][2].samples) == 3 and results[-1][2].best_index is not None
     assert aeng.engine.num_free_blocks == 128
     assert (aeng.engine.core.ahead_steps > 0) == aeng.engine.core.async_scheduling
@@ -211,9 +215,13 @@ def test_the_engine_process_streams_what_the_sync_engine_gives(llama_dir, proc_e
         return results
 
     results = asyncio.run(main())
+    # Each delta's text and the output's are the sync engine's (AsyncEngine.start decodes it in the
+    # caller's process: the engine process runs with detokenize=False).
     for (text, tokens, final), exp in zip(results, expected):
         assert tokens[0] == exp.samples[0].token_ids == final.samples[0].token_ids
-        assert text[0] == final.samples[0].text
+        assert text[0] == final.samples[0].text == exp.samples[0].text and text[0]
+    text, tokens, final = results[-1]
+    assert all(text[s.index] == s.text and tokens[s.index] == s.token_ids for s in final.samples)
     assert len(results[-1][2].samples) == 3 and results[-1][2].best_index is not None
     assert _wait_for(lambda: proc_engine.stats()["kv_blocks_used"] == 0)  # the abandoned one freed
     assert proc_engine.stats()["requests_finished"] >= 5 and proc_engine.engine is None

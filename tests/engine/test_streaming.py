@@ -2,6 +2,7 @@
 multi-byte text, stop strings and n > 1; the detokenizer is incremental and exact."""
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from engine import Engine, SamplingParams
 from engine.detokenizer import BytePieces, IncrementalDetokenizer
+from engine.errors import InvalidRequestError
 from engine.policies import Prune
 
 PIECES = ["a", "é", "日本", "🙂", " ", "Yes", "No", "x", "\n", "1", "ß", "€"]
@@ -405,3 +407,33 @@ def test_every_delta_field_crosses_a_pickle():
         for f in dataclasses.fields(obj):
             assert getattr(back, f.name) == getattr(obj, f.name), f.name
             assert getattr(obj, f.name) != f.default, f.name  # no field left at its default
+
+
+def test_detokenize_false_streams_the_same_tokens_with_no_text(llama_dir):
+    """SamplingParams(detokenize=False), vLLM's: the tokens and logprobs of a run with text, and
+    empty text in every delta and output; stop strings, which match text, are refused."""
+    prompts = [[5, 6, 7], [8, 9], [10]]
+    params = [SamplingParams(temperature=1.0, max_tokens=9, ignore_eos=True, seed=i, n=1 + (i == 1))
+              for i in range(3)]
+
+    def run(detokenize):
+        eng = Engine(str(llama_dir), block_size=4, num_blocks=256)
+        ids = [eng.add_request(p, replace(sp, detokenize=detokenize)) for p, sp in zip(prompts, params)]
+        texts, finals = [], {}
+        while eng.has_unfinished_requests():
+            for d in eng.step_deltas():
+                texts += [s.text for s in d.samples]
+                if d.finished:
+                    finals[d.request_id] = d.output
+        assert eng.num_free_blocks == 256
+        outs = [[(s.token_ids, s.logprobs) for s in finals[i].samples] for i in ids]
+        return outs, texts, [s.text for i in ids for s in finals[i].samples]
+
+    with_text, texts, final_texts = run(True)
+    without, no_texts, no_final_texts = run(False)
+    assert without == with_text and any(texts) and all(final_texts)
+    assert not any(no_texts) and not any(no_final_texts)
+    with pytest.raises(InvalidRequestError, match="detokenize"):
+        SamplingParams(stop=["a"], detokenize=False)
+    with pytest.raises(InvalidRequestError, match="detokenize"):
+        SamplingParams(detokenize=1)
