@@ -4,7 +4,10 @@ stream each request's deltas with `async for`, and may add or abort requests at 
 Where the step loop runs:
 - `AsyncEngine.start(config)` (what `selfeval serve` uses): in a child process of its own, as
   vLLM V1 runs its EngineCore. Requests go to it and each step's deltas come back over pipes
-  (pickled: ~40 bytes a token); a reader thread hands them to the event loops. The child holds
+  (pickled: ~20 bytes a token); a reader thread hands them to the event loops. As in vLLM, text
+  is decoded on this side: a request without stop strings runs there with detokenize=False, and
+  its one-token deltas cross as rows (TokenDeltas), which took the engine process's host time per
+  step at batch 256 from 2.83 to 1.50 ms (bench/host_overhead.py, b256+process). The child holds
   the model, KV cache and scheduler, so the server's Python (HTTP, JSON, SSE) never takes the GIL
   from a step: a pure-Python thread busy 30% of the time slowed the engine's steps by 17-21% from
   inside its process and by 2% from another (2 CPU cores, toy model). Under bench/serve_load.py
@@ -92,9 +95,10 @@ def _live_stats(eng: Engine) -> dict:
 
 
 def _core_loop(eng: Engine, receive: Callable[[bool], list], emit: Callable[[list, float | None, dict], None],
-               ) -> None:
+               rows: bool = False) -> None:
     """Take messages, step while anything is unfinished, emit each step's events. `receive(True)`
-    blocks until a message comes (the loop is idle); `receive(False)` takes what is there."""
+    blocks until a message comes (the loop is idle); `receive(False)` takes what is there. rows:
+    the one-token deltas go as TokenDeltas rows (cheap to pickle: the engine process's loop)."""
     ids: dict[int, int] = {}  # AsyncEngine's key -> engine's request id
     names: dict[int, int] = {}
     failures = 0  # consecutive failed steps
@@ -126,7 +130,7 @@ def _core_loop(eng: Engine, receive: Callable[[bool], list], emit: Callable[[lis
         if eng.has_unfinished_requests():
             start = time.perf_counter()
             try:
-                deltas, tokens = eng.step_token_deltas()
+                deltas, tokens = eng.step_token_deltas() if rows else (eng.step_deltas(), None)
             except WorkerError as e:  # no step can run any more: end everything, then stop
                 emit(events + [(rid, e) for rid in ids], None, None)
                 raise
@@ -190,7 +194,7 @@ def _child_main(config: EngineConfig, inbox, outbox) -> None:
         outbox.send_bytes(blob)
 
     try:
-        _core_loop(eng, receive, emit)
+        _core_loop(eng, receive, emit, rows=True)
     except (EOFError, OSError):  # the parent is gone
         pass
     finally:
@@ -512,7 +516,7 @@ class _Texts:
         if delta.output is not None:
             for sample in delta.output.samples:
                 det, tokens = self._sample(sample.index)
-                if tokens != sample.token_ids:  # not all streamed (a sample that never decoded)
+                if tokens != sample.token_ids:  # not all streamed (deltas lost): decoded whole
                     det = IncrementalDetokenizer(self.tokenizer, self.prompt_ids, (), self.pieces)
                     det.push(sample.token_ids, final=True)
                 sample.text = det.text

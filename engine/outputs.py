@@ -138,7 +138,7 @@ class OutputProcessor:
                 except Exception as e:  # a scorer's own bug fails its request only
                     value = None
                     request.error = request.error or f"scorer {type(scorer).__name__} raised {e!r}"
-            text = seq.detokenizer.text if seq.detokenizer is not None else ""  # None: detokenize=False
+            text = seq.detokenizer.text if request.detokenize else ""
             samples.append(Sample(seq.index, seq.token_ids[request.num_prompt:], text,
                                   seq.finish_reason, *score,
                                   checkpoint_scores=list(seq.checkpoint_scores),

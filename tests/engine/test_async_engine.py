@@ -282,7 +282,7 @@ def test_a_loop_that_dies_in_a_thread_fails_its_callers_instead_of_hanging(llama
     def fatal():
         raise _Fatal("the loop itself broke")
 
-    monkeypatch.setattr(eng, "step_token_deltas", fatal)
+    monkeypatch.setattr(eng, "step_deltas", fatal)
     with pytest.raises(EngineDeadError, match="loop stopped: _Fatal"):
         asyncio.run(asyncio.wait_for(_collect(aeng, PROMPTS[0]), timeout=10))
     assert not aeng.is_running
