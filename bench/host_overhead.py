@@ -8,7 +8,8 @@ delta by the general path: what the fast path saves). b256+process-objects and b
 the step of AsyncEngine's engine process, phase "emit" its pickling of the step's events for the
 pipe: before, text decoded there and the deltas sent as objects (step_deltas); now (what
 AsyncEngine.start does), the requests run with detokenize=False (their text is decoded in the
-server's process) and the one-token deltas go as TokenDeltas rows (step_token_deltas).
+server's process) and the one-token deltas go as TokenDeltas rows (step_token_deltas). The -n16
+rows: the same with batch / 16 requests of 16 samples each.
 
 On the CPU a tiny model (2 layers, hidden 32) makes the forward nearly free, so the host's share
 shows plainly; on a GPU the Llama-3.1-8B shape (random bf16 weights) gives host time as a share
@@ -66,15 +67,15 @@ def host_bench_model(model: str | None, device: str, tmp: Path) -> tuple[str, st
 
 def run_case(path: str, device: str, batch: int, steps: int, prompt_len: int, score: bool,
              load_format: str, final_only: bool = False, general_text: bool = False,
-             process: str | None = None) -> dict:
+             process: str | None = None, n: int = 1) -> dict:
     eng = Engine(path, device=device, block_size=16, max_num_seqs=max(batch, 1),
                  max_batch_tokens=max(2048, batch * prompt_len), load_format=load_format,
                  num_blocks=batch * -(-(prompt_len + steps + 40) // 16) + 64)
     gc.collect()
     gc.freeze()  # what a process that owns its engine does (the CLI and the engine process do)
     params = SamplingParams(temperature=1.0, max_tokens=steps + 32, ignore_eos=True, seed=0,
-                            score_at=(CHECKPOINT,) if score else (), detokenize=process != "rows")
-    for i in range(batch):
+                            score_at=(CHECKPOINT,) if score else (), detokenize=process != "rows", n=n)
+    for i in range(batch // n):  # batch samples in all
         eng.add_request([5 + (7 * i + j) % 200 for j in range(prompt_len)], params)
     scheduler = eng.core.scheduler
     while scheduler.waiting or any(s.num_generated == 0 for s in scheduler.running):
@@ -107,7 +108,8 @@ def run_case(path: str, device: str, batch: int, steps: int, prompt_len: int, sc
         mine = [(w, p) for k, w, p in per_step if k == kind]
         if not mine:
             continue
-        row = {"case": f"b{batch}" + ("+score" if score else "") + ("+final-only" if final_only else "")
+        row = {"case": f"b{batch}" + (f"-n{n}" if n > 1 else "") + ("+score" if score else "")
+               + ("+final-only" if final_only else "")
                + ("+general-text" if general_text else "")
                + {None: "", "rows": "+process", "objects": "+process-objects"}[process],
                "step": kind, "steps": len(mine)}
@@ -162,9 +164,10 @@ def main(argv: list[str] | None = None) -> dict:
                          final_only=True)
         rows += run_case(path, args.device, max(batches), args.steps, args.prompt_len, False, load_format,
                          general_text=True)
-        for process in ("objects", "rows"):
-            rows += run_case(path, args.device, max(batches), args.steps, args.prompt_len, False,
-                             load_format, process=process)
+        for n in (1, 16) if max(batches) >= 16 else (1,):
+            for process in ("objects", "rows"):
+                rows += run_case(path, args.device, max(batches), args.steps, args.prompt_len, False,
+                                 load_format, process=process, n=n)
     print_table(rows, ["case", "step", "steps", "step_ms", "host_ms", "host_share", "forward", "sample",
                        "snapshot", "schedule", "prepare", "to_device", "sample_prep", "update", "detokenize",
                        "policy", "output", "emit", "untimed"])

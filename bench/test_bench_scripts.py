@@ -147,17 +147,17 @@ def test_scoring_overhead_bench_keeps_tokens_identical(tmp_path):
 
 
 def test_host_overhead_bench_splits_each_step_by_phase(tmp_path):
-    metrics = _load("host_overhead").main(["--steps", "12", "--batches", "1,8", "--out", str(tmp_path)])
+    metrics = _load("host_overhead").main(["--steps", "12", "--batches", "1,16", "--out", str(tmp_path)])
     assert (tmp_path / "host_overhead-cpu.json").exists()
     rows = {(r["case"], r["step"]): r for r in metrics["rows"]}
-    assert {("b1", "decode"), ("b8", "decode"), ("b8+score", "decode"), ("b8+score", "score"),
-            ("b8+final-only", "decode"), ("b8+general-text", "decode"), ("b8+process", "decode"),
-            ("b8+process-objects", "decode")} <= rows.keys()
+    assert {("b1", "decode"), ("b16", "decode"), ("b16+score", "decode"), ("b16+score", "score"),
+            ("b16+final-only", "decode"), ("b16+general-text", "decode"), ("b16+process", "decode"),
+            ("b16+process-objects", "decode"), ("b16-n16+process", "decode")} <= rows.keys()
     for r in rows.values():
         assert 0 < r["host_ms"] < r["step_ms"] and r["forward"] > 0
         assert r["schedule"] > 0 and r["prepare"] > 0 and r["output"] > 0
         assert (r["emit"] > 0) == ("process" in r["case"])
-    assert rows[("b8+score", "score")]["score"] > 0 and rows[("b8", "decode")]["score"] == 0
+    assert rows[("b16+score", "score")]["score"] > 0 and rows[("b16", "decode")]["score"] == 0
 
 
 def test_sampling_cpu_bench_times_the_sampler_with_equal_tokens(tmp_path):

@@ -523,13 +523,22 @@ class _Texts:
 
 
 def _expand(events: list) -> list:
-    """A step's events with its TokenDeltas as (key, RequestDelta) events."""
-    for i, (key, item) in enumerate(events):
+    """A step's events with its TokenDeltas rows joined in: (key, RequestDelta or error) each."""
+    rows = next((item for key, item in events if key is None), None)
+    if rows is None:
+        return events
+    keys, tokens = rows
+    key_of = {row[0]: k for k, row in zip(keys, tokens.rows) if k is not None}  # engine id -> key
+    mine = {key_of[d.request_id]: d for d in tokens.deltas() if d.request_id in key_of}
+    out = []
+    for key, item in events:
         if key is None:
-            keys, tokens = item
-            return (events[:i] + [(k, d) for k, d in zip(keys, tokens.deltas()) if k is not None]
-                    + _expand(events[i + 1:]))
-    return events
+            continue
+        extra = mine.pop(key, None) if isinstance(item, RequestDelta) else None
+        if extra is not None:  # the request's other changes in the step: one delta
+            item.samples = sorted(item.samples + extra.samples, key=lambda s: s.index)
+        out.append((key, item))
+    return out + list(mine.items())
 
 
 def _deliver(items: list) -> None:

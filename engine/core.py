@@ -208,8 +208,9 @@ class EngineCore:
         the tokens an uninterrupted run gives. deltas=False (callers that want only finished
         requests, as vLLM's FINAL_ONLY): only the finished requests' deltas, and text is decoded
         when a sample ends unless stop strings need it as it grows; a later deltas=True step
-        carries what was skipped. rows (TokenDeltas.rows): the plain one-token deltas are appended
-        there as rows rather than returned. With async scheduling each call applies one step and
+        carries what was skipped. rows (TokenDeltas.rows): each sample that drew one token and
+        nothing else new goes there as a row rather than in a returned delta (a request may have
+        both: TokenDeltas.merge_into joins them). With async scheduling each call applies one step and
         may leave the next decode step running on the device (see _step_transaction)."""
         if self._interrupt_pending:  # a Ctrl-C that came after the last step's deltas were out
             self._interrupt_pending = False
@@ -256,7 +257,7 @@ class EngineCore:
                  rows: list | None = None) -> list[RequestDelta]:
         """A step's text, policies and deltas (step's second half). A Ctrl-C that held back comes
         at the end, once every delta is built: they go out with the next step's. rows
-        (TokenDeltas.rows): plain one-token deltas go there as rows."""
+        (TokenDeltas.rows): one-token sample deltas go there as rows (see step)."""
         lazy = not deltas
         outputs = self.outputs
         with phase("detokenize"):
@@ -285,15 +286,16 @@ class EngineCore:
                 for r in live:
                     start = len(journal)
                     d = None
-                    if r.plain:  # a delta built earlier merges with this one: as an object
-                        d = decode_delta(r, journal, rows if not built or r.request_id not in built else None)
-                        if d is ROWED:
-                            start = None
-                            continue
+                    into = rows if not built or r.request_id not in built else None  # else merged: objects
+                    if r.plain:
+                        d = decode_delta(r, journal, into)
                     if d is None:
                         if r.plain:
                             outputs.advance_text(r)
-                        d = delta(r, journal)
+                        d = delta(r, journal, into)
+                    if d is ROWED:
+                        start = None
+                        continue
                     if built:
                         earlier = built.pop(r.request_id, None)
                         if earlier is not None:
@@ -309,13 +311,13 @@ class EngineCore:
             except BaseException:
                 if start is not None:  # its delta is not kept: what it took is reported again
                     self.outputs.rewind(journal[start:])
-                    if rows is not None and len(rows) > mark and rows[-1][0] == r.request_id:
-                        rows.pop()  # its row, if it got that far
+                    while rows is not None and len(rows) > mark and rows[-1][0] == r.request_id:
+                        rows.pop()  # its rows, if it got that far
                 for r in live:  # finished ones that left come back: their deltas go out next step
                     if r.request_id not in self.requests and r.finished:
                         self.requests[r.request_id] = r
                 if rows is not None:  # the rows this step added are deltas built too
-                    out += TokenDeltas(rows[mark:]).deltas()
+                    out = TokenDeltas(rows[mark:]).merge_into(out)
                     del rows[mark:]
                 self._built = {**built, **{d.request_id: d for d in out}}
                 self._undelivered = touched

@@ -53,12 +53,17 @@ class OutputProcessor:
             if text:
                 seq.pending_text += text
 
-    def delta(self, request: Request, journal: list | None = None) -> RequestDelta:
+    def delta(self, request: Request, journal: list | None = None, rows: list | None = None) -> RequestDelta:
         """What changed since the last delta; the last one (request finished) carries the output
         (the caller then drops the request). journal: each sample's counters are appended to it
-        before they move on, so rewind(journal) can undo a delta that is lost."""
+        before they move on, so rewind(journal) can undo a delta that is lost. rows
+        (TokenDeltas.rows; not for a finished request): a sample that drew one token and nothing
+        else new goes there as a row; ROWED is returned when every sample that changed did."""
         samples = []
         base = request.num_prompt
+        finished, rowed = request.finished, False
+        if finished:
+            rows = None
         for seq in request.seqs:  # once per sample per step: kept lean
             if seq.is_root:
                 continue
@@ -73,6 +78,14 @@ class OutputProcessor:
                 journal.append((seq, emitted, seq.emitted_scores, seq.pending_text, seq.emitted_end,
                                 seq.score_emitted))
             top = seq.top_logprobs
+            if (rows is not None and len(token_ids) == base + emitted + 1 and not ended and score is None
+                    and n_scores == seq.emitted_scores and not top):
+                rows.append((request.request_id, seq.index, token_ids[-1], seq.pending_text,
+                             seq.logprobs[-1]))
+                seq.emitted += 1
+                seq.pending_text = ""
+                rowed = True
+                continue
             # Every field positional: a dataclass's default factories cost as much as the rest.
             d = SampleDelta(seq.index, token_ids[base + emitted:], seq.pending_text, seq.logprobs[emitted:],
                             None, None, seq.checkpoint_scores[seq.emitted_scores:] if n_scores else [],
@@ -86,8 +99,10 @@ class OutputProcessor:
             if score is not None:
                 d.score, seq.score_emitted = score, True
             samples.append(d)
-        if request.finished:
+        if finished:
             return RequestDelta(request.request_id, samples, True, self.output(request))
+        if rowed and not samples:
+            return ROWED
         return RequestDelta(request.request_id, samples)
 
     def decode_delta(self, request: Request, journal: list, rows: list | None = None) -> RequestDelta | None:

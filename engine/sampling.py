@@ -240,9 +240,10 @@ class RequestDelta:
 
 
 class TokenDeltas:
-    """A step's most common deltas as rows: a request with one sample that drew one token and
-    goes on, and nothing else new (its text and logprob). rows: (request_id, sample index, token,
-    text, logprob) each. `deltas()` gives the RequestDelta that each row stands for.
+    """A step's most common sample deltas as rows: a sample that drew one token and nothing else
+    new (no end, score or top logprobs), with its text and logprob. rows: (request_id, sample
+    index, token, text, logprob) each. A request's other changes in the step, if any, come in a
+    RequestDelta beside them; `merge_into` joins the two.
 
     The engine process sends these rows rather than the deltas (AsyncEngine.start): at batch 256
     they pickle in a few percent of the deltas' time, and the server's process builds the
@@ -257,8 +258,30 @@ class TokenDeltas:
         return len(self.rows)
 
     def deltas(self) -> list[RequestDelta]:
-        return [RequestDelta(rid, [SampleDelta(index, [token], text, [logprob], None, None, [], [])])
-                for rid, index, token, text, logprob in self.rows]
+        """One RequestDelta per request, its samples in row order."""
+        by_request: dict[int, RequestDelta] = {}
+        for rid, index, token, text, logprob in self.rows:
+            sample = SampleDelta(index, [token], text, [logprob], None, None, [], [])
+            d = by_request.get(rid)
+            if d is None:
+                by_request[rid] = RequestDelta(rid, [sample])
+            else:
+                d.samples.append(sample)
+        return list(by_request.values())
+
+    def merge_into(self, deltas: list[RequestDelta]) -> list[RequestDelta]:
+        """deltas (the step's others, one per request) with these rows joined in: a request's rows
+        go into its delta (samples then ordered by index), or after them as a delta of their own."""
+        if not self.rows:
+            return deltas
+        mine = {d.request_id: d for d in self.deltas()}
+        out = []
+        for d in deltas:
+            extra = mine.pop(d.request_id, None)
+            if extra is not None:
+                d.samples = sorted(d.samples + extra.samples, key=lambda s: s.index)
+            out.append(d)
+        return out + list(mine.values())
 
     def __reduce__(self):
         return TokenDeltas, (self.rows,)

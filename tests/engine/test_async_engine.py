@@ -328,3 +328,27 @@ def test_a_killed_engine_process_fails_streams_fast_and_shutdown_leaves_nothing(
 def test_an_engine_that_cannot_be_built_raises_at_start(tmp_path):
     with pytest.raises(EngineDeadError, match="could not build the engine"):
         AsyncEngine.start(EngineConfig(model=str(tmp_path)))
+
+
+def test_rows_from_the_engine_process_join_their_requests_deltas():
+    """A step's rows (TokenDeltas, engine request ids) and its other deltas (by key) come out as
+    one delta per key, samples in index order; a row whose request has no key is dropped."""
+    import pickle
+
+    from engine.async_engine import _expand
+    from engine.sampling import RequestDelta, SampleDelta, TokenDeltas
+
+    ended = RequestDelta(3, [SampleDelta(1, [9], "c", [-0.1], "length", None, [], [])])
+    tokens = TokenDeltas([(3, 2, 7, "b", -0.2), (4, 0, 5, "x", -0.3), (3, 0, 6, "a", -0.4),
+                          (5, 0, 1, "", 0.0)])
+    tokens = pickle.loads(pickle.dumps(tokens))
+    events = [(30, ended), (None, ([30, 40, 30, None], tokens)), (50, InvalidRequestError("bad"))]
+    out = dict(_expand(events))
+    assert list(out) == [30, 50, 40]
+    assert [(s.index, s.token_ids, s.text, s.finish_reason) for s in out[30].samples] == [
+        (0, [6], "a", None), (1, [9], "c", "length"), (2, [7], "b", None)]
+    assert out[40].request_id == 4 and [s.token_ids for s in out[40].samples] == [[5]]
+    assert isinstance(out[50], InvalidRequestError)
+    merged = tokens.merge_into([RequestDelta(3, [SampleDelta(1, [9], "c", [-0.1], None, None, [], [])])])
+    assert [(d.request_id, [s.index for s in d.samples]) for d in merged] == [
+        (3, [0, 1, 2]), (4, [0]), (5, [0])]

@@ -234,11 +234,11 @@ def test_an_interrupt_while_outputs_are_made_delivers_them_on_the_next_step(llam
     ids = [eng.add_request(p, greedy) for p in prompts]
     delta, fired = eng.core.outputs.delta, []
 
-    def interrupted(request, journal=None):  # Ctrl-C while the step that finishes them builds its outputs
-        if request.finished and not fired:
+    def interrupted(request, journal=None, rows=None):  # Ctrl-C while the step that finishes them builds
+        if request.finished and not fired:                # its outputs
             fired.append(request.request_id)
             raise KeyboardInterrupt
-        return delta(request, journal)
+        return delta(request, journal, rows)
 
     eng.core.outputs.delta = interrupted
     outs = _drain(eng)
@@ -253,7 +253,7 @@ def _steps_of(eng, rows: bool):
 
     def step():
         deltas, tokens = eng.step_token_deltas()
-        return deltas + tokens.deltas()
+        return tokens.merge_into(deltas)
     return step
 
 

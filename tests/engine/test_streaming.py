@@ -323,7 +323,7 @@ def test_plain_requests_stream_the_general_paths_deltas(llama_dir):
                 return eng.step_deltas()
             deltas, tokens = eng.step_token_deltas()
             calls.append(-len(tokens))
-            return sorted(deltas + tokens.deltas(), key=lambda d: d.request_id)
+            return sorted(tokens.merge_into(deltas), key=lambda d: d.request_id)
 
         eng.core.outputs.decode_delta = counted
         ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
