@@ -6,8 +6,9 @@ Where the step loop runs:
   vLLM V1 runs its EngineCore. Requests go to it and each step's deltas come back over pipes
   (pickled: ~20 bytes a token); a reader thread hands them to the event loops. As in vLLM, text
   is decoded on this side: a request without stop strings runs there with detokenize=False, and
-  its one-token deltas cross as rows (TokenDeltas), which took the engine process's host time per
-  step at batch 256 from 2.83 to 1.50 ms (bench/host_overhead.py, b256+process). The child holds
+  each sample's one-token delta crosses as a row (TokenDeltas), which took the engine process's
+  host time per step at batch 256 from 2.3-3.1 to 1.2-1.5 ms (bench/host_overhead.py,
+  b256+process against b256+process-objects, three runs). The child holds
   the model, KV cache and scheduler, so the server's Python (HTTP, JSON, SSE) never takes the GIL
   from a step: a pure-Python thread busy 30% of the time slowed the engine's steps by 17-21% from
   inside its process and by 2% from another (2 CPU cores, toy model). Under bench/serve_load.py
