@@ -102,9 +102,10 @@ class Engine:
 
     @_serialized
     def step_token_deltas(self) -> tuple[list[RequestDelta], TokenDeltas]:
-        """step_deltas(), with the plain one-token deltas (a request with one sample that drew
-        one token and goes on) as the rows of a TokenDeltas: the same changes, cheap to send to
-        another process. TokenDeltas.deltas() gives them as RequestDeltas."""
+        """step_deltas(), with each sample that drew one token and nothing else new as a row of a
+        TokenDeltas: the same changes, cheap to send to another process. A request's other
+        changes come in a delta beside its rows; rows.merge_into(deltas) gives step_deltas()'s
+        list (one delta per request)."""
         rows = TokenDeltas()
         return self.core.step(rows=rows.rows), rows
 

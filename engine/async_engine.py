@@ -48,7 +48,7 @@ from engine.detokenizer import BytePieces, IncrementalDetokenizer
 from engine.errors import EngineError, InvalidRequestError, WorkerError
 from engine.inputs import InputProcessor, Limits, Prompt
 from engine.policies.base import Policy
-from engine.sampling import RequestDelta, SamplingParams
+from engine.sampling import RequestDelta, SamplingParams, TokenDeltas
 
 
 class EngineDeadError(EngineError):
@@ -525,10 +525,11 @@ class _Texts:
 
 def _expand(events: list) -> list:
     """A step's events with its TokenDeltas rows joined in: (key, RequestDelta or error) each."""
-    rows = next((item for key, item in events if key is None), None)
-    if rows is None:
+    rows = [item for key, item in events if key is None]  # _core_loop sends one a step at most
+    if not rows:
         return events
-    keys, tokens = rows
+    keys = [k for ks, _ in rows for k in ks]
+    tokens = rows[0][1] if len(rows) == 1 else TokenDeltas([r for _, t in rows for r in t.rows])
     key_of = {row[0]: k for k, row in zip(keys, tokens.rows) if k is not None}  # engine id -> key
     mine = {key_of[d.request_id]: d for d in tokens.deltas() if d.request_id in key_of}
     out = []

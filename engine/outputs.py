@@ -10,7 +10,7 @@ from engine.sampling import RequestDelta, RequestOutput, Sample, SampleDelta
 from engine.scheduler import Scheduler
 from engine.sequence import Request
 
-ROWED = RequestDelta(-1)  # decode_delta's answer when the delta went to the rows given
+ROWED = RequestDelta(-1)  # decode_delta's and delta()'s answer when all of it went to the rows given
 
 
 class OutputProcessor:
