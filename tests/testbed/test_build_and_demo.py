@@ -9,7 +9,7 @@ import pytest
 from engine.cli import main
 from engine.testbed import BUNDLED
 from engine.testbed.build import main as build
-from engine.testbed.demo import _aurocs, _goals, _prune_offline, run_demo
+from engine.testbed.demo import _aurocs, _goals, _oracle_stopping_gain, _prune_offline, run_demo
 from engine.testbed.paths import CHECKPOINTS as PATH_CHECKPOINTS
 
 
@@ -98,6 +98,8 @@ def test_demo_on_the_bundled_model_gives_the_table(demo):
         assert 1 <= a["avg_samples"] <= 16
         assert a["gain"] == pytest.approx(a["acc"] - base["first_round_acc"])
         assert a["vs_greedy"] == pytest.approx(a["acc"] - r["greedy_acc"])
+        if a["avg_samples"] <= 1.3:  # the same draws as the oracle's: no stopping rule gains more
+            assert a["gain"] <= base["oracle_stopping_gain_at_1_3"] + 1e-9
         if base["gain_of_every_round"] > 0:
             assert a["frac_gain"] == pytest.approx(a["gain"] / base["gain_of_every_round"])
         else:
@@ -218,3 +220,24 @@ def test_goals_state_the_adaptive_ceiling_and_the_qualifying_prune_row():
     assert len(g) == 7
     r["adaptive_baselines"]["gain_of_every_round"] = 0.25  # reachable: no ceiling stated
     assert "no stopping rule" not in _goals(r, [(1.0, 0.0), (16.0, 1.0)])[2]["goal"]
+
+
+def test_an_oracle_stopping_rule_fixes_the_cheapest_problems_within_the_budget():
+    """Rounds (1, 1, 2): a problem right in round 1 costs nothing more; one first right in round 2
+    costs 1 more sample, in round 3 costs 3; never right: never fixed."""
+    correct = [[True, False, False, False],   # right at once
+               [False, True, False, False],   # +1 sample
+               [False, False, False, True],   # +3 samples
+               [False, False, False, False],  # no draw right
+               [False, False, True, True]]    # +3 samples
+    rounds = (1, 1, 2)
+    assert _oracle_stopping_gain(correct, rounds, 1.0) == 0.0
+    assert _oracle_stopping_gain(correct, rounds, 1.2) == pytest.approx(1 / 5)  # room 1: the +1 one
+    assert _oracle_stopping_gain(correct, rounds, 1.8) == pytest.approx(2 / 5)  # room 4: +1 and one +3
+    assert _oracle_stopping_gain(correct, rounds, 4.0) == pytest.approx(3 / 5)  # all that can be fixed
+    r = {"best_of_n": {"16": {"selfeval": 0.8, "logprob": 0.4}}, "greedy_acc": 0.4,
+         "mean_response_tokens": 8.0,
+         "adaptive_baselines": {"gain_of_every_round": 0.40, "oracle_stopping_gain_at_1_3": 0.1},
+         "prune": [], "auroc": {"selfeval": {"end": {"within_prompt": 0.9}}}}
+    goal = _goals(r, [(1.0, 0.0), (16.0, 1.0)])[2]["goal"]
+    assert "no stopping rule can reach more than 0.25 of a 0.400 gain: an oracle's, on the same draws" in goal
