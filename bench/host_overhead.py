@@ -9,7 +9,10 @@ the step of AsyncEngine's engine process, phase "emit" its pickling of the step'
 pipe: before, text decoded there and the deltas sent as objects (step_deltas); now (what
 AsyncEngine.start does), the requests run with detokenize=False (their text is decoded in the
 server's process) and the one-token deltas go as TokenDeltas rows (step_token_deltas). The -n16
-rows: the same with batch / 16 requests of 16 samples each.
+rows: the same with batch / 16 requests of 16 samples each. Each pair of process rows steps its
+two engines in turn (a step of one, then of the other), so both see the same moments of the
+machine, whose speed drifts between runs; each evicts the other's data from the caches, so their
+times run somewhat above a case run alone (their ratio is the comparison).
 
 On the CPU a tiny model (2 layers, hidden 32) makes the forward nearly free, so the host's share
 shows plainly; on a GPU the Llama-3.1-8B shape (random bf16 weights) gives host time as a share
@@ -67,62 +70,84 @@ def host_bench_model(model: str | None, device: str, tmp: Path) -> tuple[str, st
 
 def run_case(path: str, device: str, batch: int, steps: int, prompt_len: int, score: bool,
              load_format: str, final_only: bool = False, general_text: bool = False,
-             process: str | None = None, n: int = 1) -> dict:
-    eng = Engine(path, device=device, block_size=16, max_num_seqs=max(batch, 1),
-                 max_batch_tokens=max(2048, batch * prompt_len), load_format=load_format,
-                 num_blocks=batch * -(-(prompt_len + steps + 40) // 16) + 64)
+             process: str | None = None, n: int = 1) -> list[dict]:
+    return run_cases(path, device, steps, prompt_len, load_format,
+                     [dict(batch=batch, score=score, final_only=final_only, general_text=general_text,
+                           process=process, n=n)])
+
+
+def run_cases(path: str, device: str, steps: int, prompt_len: int, load_format: str,
+              cases: list[dict]) -> list[dict]:
+    """Each case (run_case's arguments) on an engine of its own, stepped in turn, one step each
+    round: cases compared this way share the machine's moments (its speed drifts between runs)."""
+    runs = [_Run(path, device, steps, prompt_len, load_format, **case) for case in cases]
     gc.collect()
     gc.freeze()  # what a process that owns its engine does (the CLI and the engine process do)
-    params = SamplingParams(temperature=1.0, max_tokens=steps + 32, ignore_eos=True, seed=0,
-                            score_at=(CHECKPOINT,) if score else (), detokenize=process != "rows", n=n)
-    for i in range(batch // n):  # batch samples in all
-        eng.add_request([5 + (7 * i + j) % 200 for j in range(prompt_len)], params)
-    scheduler = eng.core.scheduler
-    while scheduler.waiting or any(s.num_generated == 0 for s in scheduler.running):
-        eng.step_deltas()  # prefill
-    eng.step_deltas()
-    prof = StepProfiler(device)
-    eng.profiler = prof
-    per_step = []
-    if general_text:  # every request's text and delta by the general path (no decode_delta)
-        eng.core.outputs.decode_delta = lambda request, journal, rows=None: None
-    step = eng.step if final_only else eng.step_deltas  # step(): finished requests only, text at the end
-    if process is not None:  # what the engine process of AsyncEngine.start does: step, then pickle
-        step = _process_step(eng, prof, rows=process == "rows")
     for _ in range(steps):
+        for run in runs:
+            run.step()
+    gc.unfreeze()
+    return [row for run in runs for row in run.rows()]
+
+
+class _Run:
+    def __init__(self, path: str, device: str, steps: int, prompt_len: int, load_format: str, batch: int,
+                 score: bool, final_only: bool = False, general_text: bool = False,
+                 process: str | None = None, n: int = 1):
+        self.device, self.score = device, score
+        self.name = (f"b{batch}" + (f"-n{n}" if n > 1 else "") + ("+score" if score else "")
+                     + ("+final-only" if final_only else "") + ("+general-text" if general_text else "")
+                     + {None: "", "rows": "+process", "objects": "+process-objects"}[process])
+        eng = Engine(path, device=device, block_size=16, max_num_seqs=max(batch, 1),
+                     max_batch_tokens=max(2048, batch * prompt_len), load_format=load_format,
+                     num_blocks=batch * -(-(prompt_len + steps + 40) // 16) + 64)
+        params = SamplingParams(temperature=1.0, max_tokens=steps + 32, ignore_eos=True, seed=0,
+                                score_at=(CHECKPOINT,) if score else (), detokenize=process != "rows", n=n)
+        for i in range(batch // n):  # batch samples in all
+            eng.add_request([5 + (7 * i + j) % 200 for j in range(prompt_len)], params)
+        scheduler = eng.core.scheduler
+        while scheduler.waiting or any(s.num_generated == 0 for s in scheduler.running):
+            eng.step_deltas()  # prefill
+        eng.step_deltas()
+        self.prof = prof = StepProfiler(device)
+        eng.profiler = prof
+        if general_text:  # every request's text and delta by the general path (no decode_delta)
+            eng.core.outputs.decode_delta = lambda request, journal, rows=None: None
+        self._step = eng.step if final_only else eng.step_deltas  # step(): finished requests only
+        if process is not None:  # what the engine process of AsyncEngine.start does: step, then pickle
+            self._step = _process_step(eng, prof, rows=process == "rows")
+        self.per_step = []
+
+    def step(self) -> None:
+        prof = self.prof
         before = dict(prof.phase_seconds)
         records = len(prof.steps)
         start = time.perf_counter()
-        step()
-        if device == "cuda":
+        self._step()
+        if self.device == "cuda":
             torch.cuda.synchronize()
         wall = time.perf_counter() - start
         phases = {k: v - before.get(k, 0.0) for k, v in prof.phase_seconds.items()}
         kind = prof.steps[records].kind if len(prof.steps) > records else "none"
-        per_step.append((kind, wall, phases))
-    eng.profiler = None
-    gc.unfreeze()
-    rows = []
-    kinds = ["decode", "score"] if score else ["decode"]
-    for kind in kinds:
-        mine = [(w, p) for k, w, p in per_step if k == kind]
-        if not mine:
-            continue
-        row = {"case": f"b{batch}" + (f"-n{n}" if n > 1 else "") + ("+score" if score else "")
-               + ("+final-only" if final_only else "")
-               + ("+general-text" if general_text else "")
-               + {None: "", "rows": "+process", "objects": "+process-objects"}[process],
-               "step": kind, "steps": len(mine)}
-        row["step_ms"] = statistics.median(w for w, _ in mine) * 1e3
-        hosts = [w - sum(p.get(x, 0.0) for x in DEVICE_PHASES) for w, p in mine]
-        row["host_ms"] = statistics.median(hosts) * 1e3
-        row["host_mean_ms"] = statistics.fmean(hosts) * 1e3
-        row["host_share"] = row["host_ms"] / row["step_ms"]
-        for name in DEVICE_PHASES + HOST_PHASES:
-            row[name] = statistics.fmean(p.get(name, 0.0) for _, p in mine) * 1e3
-        row["untimed"] = row["host_mean_ms"] - sum(row[x] for x in HOST_PHASES)
-        rows.append(row)
-    return rows
+        self.per_step.append((kind, wall, phases))
+
+    def rows(self) -> list[dict]:
+        rows = []
+        for kind in ["decode", "score"] if self.score else ["decode"]:
+            mine = [(w, p) for k, w, p in self.per_step if k == kind]
+            if not mine:
+                continue
+            row = {"case": self.name, "step": kind, "steps": len(mine)}
+            row["step_ms"] = statistics.median(w for w, _ in mine) * 1e3
+            hosts = [w - sum(p.get(x, 0.0) for x in DEVICE_PHASES) for w, p in mine]
+            row["host_ms"] = statistics.median(hosts) * 1e3
+            row["host_mean_ms"] = statistics.fmean(hosts) * 1e3
+            row["host_share"] = row["host_ms"] / row["step_ms"]
+            for name in DEVICE_PHASES + HOST_PHASES:
+                row[name] = statistics.fmean(p.get(name, 0.0) for _, p in mine) * 1e3
+            row["untimed"] = row["host_mean_ms"] - sum(row[x] for x in HOST_PHASES)
+            rows.append(row)
+        return rows
 
 
 def _process_step(eng: Engine, prof: StepProfiler, rows: bool):
@@ -164,10 +189,10 @@ def main(argv: list[str] | None = None) -> dict:
                          final_only=True)
         rows += run_case(path, args.device, max(batches), args.steps, args.prompt_len, False, load_format,
                          general_text=True)
-        for n in (1, 16) if max(batches) >= 16 else (1,):
-            for process in ("objects", "rows"):
-                rows += run_case(path, args.device, max(batches), args.steps, args.prompt_len, False,
-                                 load_format, process=process, n=n)
+        for n in (1, 16) if max(batches) >= 16 else (1,):  # the two ways, a step of each in turn
+            rows += run_cases(path, args.device, args.steps, args.prompt_len, load_format,
+                              [dict(batch=max(batches), score=False, process=process, n=n)
+                               for process in ("objects", "rows")])
     print_table(rows, ["case", "step", "steps", "step_ms", "host_ms", "host_share", "forward", "sample",
                        "snapshot", "schedule", "prepare", "to_device", "sample_prep", "update", "detokenize",
                        "policy", "output", "emit", "untimed"])
