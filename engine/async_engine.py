@@ -524,23 +524,18 @@ class _Texts:
 
 
 def _expand(events: list) -> list:
-    """A step's events with its TokenDeltas rows joined in: (key, RequestDelta or error) each."""
-    rows = [item for key, item in events if key is None]  # _core_loop sends one a step at most
-    if not rows:
+    """A step's events with its TokenDeltas rows joined in (TokenDeltas.merge_into): (key,
+    RequestDelta or error) each. Rows whose request has no key (aborted) are dropped."""
+    batches = [item for key, item in events if key is None]  # _core_loop sends one a step at most
+    if not batches:
         return events
-    keys = [k for ks, _ in rows for k in ks]
-    tokens = rows[0][1] if len(rows) == 1 else TokenDeltas([r for _, t in rows for r in t.rows])
-    key_of = {row[0]: k for k, row in zip(keys, tokens.rows) if k is not None}  # engine id -> key
-    mine = {key_of[d.request_id]: d for d in tokens.deltas() if d.request_id in key_of}
-    out = []
-    for key, item in events:
-        if key is None:
-            continue
-        extra = mine.pop(key, None) if isinstance(item, RequestDelta) else None
-        if extra is not None:  # the request's other changes in the step: one delta
-            item.samples = sorted(item.samples + extra.samples, key=lambda s: s.index)
-        out.append((key, item))
-    return out + list(mine.items())
+    out = [(key, item) for key, item in events if key is not None]
+    for keys, tokens in batches:
+        key_of = {row[0]: k for k, row in zip(keys, tokens.rows) if k is not None}  # engine id -> key
+        objects = [item for _, item in out if isinstance(item, RequestDelta)]
+        joined = TokenDeltas([row for row in tokens.rows if row[0] in key_of]).merge_into(objects)
+        out += [(key_of[d.request_id], d) for d in joined[len(objects):]]  # rows of no object's request
+    return out
 
 
 def _deliver(items: list) -> None:
