@@ -83,6 +83,8 @@ def run_cases(path: str, device: str, steps: int, prompt_len: int, load_format: 
     runs = [_Run(path, device, steps, prompt_len, load_format, **case) for case in cases]
     gc.collect()
     gc.freeze()  # what a process that owns its engine does (the CLI and the engine process do)
+    for run in runs:  # the requests come after the freeze, as they do to an engine process
+        run.start()
     for _ in range(steps):
         for run in runs:
             run.step()
@@ -94,26 +96,32 @@ class _Run:
     def __init__(self, path: str, device: str, steps: int, prompt_len: int, load_format: str, batch: int,
                  score: bool, final_only: bool = False, general_text: bool = False,
                  process: str | None = None, n: int = 1):
-        self.device, self.score = device, score
+        self.device, self.score, self.batch, self.n, self.prompt_len = device, score, batch, n, prompt_len
+        self.final_only, self.general_text, self.process = final_only, general_text, process
         self.name = (f"b{batch}" + (f"-n{n}" if n > 1 else "") + ("+score" if score else "")
                      + ("+final-only" if final_only else "") + ("+general-text" if general_text else "")
                      + {None: "", "rows": "+process", "objects": "+process-objects"}[process])
-        eng = Engine(path, device=device, block_size=16, max_num_seqs=max(batch, 1),
-                     max_batch_tokens=max(2048, batch * prompt_len), load_format=load_format,
-                     num_blocks=batch * -(-(prompt_len + steps + 40) // 16) + 64)
-        params = SamplingParams(temperature=1.0, max_tokens=steps + 32, ignore_eos=True, seed=0,
-                                score_at=(CHECKPOINT,) if score else (), detokenize=process != "rows", n=n)
-        for i in range(batch // n):  # batch samples in all
-            eng.add_request([5 + (7 * i + j) % 200 for j in range(prompt_len)], params)
+        self.eng = Engine(path, device=device, block_size=16, max_num_seqs=max(batch, 1),
+                          max_batch_tokens=max(2048, batch * prompt_len), load_format=load_format,
+                          num_blocks=batch * -(-(prompt_len + steps + 40) // 16) + 64)
+        self.params = SamplingParams(temperature=1.0, max_tokens=steps + 32, ignore_eos=True, seed=0,
+                                     score_at=(CHECKPOINT,) if score else (), detokenize=process != "rows",
+                                     n=n)
+
+    def start(self) -> None:
+        """Add the requests, run their prompts, and set up the timed step."""
+        eng, device, n, process = self.eng, self.device, self.n, self.process
+        for i in range(self.batch // n):  # batch samples in all
+            eng.add_request([5 + (7 * i + j) % 200 for j in range(self.prompt_len)], self.params)
         scheduler = eng.core.scheduler
         while scheduler.waiting or any(s.num_generated == 0 for s in scheduler.running):
             eng.step_deltas()  # prefill
         eng.step_deltas()
         self.prof = prof = StepProfiler(device)
         eng.profiler = prof
-        if general_text:  # every request's text and delta by the general path (no decode_delta)
+        if self.general_text:  # every request's text and delta by the general path (no decode_delta)
             eng.core.outputs.decode_delta = lambda request, journal, rows=None: None
-        self._step = eng.step if final_only else eng.step_deltas  # step(): finished requests only
+        self._step = eng.step if self.final_only else eng.step_deltas  # step(): finished requests only
         if process is not None:  # what the engine process of AsyncEngine.start does: step, then pickle
             self._step = _process_step(eng, prof, rows=process == "rows")
         self.per_step = []
